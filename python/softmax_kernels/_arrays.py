@@ -1,0 +1,291 @@
+"""Array-library glue: what kind of array we were given, and the few operations the API layer
+needs on it (permute, reshape to rows, allocate, copy), for NumPy, CuPy and torch alike.
+
+Everything here is shape bookkeeping; no arithmetic over the data happens in this module. The
+optional libraries are looked up in ``sys.modules`` only, so a NumPy user never pays for importing
+torch or cupy, and the package imports with neither installed.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+NUMPY, TORCH, CUPY = "numpy", "torch", "cupy"
+
+# Floating dtypes the contract accepts, by name. bfloat16 exists only in torch.
+FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _torch():
+    return sys.modules.get("torch")
+
+
+def _cupy():
+    return sys.modules.get("cupy")
+
+
+def kind_of(x: Any) -> str | None:
+    """'numpy', 'torch', 'cupy' or None for anything else."""
+    if isinstance(x, np.ndarray):
+        return NUMPY
+    torch = _torch()
+    if torch is not None and isinstance(x, torch.Tensor):
+        return TORCH
+    cupy = _cupy()
+    if cupy is not None and isinstance(x, cupy.ndarray):
+        return CUPY
+    return None
+
+
+def as_supported_array(x: Any, name: str) -> Any:
+    """Return ``x`` if it is an array kind we serve; import a ``__dlpack__`` GPU array as a torch
+    tensor (or a CuPy array when torch is missing), zero-copy; otherwise raise TypeError."""
+    if kind_of(x) is not None:
+        return x
+    if hasattr(x, "__dlpack__"):
+        try:
+            import torch
+
+            return torch.from_dlpack(x)
+        except ImportError:
+            pass
+        try:
+            import cupy
+
+            return cupy.from_dlpack(x)
+        except ImportError:
+            pass
+        raise TypeError(
+            f"{name}: an object with __dlpack__ ({type(x).__name__}) needs torch or cupy to be "
+            "imported; install one of them (pip install 'softmax-kernels[torch]')"
+        )
+    raise TypeError(
+        f"{name} must be a numpy.ndarray, cupy.ndarray or torch.Tensor (or have __dlpack__), "
+        f"got {type(x).__name__}"
+    )
+
+
+def dtype_name(x: Any) -> str:
+    """The dtype's name without the library prefix: 'float32', 'int64', 'bool', ..."""
+    return str(x.dtype).replace("torch.", "")
+
+
+def is_cuda(x: Any) -> bool:
+    k = kind_of(x)
+    return k == CUPY or (k == TORCH and x.is_cuda)
+
+
+def device_str(x: Any) -> str:
+    k = kind_of(x)
+    if k == NUMPY:
+        return "cpu"
+    if k == TORCH:
+        return str(x.device)
+    return f"cuda:{x.device.id}"
+
+
+def check_float(x: Any, name: str) -> str:
+    """Raise TypeError unless ``x`` has a floating dtype the contract accepts; return its name."""
+    dn = dtype_name(x)
+    if dn not in FLOAT_NAMES:
+        raise TypeError(
+            f"{name} has dtype {dn}; expected a floating dtype "
+            "(float16, bfloat16 (torch only), float32 or float64)"
+        )
+    return dn
+
+
+def compute_dtype_name(dn: str) -> str:
+    """Half types are computed (and losses returned) in float32, float64 in float64."""
+    return "float64" if dn == "float64" else "float32"
+
+
+def strides_elems(x: Any) -> tuple[int, ...]:
+    if kind_of(x) == TORCH:
+        return tuple(x.stride())
+    return tuple(s // x.itemsize for s in x.strides)
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The handful of array operations the API layer needs, for one array kind."""
+
+    kind: str
+
+    @property
+    def xp(self):
+        return np if self.kind == NUMPY else _cupy()
+
+    def permute(self, x, perm):
+        if tuple(perm) == tuple(range(x.ndim)):
+            return x
+        return x.permute(*perm) if self.kind == TORCH else x.transpose(perm)
+
+    def view_as_shape(self, x, shape):
+        """A view of ``x`` with ``shape``, or None when that needs a copy."""
+        if tuple(x.shape) == tuple(shape):
+            return x
+        if self.kind == TORCH:
+            try:
+                return x.view(shape)
+            except RuntimeError:
+                return None
+        if self.kind == NUMPY:
+            try:
+                return np.reshape(x, shape, copy=False)  # NumPy >= 2.1
+            except ValueError:
+                return None
+            except TypeError:  # older NumPy: no copy= keyword
+                pass
+        v = x.view()
+        try:
+            v.shape = shape  # CuPy (and old NumPy) reshape in place only without a copy
+        except (AttributeError, ValueError):
+            return None
+        return v
+
+    def contiguous(self, x):
+        if self.kind == TORCH:
+            return x.contiguous()
+        return self.xp.ascontiguousarray(x)
+
+    def empty(self, shape, dtype, like):
+        if isinstance(dtype, str):
+            dtype = self.dtype(dtype)
+        if self.kind == TORCH:
+            return _torch().empty(shape, dtype=dtype, device=like.device)
+        return self.xp.empty(shape, dtype=dtype)
+
+    def zeros(self, shape, dtype, like):
+        if isinstance(dtype, str):
+            dtype = self.dtype(dtype)
+        if self.kind == TORCH:
+            return _torch().zeros(shape, dtype=dtype, device=like.device)
+        return self.xp.zeros(shape, dtype=dtype)
+
+    def dtype(self, name):
+        if self.kind == TORCH:
+            return getattr(_torch(), name)
+        return self.xp.dtype(name)
+
+    def astype(self, x, name):
+        if dtype_name(x) == name:
+            return x
+        if self.kind == TORCH:
+            return x.to(getattr(_torch(), name))
+        return x.astype(name)
+
+    def broadcast_to(self, x, shape):
+        if self.kind == TORCH:
+            return x.expand(shape) if x.ndim <= len(shape) else x.reshape(shape)
+        return self.xp.broadcast_to(x, shape)
+
+    def copy_into(self, dst, src):
+        """dst[...] = src (shapes equal)."""
+        if self.kind == TORCH:
+            dst.copy_(src)
+        else:
+            dst[...] = src
+
+    def asarray_like(self, value, like):
+        """A small host value (Python scalar or list) as an array of this kind, on like's device."""
+        if self.kind == TORCH:
+            return _torch().as_tensor(value, device=like.device)
+        return self.xp.asarray(value)
+
+
+def ops_for(x: Any) -> Ops:
+    return Ops(kind_of(x))
+
+
+def normalize_axes(axis, ndim: int) -> tuple[int, ...]:
+    """int, tuple of ints or None -> sorted tuple of distinct non-negative axes.
+
+    Raises numpy.exceptions.AxisError (a ValueError) when an axis is out of range, TypeError
+    for something that is not an axis, ValueError for a repeated axis."""
+    from numpy.exceptions import AxisError
+
+    if axis is None:
+        return tuple(range(ndim))
+    items = axis if isinstance(axis, (tuple, list)) else (axis,)
+    out = []
+    for a in items:
+        if isinstance(a, bool) or not isinstance(a, (int, np.integer)):
+            raise TypeError(f"axis must be an int, a tuple of ints or None, got {axis!r}")
+        a = int(a)
+        if not -ndim <= a < ndim:
+            raise AxisError(a, ndim)
+        out.append(a % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"repeated axis in axis={axis!r}")
+    return tuple(sorted(out))
+
+
+@dataclass
+class RowLayout:
+    """How an N-d array maps onto the 2-D (n_rows, n_cols) rows the kernels see: the axes being
+    reduced are moved last (in their original order) and flattened into one row; the others,
+    flattened, index the rows. Computed once per call and applied to every operand."""
+
+    shape: tuple[int, ...]
+    perm: tuple[int, ...]
+    n_rows: int
+    n_cols: int
+
+    @classmethod
+    def for_axes(cls, shape, axes) -> RowLayout:
+        shape = tuple(int(s) for s in shape)
+        other = tuple(a for a in range(len(shape)) if a not in axes)
+        perm = other + tuple(axes)
+        return cls(
+            shape=shape,
+            perm=perm,
+            n_rows=math.prod(shape[a] for a in other),
+            n_cols=math.prod(shape[a] for a in axes),
+        )
+
+    @property
+    def rows_shape(self) -> tuple[int, int]:
+        return (self.n_rows, self.n_cols)
+
+    @property
+    def permuted_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape[a] for a in self.perm)
+
+    @property
+    def inverse_perm(self) -> tuple[int, ...]:
+        inv = [0] * len(self.perm)
+        for i, p in enumerate(self.perm):
+            inv[p] = i
+        return tuple(inv)
+
+    def rows_view(self, x, ops: Ops):
+        """A (n_rows, n_cols) view of x whose rows the kernels can address (last axis unit
+        stride, non-negative row stride), or None when only a copy would do."""
+        v = ops.view_as_shape(ops.permute(x, self.perm), self.rows_shape)
+        if v is None:
+            return None
+        rs, cs = strides_elems(v)
+        if (self.n_cols > 1 and cs != 1) or (self.n_rows > 1 and rs < 0):
+            return None
+        return v
+
+    def rows(self, x, ops: Ops):
+        """Rows of x for reading: a view when possible, else a contiguous copy."""
+        v = self.rows_view(x, ops)
+        if v is not None:
+            return v
+        return ops.contiguous(ops.permute(x, self.perm)).reshape(self.rows_shape)
+
+    def unrows(self, x2d, ops: Ops):
+        """The inverse of rows(): a view of x2d in the original shape and axis order."""
+        return ops.permute(x2d.reshape(self.permuted_shape), self.inverse_perm)
+
+    def write_back(self, dst, x2d, ops: Ops):
+        """dst[...] = the rows x2d, in dst's own shape and axis order."""
+        ops.copy_into(ops.permute(dst, self.perm), x2d.reshape(self.permuted_shape))

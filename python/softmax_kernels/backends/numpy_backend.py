@@ -1,0 +1,281 @@
+"""The NumPy backend: the CPU fallback and the reference the GPU backends are tested against.
+
+It serves NumPy arrays and torch CPU tensors (zero-copy through ``Tensor.numpy()``; bfloat16,
+which NumPy lacks, through a float32 copy). Every op works on blocks of rows sized so that the
+block and its one or two temporaries stay in the CPU's L2 cache, updating in place, with no
+Python loop over rows; large inputs spread their blocks over a thread pool (NumPy releases the
+GIL inside ufuncs). Half types are computed in float32, float64 in float64. Each row's result
+depends only on that row, so the output is bitwise the same whatever the blocking or threads.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from .. import _arrays
+
+NAME = "numpy"
+
+# Elements per block of rows: about 256 KiB of float32, so a block plus two temporaries fits in
+# L2 (measured on 4096x4096 float32: 16K-64K elements are equally fast, 1M is 30% slower).
+_BLOCK_ELEMS = 1 << 16
+# Below this many elements a thread pool costs more than it saves (about 100 us of overhead).
+_PARALLEL_MIN_ELEMS = 1 << 18
+_THREADS = max(1, min(8, os.cpu_count() or 1))
+_pool: ThreadPoolExecutor | None = None
+
+
+def unavailable_reason() -> str | None:
+    return None
+
+
+def serve_reason(x) -> str | None:
+    if _arrays.is_cuda(x):
+        return (
+            "the NumPy backend runs on the CPU; pass backend='triton' or 'cupy' for CUDA data, "
+            "or move it to the CPU first (tensor.cpu(), cupy.asnumpy)"
+        )
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Conversions: torch CPU tensors <-> NumPy views.
+
+
+def _np_in(a):
+    """A NumPy view of a NumPy array or torch CPU tensor (bfloat16 via a float32 copy)."""
+    if a is None or isinstance(a, (np.ndarray, np.generic)):
+        return a
+    a = a.detach()
+    if _arrays.dtype_name(a) == "bfloat16":
+        return a.float().numpy()
+    return a.numpy()
+
+
+class _OutRows:
+    """NumPy memory to write an output into, and the copy back when the output is a bfloat16
+    tensor (NumPy has no bfloat16: those are computed into a float32 buffer)."""
+
+    def __init__(self, out):
+        self.out = out
+        if isinstance(out, np.ndarray):
+            self.np = out
+        elif _arrays.dtype_name(out) == "bfloat16":
+            self.np = np.empty(tuple(out.shape), np.float32)
+        else:
+            self.np = out.detach().numpy()
+
+    def finish(self):
+        if self.np is not self.out and _arrays.dtype_name(self.out) == "bfloat16":
+            import torch
+
+            self.out.copy_(torch.from_numpy(self.np))
+
+
+def _compute_dtype(a: np.ndarray) -> np.dtype:
+    return np.dtype(np.float64 if a.dtype == np.float64 else np.float32)
+
+
+def _for_row_blocks(n_rows: int, n_cols: int, work) -> None:
+    """Call work(r0, r1) over blocks of rows, on the thread pool when the input is large."""
+    global _pool
+    rows = max(1, _BLOCK_ELEMS // max(n_cols, 1))
+    blocks = [(r, min(r + rows, n_rows)) for r in range(0, n_rows, rows)]
+    if _THREADS > 1 and len(blocks) > 1 and n_rows * n_cols >= _PARALLEL_MIN_ELEMS:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(_THREADS, thread_name_prefix="softmax_kernels")
+        for f in [_pool.submit(work, r0, r1) for r0, r1 in blocks]:
+            f.result()
+    else:
+        for r0, r1 in blocks:
+            work(r0, r1)
+
+
+def _scratch(dst: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Write straight into dst when it has the compute dtype, else into a block temporary."""
+    return dst if dst.dtype == dtype else np.empty(dst.shape, dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# softmax / log_softmax forward
+
+
+def softmax_fwd(x, out, *, scale: float, mask, is_log: bool) -> None:
+    # y = exp(s*x - m) / sum(exp(s*x - m)), m = max(s*x); log: y = s*x - m - log(sum(...)).
+    # Per block: reads x (and mask) once, writes y once; temporaries stay in cache.
+    xn, mn, o = _np_in(x), _np_in(mask), _OutRows(out)
+    on = o.np
+    cdt = _compute_dtype(xn)
+    n_rows, n_cols = xn.shape
+
+    def work(r0, r1):
+        with np.errstate(all="ignore"):
+            dst = on[r0:r1]
+            buf = _scratch(dst, cdt)
+            if xn.dtype == cdt:
+                np.multiply(xn[r0:r1], scale, out=buf)
+            else:  # half input: widen first so the product is rounded in float32
+                np.copyto(buf, xn[r0:r1])
+                buf *= scale
+            empty = None
+            if mn is not None:
+                keep = mn[r0:r1]
+                np.copyto(buf, -np.inf, where=~keep)  # masked entries take no part
+                empty = ~keep.any(axis=1)
+            m = buf.max(axis=1, keepdims=True)  # NaN propagates: a NaN row stays NaN
+            if empty is not None:
+                m[empty] = 0.0  # fully masked rows: avoid -inf - -inf, fixed below
+            buf -= m
+            if is_log:
+                lse = np.log(np.exp(buf).sum(axis=1, keepdims=True))
+                buf -= lse
+                fill = -np.inf
+            else:
+                np.exp(buf, out=buf)
+                buf /= buf.sum(axis=1, keepdims=True)
+                fill = 0.0
+            if empty is not None and empty.any():
+                buf[empty] = fill
+            if buf is not dst:
+                np.copyto(dst, buf, casting="unsafe")
+
+    _for_row_blocks(n_rows, n_cols, work)
+    o.finish()
+
+
+# ----------------------------------------------------------------------------------------------
+# softmax / log_softmax backward
+
+
+def softmax_bwd(dy, y, out, *, scale: float, is_log: bool) -> None:
+    # softmax:     dx = s * y * (dy - dot(dy, y))     reads 2 x n, writes n
+    # log_softmax: dx = s * (dy - exp(y) * sum(dy))   reads 2 x n, writes n
+    dyn, yn, o = _np_in(dy), _np_in(y), _OutRows(out)
+    on = o.np
+    cdt = _compute_dtype(yn)
+    n_rows, n_cols = yn.shape
+
+    def work(r0, r1):
+        with np.errstate(all="ignore"):
+            dst = on[r0:r1]
+            buf = _scratch(dst, cdt)
+            d, yy = dyn[r0:r1], yn[r0:r1]
+            if is_log:
+                s = d.sum(axis=1, keepdims=True, dtype=cdt)
+                np.exp(yy, out=buf, dtype=cdt)
+                buf *= s
+                np.subtract(d, buf, out=buf, dtype=cdt)
+            else:
+                np.multiply(d, yy, out=buf, dtype=cdt)
+                s = buf.sum(axis=1, keepdims=True)
+                np.subtract(d, s, out=buf, dtype=cdt)
+                np.multiply(buf, yy, out=buf, dtype=cdt)
+            if scale != 1.0:
+                buf *= scale
+            if buf is not dst:
+                np.copyto(dst, buf, casting="unsafe")
+
+    _for_row_blocks(n_rows, n_cols, work)
+    o.finish()
+
+
+# ----------------------------------------------------------------------------------------------
+# cross-entropy forward (+ gradient)
+
+
+def cross_entropy_fwd(
+    logits,
+    target,
+    loss,
+    grad,
+    *,
+    soft: bool,
+    weight,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    grad_scale: float,
+    denom,
+) -> None:
+    # With p = softmax(x), lse = logsumexp(x), eps = label_smoothing, w = weight (or ones):
+    #   integer target t: loss = (1-eps) w_t (lse - x_t) + eps/C sum_c w_c (lse - x_c)
+    #                     grad = [(1-eps) w_t + eps/C W] p - (1-eps) w_t onehot_t - eps/C w
+    #   soft target q:    q' = (1-eps) q + eps/C,  loss = sum_c w_c q'_c (lse - x_c)
+    #                     grad = sum(w q') p - w q'
+    #   z-loss:           loss += z lse^2,  grad += 2 z lse p
+    # then grad *= grad_scale (/ denom for mean). Ignored rows: loss 0, grad 0.
+    # Reads the logits once (and the soft targets), writes the loss and the gradient once.
+    xn, tn, wn, o = _np_in(logits), _np_in(target), _np_in(weight), _OutRows(loss)
+    ln = o.np
+    g = _OutRows(grad) if grad is not None else None
+    gn = g.np if g is not None else None
+    cdt = _compute_dtype(xn)
+    n_rows, n_cols = xn.shape
+    eps = float(label_smoothing)
+    row_scale = grad_scale if denom is None else grad_scale / np.asarray(_np_in(denom), cdt)
+    if wn is not None:
+        w_total = wn.sum(dtype=cdt)
+    else:
+        w_total = cdt.type(n_cols)
+
+    def work(r0, r1):
+        with np.errstate(all="ignore"):
+            buf = np.empty((r1 - r0, n_cols), cdt)
+            np.copyto(buf, xn[r0:r1])
+            m = buf.max(axis=1, keepdims=True)
+            buf -= m  # xs = x - m
+            e = np.exp(buf)
+            s = e.sum(axis=1, keepdims=True)
+            log_s = np.log(s)  # lse - m, so lse - x_c = log_s - xs_c without cancellation
+            lse = m[:, 0] + log_s[:, 0]
+            rows = np.arange(r1 - r0)
+            if soft:
+                q = np.asarray(tn[r0:r1], dtype=cdt)
+                if eps:
+                    q = q * (1.0 - eps) + eps / n_cols
+                wq = q * wn if wn is not None else q
+                swq = wq.sum(axis=1)
+                row_loss = log_s[:, 0] * swq - np.einsum("ij,ij->i", wq, buf)
+                valid = None
+            else:
+                t = tn[r0:r1].astype(np.int64, copy=False)
+                valid = t != ignore_index
+                ts = np.where(valid, t, 0)
+                wt = wn[ts] if wn is not None else np.ones(r1 - r0, cdt)
+                row_loss = (1.0 - eps) * wt * (log_s[:, 0] - buf[rows, ts])
+                if eps:
+                    dot_wx = buf @ wn if wn is not None else buf.sum(axis=1)
+                    row_loss += (eps / n_cols) * (w_total * log_s[:, 0] - dot_wx)
+            if z_loss:
+                row_loss += z_loss * lse * lse
+            if valid is not None:
+                row_loss = np.where(valid, row_loss, 0.0)
+            ln[r0:r1] = row_loss
+            if gn is None:
+                return
+            e /= s  # p
+            if soft:
+                a = swq
+            else:
+                a = (1.0 - eps) * wt + (eps / n_cols) * w_total
+            if z_loss:
+                a = a + 2.0 * z_loss * lse
+            e *= a[:, None]
+            if soft:
+                e -= wq
+            else:
+                if eps:
+                    e -= (eps / n_cols) * (wn if wn is not None else 1.0)
+                e[rows, ts] -= (1.0 - eps) * wt
+            e *= row_scale
+            if valid is not None:
+                e[~valid] = 0.0
+            np.copyto(gn[r0:r1], e, casting="unsafe")
+
+    _for_row_blocks(n_rows, n_cols, work)
+    o.finish()
+    if g is not None:
+        g.finish()
