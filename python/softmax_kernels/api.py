@@ -35,7 +35,7 @@ _REDUCTIONS = ("none", "mean", "sum")
 
 
 def _finite_float(value: Any, name: str) -> float:
-    if isinstance(value, bool):
+    if isinstance(value, (bool, str, bytes)):
         raise TypeError(f"{name} must be a real number, got {value!r}")
     try:
         f = float(value)
@@ -84,8 +84,7 @@ def _prepare_mask(where: Any, x: Any, ops: _arrays.Ops) -> Any:
         return ops.broadcast_to(where, tuple(x.shape))
     except (ValueError, RuntimeError):
         raise ValueError(
-            f"where of shape {tuple(where.shape)} does not broadcast to x's shape "
-            f"{tuple(x.shape)}"
+            f"where of shape {tuple(where.shape)} does not broadcast to x's shape {tuple(x.shape)}"
         ) from None
 
 
@@ -430,7 +429,8 @@ def _cross_entropy_impl(
         total = loss_rows.sum()
         if reduction == "mean":
             # every target ignored: 0, not NaN (the contract's one difference from torch)
-            loss = _where_fn(ops)(count == 0, total * 0, total / denom)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                loss = _where_fn(ops)(count == 0, total * 0, total / denom)
         else:
             loss = total
     return loss, (grad.result() if grad is not None else None)

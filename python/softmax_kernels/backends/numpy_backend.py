@@ -215,7 +215,8 @@ def cross_entropy_fwd(
     cdt = _compute_dtype(xn)
     n_rows, n_cols = xn.shape
     eps = float(label_smoothing)
-    row_scale = grad_scale if denom is None else grad_scale / np.asarray(_np_in(denom), cdt)
+    with np.errstate(divide="ignore", invalid="ignore"):  # denom 0: every row is ignored
+        row_scale = grad_scale if denom is None else grad_scale / np.asarray(_np_in(denom), cdt)
     if wn is not None:
         w_total = wn.sum(dtype=cdt)
     else:
