@@ -192,11 +192,14 @@ class Ops:
         else:
             dst[...] = src
 
-    def asarray_like(self, value, like):
-        """A small host value (Python scalar or list) as an array of this kind, on like's device."""
+    def full(self, shape, value: float, dtype, like):
+        """An array filled with value on like's device: a fill kernel on a GPU, never a
+        host-to-device copy (those would block and break CUDA-graph capture)."""
+        if isinstance(dtype, str):
+            dtype = self.dtype(dtype)
         if self.kind == TORCH:
-            return _torch().as_tensor(value, device=like.device)
-        return self.xp.asarray(value)
+            return _torch().full(shape, value, dtype=dtype, device=like.device)
+        return self.xp.full(shape, value, dtype=dtype)
 
 
 def ops_for(x: Any) -> Ops:

@@ -96,7 +96,11 @@ class _Output:
     def __init__(self, layout: RowLayout, ops: _arrays.Ops, like: Any, out: Any = None):
         self.layout, self.ops, self.out = layout, ops, out
         rows = layout.rows_view(out, ops) if out is not None else None
-        if rows is not None and _arrays.strides_elems(rows)[0] not in (layout.n_cols, 0):
+        if (
+            rows is not None
+            and layout.n_rows > 1
+            and _arrays.strides_elems(rows)[0] != layout.n_cols
+        ):
             rows = None  # backends write C-contiguous rows
         self.direct = rows is not None
         self.rows = rows if self.direct else ops.empty(layout.rows_shape, like.dtype, like)
@@ -317,8 +321,7 @@ def _mean_denominator(t_rows, weight, n_cols, ignore_index, soft, ops, cdt, like
     weight), as torch does; an out-of-range target (unvalidated GPU call) contributes NaN, so
     the mean and its gradient are NaN instead of silently wrong. Soft targets: the row count."""
     if soft:
-        n = ops.asarray_like(float(t_rows.shape[0]), like)
-        n = ops.astype(n, cdt)
+        n = ops.full((), float(t_rows.shape[0]), cdt, like)
         return n, n
     counted = t_rows != ignore_index
     in_range = (t_rows >= 0) & (t_rows < n_cols)
@@ -327,9 +330,9 @@ def _mean_denominator(t_rows, weight, n_cols, ignore_index, soft, ops, cdt, like
         safe = safe * ops.astype(in_range, "int64")  # clamp bad indices to 0 before gathering
         w_t = weight[safe]
     else:
-        w_t = ops.zeros(tuple(t_rows.shape), cdt, like) + 1
-    nan = ops.astype(ops.asarray_like(float("nan"), like), cdt)
-    zero = ops.astype(ops.asarray_like(0.0, like), cdt)
+        w_t = ops.full(tuple(t_rows.shape), 1.0, cdt, like)
+    nan = ops.full((), float("nan"), cdt, like)
+    zero = ops.full((), 0.0, cdt, like)
     xp_where = _where_fn(ops)
     per_row = xp_where(counted, xp_where(in_range, w_t, nan), zero)
     return per_row.sum(), ops.astype(counted, cdt).sum()
