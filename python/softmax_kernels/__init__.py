@@ -38,7 +38,8 @@ __all__ = [
 def __getattr__(name):
     # sk.nn needs torch: import it on first use so the package imports without torch.
     if name == "nn":
-        from . import nn
+        import importlib
 
-        return nn
+        # not `from . import nn`: its hasattr(package, "nn") would call this function again
+        return importlib.import_module(".nn", __name__)
     raise AttributeError(f"module 'softmax_kernels' has no attribute {name!r}")

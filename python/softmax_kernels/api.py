@@ -163,10 +163,17 @@ def softmax(x, axis=-1, *, scale=1.0, where=None, out=None, backend=None):
     >>> sk.softmax(np.array([1.0, 2.0, 3.0])).round(4)
     array([0.09  , 0.2447, 0.6652])
     """
-    if out is None and _use_torch_ops(x):
+    if _use_torch_ops(x):
         from . import torch_ops
 
-        return torch_ops.softmax(x, axis, scale=scale, where=where, backend=backend)
+        if out is None:
+            return torch_ops.softmax(x, axis, scale=scale, where=where, backend=backend)
+        return torch_ops.write_out(
+            "softmax",
+            out,
+            (x,),
+            lambda: _softmax_impl(x, axis, scale, where, out, backend, is_log=False),
+        )
     return _softmax_impl(x, axis, scale, where, out, backend, is_log=False)
 
 
@@ -180,10 +187,17 @@ def log_softmax(x, axis=-1, *, scale=1.0, where=None, out=None, backend=None):
     >>> sk.log_softmax(np.array([[0.0, 0.0]], np.float32))
     array([[-0.6931472, -0.6931472]], dtype=float32)
     """
-    if out is None and _use_torch_ops(x):
+    if _use_torch_ops(x):
         from . import torch_ops
 
-        return torch_ops.log_softmax(x, axis, scale=scale, where=where, backend=backend)
+        if out is None:
+            return torch_ops.log_softmax(x, axis, scale=scale, where=where, backend=backend)
+        return torch_ops.write_out(
+            "log_softmax",
+            out,
+            (x,),
+            lambda: _softmax_impl(x, axis, scale, where, out, backend, is_log=True),
+        )
     return _softmax_impl(x, axis, scale, where, out, backend, is_log=True)
 
 
@@ -228,6 +242,17 @@ def softmax_backward(dy, y, axis=-1, *, scale=1.0, out=None, backend=None):
     >>> sk.softmax_backward(np.array([1.0, 0.0, 0.0]), y).round(4)
     array([ 0.0819, -0.022 , -0.0599])
     """
+    if _use_torch_ops(y):
+        from . import torch_ops
+
+        if out is None:
+            return torch_ops.softmax_backward(dy, y, axis, scale=scale, backend=backend)
+        return torch_ops.write_out(
+            "softmax_backward",
+            out,
+            (dy, y),
+            lambda: _softmax_backward_impl(dy, y, axis, scale, out, backend, is_log=False),
+        )
     return _softmax_backward_impl(dy, y, axis, scale, out, backend, is_log=False)
 
 
@@ -240,6 +265,17 @@ def log_softmax_backward(dy, y, axis=-1, *, scale=1.0, out=None, backend=None):
     >>> sk.log_softmax_backward(np.array([1.0, 0.0]), y)
     array([ 0.5, -0.5])
     """
+    if _use_torch_ops(y):
+        from . import torch_ops
+
+        if out is None:
+            return torch_ops.log_softmax_backward(dy, y, axis, scale=scale, backend=backend)
+        return torch_ops.write_out(
+            "log_softmax_backward",
+            out,
+            (dy, y),
+            lambda: _softmax_backward_impl(dy, y, axis, scale, out, backend, is_log=True),
+        )
     return _softmax_backward_impl(dy, y, axis, scale, out, backend, is_log=True)
 
 
