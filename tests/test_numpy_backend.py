@@ -1,0 +1,38 @@
+"""NumPy-backend internals that the API-level matrix cannot see."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from reference import assert_close, ref_softmax
+
+import softmax_kernels as sk
+from softmax_kernels.backends import numpy_backend
+
+
+def test_float16_store_rounds_like_numpy(rng):
+    # the fast float32 -> float16 store must round exactly as NumPy's own conversion does,
+    # subnormals (|v| < 2**-14) included
+    mags = 10.0 ** rng.integers(-9, 2, 200_000)
+    v = rng.standard_normal(200_000) * mags
+    specials = [0.0, -0.0, np.nan, np.inf, -np.inf, 2**-14, -(2**-25), 3 * 2**-25,
+                1023.5 * 2**-24, 1024.5 * 2**-24, 65504.0, 1e5]  # fmt: skip
+    v = np.concatenate([v, specials]).astype(np.float32)
+    dst = np.empty(v.shape, np.float16)
+    numpy_backend._store(dst, v)
+    with np.errstate(over="ignore"):
+        want = v.astype(np.float16)
+    assert np.array_equal(dst.view(np.uint16), want.view(np.uint16))
+
+
+@pytest.mark.parametrize("n_cols", [1, 7, 4095, 70001])
+def test_blocks_and_threads_do_not_change_results(rng, monkeypatch, n_cols):
+    # rows are split into blocks of about _BLOCK_ELEMS and spread over threads; every row's
+    # result depends on that row only, so the output is bitwise the same either way
+    x = rng.standard_normal((max(3, (1 << 19) // n_cols), n_cols)).astype(np.float32)
+    a = sk.softmax(x)
+    monkeypatch.setattr(numpy_backend, "_THREADS", 1)
+    monkeypatch.setattr(numpy_backend, "_BLOCK_ELEMS", 1 << 12)
+    b = sk.softmax(x)
+    assert np.array_equal(a, b)
+    assert_close(a, ref_softmax(x.astype(np.float64)), "float32", "blocked")
