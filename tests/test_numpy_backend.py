@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from reference import assert_close, ref_softmax
 
 import softmax_kernels as sk
 from softmax_kernels.backends import numpy_backend
+
+from reference import assert_close, ref_softmax
 
 
 def test_float16_store_rounds_like_numpy(rng):
