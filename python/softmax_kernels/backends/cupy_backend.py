@@ -1,11 +1,685 @@
-"""PLACEHOLDER: replaced by the cupy backend work."""
+"""The CuPy backend: the CUDA C kernels of ``kernels/cuda/`` compiled at run time by NVRTC through
+``cupy.RawModule`` and launched as raw kernels.
+
+It serves CuPy arrays (on CuPy's current stream) and torch CUDA tensors (on torch's current
+stream), zero-copy: kernels get raw device pointers and row strides, so torch's bfloat16, which
+CuPy has no dtype for, works like the rest. Nothing synchronises with the host.
+
+One module per (device, dtype) holds every kernel instance the launch planner can pick; it is
+compiled on first use and cached (CuPy also caches the binary on disk, so later processes skip
+NVRTC). ``plan_launch`` -- pure Python, testable without a GPU -- chooses the strategy for a
+row length: (a) a warp or part of one per row with the row in registers, (b) a block per row
+with the row in shared memory, (c) a block per row with a two-pass online loop.
+
+CuPy is imported on first use only: importing softmax_kernels never imports it.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import _arrays
 
 NAME = "cupy"
 
+# ----------------------------------------------------------------------------------------------
+# Kernel instances and the launch planner (pure Python: no CuPy, no GPU needed).
 
-def unavailable_reason():
-    return "the cupy backend is not built yet"
+WARP_ROWS, BLOCK_SMEM, ONLINE = 0, 1, 2  # SK_WARP_ROWS, SK_BLOCK_SMEM, SK_ONLINE in common.cuh
+STRATEGY_NAMES = {WARP_ROWS: "warp_rows", BLOCK_SMEM: "block_smem", ONLINE: "online"}
+
+OPS = ("softmax_fwd", "softmax_bwd", "cross_entropy_fwd")
+KERNEL_FILES = ("common.cuh", "softmax.cu", "cross_entropy.cu")
+
+# dtype name -> (C++ type, bytes per element). Half types compute (and keep shared-memory
+# rows of softmax_fwd) in float32, float64 in float64.
+CTYPES = {
+    "float32": ("float", 4),
+    "float64": ("double", 8),
+    "float16": ("__half", 2),
+    "bfloat16": ("__nv_bfloat16", 2),
+}
+
+WARP = 32
+WARP_BLOCK_THREADS = 128  # SK_WARP_BLOCK_THREADS: blocks of (a) are 4 warps
+MAX_BLOCK_THREADS = 512  # SK_MAX_BLOCK_THREADS: the launch bound of (b) and (c)
+MIN_BLOCK_THREADS = 128
+# Static shared memory of the (b) kernels (reduction scratch: at most 3 x 32 doubles = 768 B),
+# kept free below the device's per-block opt-in limit when sizing the row buffer.
+STATIC_SMEM_RESERVE = 1024
+# Shared memory per block without opting in (any CUDA GPU): the planner's default.
+DEFAULT_SMEM_LIMIT = 48 * 1024
 
 
-def serve_reason(x):
-    return unavailable_reason()
+def vec_width(itemsize: int) -> int:
+    """Elements per 128-bit pack: 4 float32, 2 float64, 8 float16/bfloat16."""
+    return 16 // itemsize
+
+
+def warp_max_cols(itemsize: int) -> int:
+    """Most columns (counting a misaligned row's partial first pack) strategy (a) holds in
+    registers.
+
+    1024 = 32 compute-type values per lane of a warp (float32 for 2- and 4-byte types): with
+    cross-entropy's soft targets that is 64 registers of data, which still compiles without a
+    spill, and 4 warps per block keep several rows in flight per SM. Longer rows would spill or
+    starve occupancy, and a whole block then reads a row faster. float64 values take two
+    registers each, so the same budget holds 512 columns."""
+    return 512 if itemsize == 8 else 1024
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+def warp_configs(itemsize: int) -> list[tuple[int, int]]:
+    """Every (LANES, PACKS) shape strategy (a) uses for this element size.
+
+    Short rows share a warp: LANES = 1, 2, 4, 8 or 16 lanes per row with one pack each (rows of
+    up to 16 packs); longer rows get the whole warp and PACKS = 1, 2, 4, ... packs per lane up to
+    warp_max_cols. Powers of two keep the instance count (and the compile time) small; a lane's
+    unused packs cost only predicated-off instructions."""
+    out = [(lanes, 1) for lanes in (1, 2, 4, 8, 16)]
+    packs = 1
+    while WARP * packs * vec_width(itemsize) <= warp_max_cols(itemsize):
+        out.append((WARP, packs))
+        packs *= 2
+    return out
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """How one op runs on rows of one length: the kernel instance and its block shape."""
+
+    strategy: int  # WARP_ROWS, BLOCK_SMEM or ONLINE
+    lanes: int  # (a): lanes per row; 1 otherwise
+    packs: int  # (a): packs per lane; 1 otherwise
+    threads: int  # threads per block
+    smem: int  # dynamic shared memory per block, bytes
+    rows_per_block: int  # rows one block handles at a time
+
+    @property
+    def strategy_name(self) -> str:
+        return STRATEGY_NAMES[self.strategy]
+
+
+def smem_bytes_per_col(op: str, itemsize: int, soft: bool = False) -> int:
+    """Shared memory strategy (b) needs per column: softmax_fwd parks scale * x in the compute
+    type (so the mask and the scale are applied once), softmax_bwd parks dy and y raw,
+    cross-entropy parks the raw logits (and the soft targets)."""
+    if op == "softmax_fwd":
+        return 8 if itemsize == 8 else 4
+    if op == "softmax_bwd":
+        return 2 * itemsize
+    return itemsize * (2 if soft else 1)
+
+
+def smem_slots(n_cols: int, vec: int, vec_ok: bool) -> int:
+    """Shared-memory elements per row buffer of strategy (b): every pack of a row, one more
+    when rows may start misaligned (smem_slots in softmax.cu, the same formula)."""
+    return (-(-n_cols // vec) + (1 if vec_ok else 0)) * vec
+
+
+def _block_threads(n_packs: int) -> int:
+    """Threads per block for (b) and (c): about one pack per thread up to 512 threads (their
+    launch bound; at most 128 registers per thread), at least 4 warps so the block reductions
+    amortise over enough work."""
+    return max(MIN_BLOCK_THREADS, min(MAX_BLOCK_THREADS, _pow2_floor(n_packs)))
+
+
+def plan_launch(
+    op: str,
+    dtype_name: str,
+    n_cols: int,
+    *,
+    vec_ok: bool = True,
+    shifted: bool = False,
+    smem_limit: int = DEFAULT_SMEM_LIMIT,
+    soft: bool = False,
+    with_grad: bool = True,
+) -> LaunchPlan:
+    """Choose the strategy and block shape for rows of n_cols elements; the one place where the
+    launch thresholds live.
+
+    vec_ok: the rows are read in 16-byte packs (every operand's rows share x's address mod 16);
+    shifted: some rows start off a 16-byte boundary, so a row may span one pack more.
+    smem_limit: the device's opt-in shared memory per block (``sharedMemPerBlockOptin``: 227 KiB
+    on H100/H200, 163 KiB on A100). soft / with_grad: cross-entropy's target kind and whether
+    the gradient is written."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}")
+    itemsize = CTYPES[dtype_name][1]
+    vec = vec_width(itemsize)
+    n_packs = -(-(n_cols + (vec - 1 if vec_ok and shifted else 0)) // vec)
+    # (a) rows of up to warp_max_cols (1024; 512 for float64) live in registers: one read, one
+    # write, no shared memory, no block barrier; short rows share a warp so no lane idles.
+    if n_packs * vec <= warp_max_cols(itemsize):
+        if n_packs <= 16:
+            lanes, packs = _pow2_ceil(n_packs), 1
+        else:
+            lanes, packs = WARP, _pow2_ceil(-(-n_packs // WARP))
+        return LaunchPlan(
+            WARP_ROWS, lanes, packs, WARP_BLOCK_THREADS, 0, WARP_BLOCK_THREADS // lanes
+        )
+    threads = _block_threads(n_packs)
+    # Cross-entropy without a gradient reads each logit once whatever the strategy: the online
+    # loop (c) needs no shared memory, so it serves every row longer than (a) does.
+    if op == "cross_entropy_fwd" and not with_grad:
+        return LaunchPlan(ONLINE, 1, 1, threads, 0, 1)
+    # (b) while the row fits in the block's shared memory (the device's opt-in limit, less the
+    # reduction scratch): still one read and one write.
+    buffers = 2 if op == "softmax_bwd" or (op == "cross_entropy_fwd" and soft) else 1
+    per_elem = smem_bytes_per_col(op, itemsize, soft) // buffers
+    smem = buffers * smem_slots(n_cols, vec, vec_ok) * per_elem
+    if smem <= smem_limit - STATIC_SMEM_RESERVE:
+        return LaunchPlan(BLOCK_SMEM, 1, 1, threads, smem, 1)
+    # (c) beyond: the online (max, sum) pass then the write pass read the row twice.
+    return LaunchPlan(ONLINE, 1, 1, threads, 0, 1)
+
+
+# The bool template flag of each op's kernel: IS_LOG (softmax_fwd_kernel), SOFT
+# (cross_entropy_fwd_kernel). softmax_bwd_kernel takes is_log as a run-time argument: both
+# backward formulas share one instance, which keeps the instance count (and compile time) down.
+FLAG_OPS = ("softmax_fwd", "cross_entropy_fwd")
+
+
+def kernel_name(op: str, dtype_name: str, flag: bool, plan: LaunchPlan) -> str:
+    """The C++ name expression of a kernel instance, e.g.
+    ``softmax_fwd_kernel<float, true, 0, 32, 2>``. flag: IS_LOG (softmax_fwd) or SOFT
+    (cross_entropy_fwd); ignored for softmax_bwd."""
+    args = [CTYPES[dtype_name][0]]
+    if op in FLAG_OPS:
+        args.append("true" if flag else "false")
+    args += [str(plan.strategy), str(plan.lanes), str(plan.packs)]
+    return f"{op}_kernel<{', '.join(args)}>"
+
+
+def all_kernel_names(dtype_name: str) -> list[str]:
+    """Every kernel instance plan_launch can pick for this dtype (the module's name
+    expressions, and what kernels/cuda/check.py instantiates)."""
+    itemsize = CTYPES[dtype_name][1]
+    shapes = [(WARP_ROWS, lanes, packs) for lanes, packs in warp_configs(itemsize)]
+    shapes += [(BLOCK_SMEM, 1, 1), (ONLINE, 1, 1)]
+    names = []
+    for op in OPS:
+        for flag in (False, True) if op in FLAG_OPS else (False,):
+            for strategy, lanes, packs in shapes:
+                plan = LaunchPlan(strategy, lanes, packs, 0, 0, 1)
+                names.append(kernel_name(op, dtype_name, flag, plan))
+    return names
+
+
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
+
+
+def kernel_dir() -> Path:
+    """The folder holding the .cu/.cuh sources (package data of softmax_kernels.kernels.cuda)."""
+    try:
+        from importlib.resources import files
+
+        return Path(str(files("softmax_kernels.kernels.cuda")))
+    except (ImportError, ModuleNotFoundError, TypeError):
+        return Path(__file__).resolve().parent.parent / "kernels" / "cuda"
+
+
+def kernel_source(folder: Path | None = None) -> str:
+    """All kernel sources as one translation unit: the .cu files with their local includes
+    inlined (each once), so the source text CuPy hashes for its disk cache covers every line.
+    folder: where the sources are (default: the package's kernel_dir())."""
+    folder = kernel_dir() if folder is None else Path(folder)
+    seen: set[str] = set()
+
+    def expand(name: str) -> str:
+        if name in seen:
+            return ""
+        seen.add(name)
+        text = (folder / name).read_text()
+        return _INCLUDE.sub(lambda mo: expand(mo.group(1)), text)
+
+    return "\n".join(expand(name) for name in KERNEL_FILES if name.endswith(".cu"))
+
+
+# NVRTC options. CuPy (>= 14) defaults to C++17 already; naming it keeps CuPy 13 the same.
+# No fast-math: expf/logf stay accurate to float32's last bits.
+NVRTC_OPTIONS = ("-std=c++17",)
+
+
+# ----------------------------------------------------------------------------------------------
+# Availability (CuPy imported here, on first use, never at package import).
+
+_UNSET = object()
+_reason: Any = _UNSET
+_lock = threading.Lock()
+
+_INSTALL_HINT = (
+    "pip install 'softmax-kernels[cupy-cuda13]' (CUDA 13 driver; 'softmax-kernels[cupy-cuda12]' "
+    "for CUDA 12)"
+)
+
+
+def _cupy():
+    import cupy
+
+    return cupy
+
+
+def _find_reason() -> str | None:
+    try:
+        cupy = _cupy()
+    except Exception as exc:  # ImportError, or a broken install raising anything else
+        return f"CuPy is not installed or does not import ({exc}); install it: {_INSTALL_HINT}"
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        return (
+            f"CuPy finds no usable CUDA GPU ({exc}); this backend needs an NVIDIA GPU with its "
+            "driver (use backend='numpy' on the CPU)"
+        )
+    if n < 1:
+        return "no CUDA GPU is visible (use backend='numpy' on the CPU)"
+    try:
+        cupy.cuda.nvrtc.getVersion()
+    except Exception as exc:
+        return (
+            f"NVRTC, CUDA's run-time compiler that builds the kernels, cannot be loaded ({exc}); "
+            "install the CUDA toolkit or pip install 'cupy-cuda13x[ctk]'"
+        )
+    return None
+
+
+def unavailable_reason() -> str | None:
+    """None when CuPy imports and a CUDA GPU (and NVRTC) is usable; else why not and the fix.
+    Checked once per process."""
+    global _reason
+    if _reason is _UNSET:
+        with _lock:
+            if _reason is _UNSET:
+                _reason = _find_reason()
+    return _reason
+
+
+def serve_reason(x) -> str | None:
+    """None for CuPy arrays and torch CUDA tensors; else why this backend cannot take x."""
+    kind = _arrays.kind_of(x)
+    if kind == _arrays.CUPY:
+        return None
+    if kind == _arrays.TORCH:
+        if x.is_cuda:
+            return None
+        return (
+            f"the CuPy backend runs on CUDA GPUs and this tensor is on {x.device}; use "
+            "backend='numpy' (or backend=None) for CPU tensors, or move it to the GPU "
+            "(tensor.cuda())"
+        )
+    if kind == _arrays.NUMPY:
+        return (
+            "the CuPy backend runs on CUDA GPUs and NumPy arrays live on the CPU; use "
+            "backend='numpy' (or backend=None), or move the data to the GPU (cupy.asarray)"
+        )
+    return f"the CuPy backend takes CuPy arrays and torch CUDA tensors, not {type(x).__name__}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Operands: raw device pointers and element strides, whatever the array kind (zero-copy; torch
+# bfloat16 included, which CuPy has no dtype for).
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """A 2-D operand as the kernels see it: base address and row stride in elements."""
+
+    ptr: int
+    row_stride: int
+    itemsize: int
+
+
+def _ptr(a) -> int:
+    if _arrays.kind_of(a) == _arrays.TORCH:
+        return int(a.data_ptr())
+    return int(a.data.ptr)
+
+
+def _rows(a) -> _Rows:
+    n_rows = int(a.shape[0])
+    rs = _arrays.strides_elems(a)[0] if n_rows > 1 else 0  # one row: its stride never matters
+    return _Rows(
+        _ptr(a), int(rs), int(a.element_size() if hasattr(a, "element_size") else a.itemsize)
+    )
+
+
+def vector_flags(rows: list[_Rows], mask: _Rows | None = None) -> tuple[bool, bool, bool]:
+    """(vec_ok, shifted, mask_vec) for operands whose first entry is the row-shift reference.
+
+    vec_ok: every operand's rows start at the same address mod 16 as the reference's, so one
+    per-row shift makes all their packs 16-byte aligned. shifted: some row starts off a 16-byte
+    boundary (a row may then span one pack more). mask_vec: the mask's rows (1 byte per element)
+    line up with that shift too, so its packs can be read whole."""
+    ref = rows[0]
+    size = ref.itemsize
+    vec = vec_width(size)
+
+    def residues(r: _Rows) -> tuple[int, int]:
+        return r.ptr % 16, (r.row_stride * r.itemsize) % 16
+
+    vec_ok = ref.ptr % size == 0 and all(
+        r.itemsize == size and residues(r) == residues(ref) for r in rows
+    )
+    s0, ds = ((ref.ptr % 16) // size, ref.row_stride % vec) if vec_ok else (0, 0)
+    shifted = vec_ok and (s0 != 0 or ds != 0)
+    mask_vec = mask is not None and mask.ptr % vec == s0 and mask.row_stride % vec == ds
+    return vec_ok, shifted, mask_vec
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules, devices and streams.
+
+
+class _Device:
+    """Per-device facts the launches need, read once."""
+
+    def __init__(self, cupy, dev: int):
+        attrs = cupy.cuda.Device(dev).attributes
+        self.sm_count = int(attrs["MultiProcessorCount"])
+        self.smem_optin = int(attrs.get("MaxSharedMemoryPerBlockOptin", DEFAULT_SMEM_LIMIT))
+        self.smem_per_sm = int(attrs.get("MaxSharedMemoryPerMultiprocessor", self.smem_optin))
+        self.threads_per_sm = int(attrs.get("MaxThreadsPerMultiProcessor", 2048))
+
+
+class _Module:
+    """Every kernel of one dtype on one device: one RawModule (NVRTC compiles it on first use,
+    and CuPy keeps the binary in its disk cache), its kernels and their grid limits."""
+
+    def __init__(self, cupy, dev: int, dtype_name: str):
+        self.cupy = cupy
+        self.device = _device_info(dev)
+        self.raw = cupy.RawModule(
+            code=kernel_source(),
+            options=NVRTC_OPTIONS,
+            name_expressions=all_kernel_names(dtype_name),
+        )
+        self.kernels: dict[str, Any] = {}
+        self.max_blocks: dict[tuple[str, int, int], int] = {}
+
+    def kernel(self, name: str, plan: LaunchPlan):
+        k = self.kernels.get(name)
+        if k is None:
+            k = self.raw.get_function(name)
+            if plan.strategy == BLOCK_SMEM:
+                # opt in to the device's per-block limit (above the default 48 KiB)
+                k.max_dynamic_shared_size_bytes = self.device.smem_optin - k.shared_size_bytes
+            self.kernels[name] = k
+        return k
+
+    def grid(self, name: str, kernel, plan: LaunchPlan, n_rows: int) -> int:
+        """Blocks to launch: enough for every row, at most what fills the GPU once (the kernels
+        loop over rows, grid-stride)."""
+        key = (name, plan.threads, plan.smem)
+        cap = self.max_blocks.get(key)
+        if cap is None:
+            per_sm = 0
+            try:
+                per_sm = int(
+                    self.cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
+                        kernel.kernel.ptr, plan.threads, plan.smem
+                    )
+                )
+            except Exception:
+                per_sm = 0
+            if per_sm < 1:  # estimate: threads, then shared memory, per SM
+                per_sm = self.device.threads_per_sm // plan.threads
+                if plan.smem:
+                    per_sm = min(
+                        per_sm, self.device.smem_per_sm // (plan.smem + STATIC_SMEM_RESERVE)
+                    )
+                per_sm = max(1, per_sm)
+            cap = self.device.sm_count * per_sm
+            self.max_blocks[key] = cap
+        return max(1, min(cap, -(-n_rows // plan.rows_per_block)))
+
+
+_modules: dict[tuple[int, str], _Module] = {}
+_streams: dict[tuple[int, int], Any] = {}
+
+
+class _StreamHandle:
+    """A raw cudaStream_t in the CUDA stream protocol, for cupy.cuda.Stream.from_external."""
+
+    def __init__(self, ptr: int):
+        self._ptr = ptr
+
+    def __cuda_stream__(self):
+        return (0, self._ptr)
+
+
+def _external_stream(cupy, ptr: int, dev: int):
+    """A CuPy view of a foreign stream (torch's), cached by handle."""
+    key = (dev, ptr)
+    s = _streams.get(key)
+    if s is None:
+        if hasattr(cupy.cuda.Stream, "from_external"):  # CuPy >= 14
+            s = cupy.cuda.Stream.from_external(_StreamHandle(ptr))
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                s = cupy.cuda.ExternalStream(ptr, dev)
+        if len(_streams) > 64:
+            _streams.clear()
+        _streams[key] = s
+    return s
+
+
+_devices: dict[int, _Device] = {}
+
+
+def _device_of(x) -> int:
+    if _arrays.kind_of(x) == _arrays.TORCH:
+        import torch
+
+        return x.device.index if x.device.index is not None else torch.cuda.current_device()
+    return int(x.device.id)
+
+
+def _device_info(dev: int) -> _Device:
+    d = _devices.get(dev)
+    if d is None:
+        d = _devices[dev] = _Device(_cupy(), dev)
+    return d
+
+
+def _smem_limit(x) -> int:
+    """The opt-in shared memory per block of x's device."""
+    return _device_info(_device_of(x)).smem_optin
+
+
+def _stream_for(x, dev: int):
+    """The stream to launch on: torch's current stream for torch tensors, None (CuPy's current
+    stream) for CuPy arrays."""
+    if _arrays.kind_of(x) != _arrays.TORCH:
+        return None
+    import torch
+
+    return _external_stream(_cupy(), int(torch.cuda.current_stream(x.device).cuda_stream), dev)
+
+
+def _module(dev: int, dtype_name: str) -> _Module:
+    key = (dev, dtype_name)
+    mod = _modules.get(key)
+    if mod is None:
+        with _lock:
+            mod = _modules.get(key)
+            if mod is None:
+                mod = _Module(_cupy(), dev, dtype_name)
+                _modules[key] = mod
+    return mod
+
+
+def _launch(op: str, flag: bool, x, plan: LaunchPlan, n_rows: int, args: tuple) -> None:
+    cupy = _cupy()
+    dtype_name = _arrays.dtype_name(x)
+    dev = _device_of(x)
+    stream = _stream_for(x, dev)
+    name = kernel_name(op, dtype_name, flag, plan)
+    with cupy.cuda.Device(dev):
+        mod = _module(dev, dtype_name)
+        kernel = mod.kernel(name, plan)
+        grid = mod.grid(name, kernel, plan, n_rows)
+        kernel((grid,), (plan.threads,), args, shared_mem=plan.smem, stream=stream)
+
+
+def _acc(dtype_name: str):
+    return np.float64 if dtype_name == "float64" else np.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# The backend interface (see softmax_kernels.dispatch).
+
+
+def softmax_fwd(x, out, *, scale: float, mask, is_log: bool) -> None:
+    # y = exp(s*x - m) / sum(exp(s*x - m)), m = max(s*x); log: s*x - m - log(sum(...)).
+    # Reads x (and the mask) once and writes y once; (c) reads x twice.
+    n_rows, n_cols = (int(d) for d in x.shape)
+    if n_rows == 0 or n_cols == 0:
+        return
+    dn = _arrays.dtype_name(x)
+    xr, yr = _rows(x), _rows(out)
+    mr = _rows(mask) if mask is not None else None
+    vec_ok, shifted, mask_vec = vector_flags([xr, yr], mr)
+    plan = plan_launch(
+        "softmax_fwd", dn, n_cols, vec_ok=vec_ok, shifted=shifted, smem_limit=_smem_limit(x)
+    )
+    args = (
+        np.uint64(xr.ptr),
+        np.uint64(yr.ptr),
+        np.uint64(mr.ptr if mr is not None else 0),
+        np.int64(n_rows),
+        np.int64(n_cols),
+        np.int64(xr.row_stride),
+        np.int64(yr.row_stride),
+        np.int64(mr.row_stride if mr is not None else 0),
+        _acc(dn)(scale),
+        np.int32(vec_ok),
+        np.int32(mask_vec),
+    )
+    _launch("softmax_fwd", is_log, x, plan, n_rows, args)
+
+
+def softmax_bwd(dy, y, out, *, scale: float, is_log: bool) -> None:
+    # softmax:     dx = s * y * (dy - dot(dy, y))     reads 2 x n, writes n
+    # log_softmax: dx = s * (dy - exp(y) * sum(dy))   reads 2 x n, writes n
+    n_rows, n_cols = (int(d) for d in y.shape)
+    if n_rows == 0 or n_cols == 0:
+        return
+    dn = _arrays.dtype_name(y)
+    dr, yr, orr = _rows(dy), _rows(y), _rows(out)
+    vec_ok, shifted, _ = vector_flags([dr, yr, orr])
+    plan = plan_launch(
+        "softmax_bwd", dn, n_cols, vec_ok=vec_ok, shifted=shifted, smem_limit=_smem_limit(y)
+    )
+    args = (
+        np.uint64(dr.ptr),
+        np.uint64(yr.ptr),
+        np.uint64(orr.ptr),
+        np.int64(n_rows),
+        np.int64(n_cols),
+        np.int64(dr.row_stride),
+        np.int64(yr.row_stride),
+        np.int64(orr.row_stride),
+        _acc(dn)(scale),
+        np.int32(is_log),
+        np.int32(vec_ok),
+    )
+    _launch("softmax_bwd", False, y, plan, n_rows, args)
+
+
+def cross_entropy_fwd(
+    logits,
+    target,
+    loss,
+    grad,
+    *,
+    soft: bool,
+    weight,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    grad_scale: float,
+    denom,
+) -> None:
+    # With p = softmax(x), lse = logsumexp(x), eps = label_smoothing, w = weight (or ones):
+    #   integer target t: loss = (1-eps) w_t (lse - x_t) + eps/C sum_c w_c (lse - x_c)
+    #                     grad = [(1-eps) w_t + eps/C W] p - (1-eps) w_t onehot_t - eps/C w
+    #   soft target q:    q' = (1-eps) q + eps/C,  loss = sum_c w_c q'_c (lse - x_c)
+    #                     grad = sum(w q') p - w q'
+    #   z-loss:           loss += z lse^2,  grad += 2 z lse p
+    # then grad *= grad_scale (/ denom for mean, read on the device). Ignored rows: loss 0,
+    # grad 0; a target outside [0, C) that is not ignore_index: loss and grad row NaN.
+    # Reads the logits once (and the soft targets), writes the loss and the gradient once.
+    n_rows, n_cols = (int(d) for d in logits.shape)
+    if n_rows == 0:
+        return
+    dn = _arrays.dtype_name(logits)
+    cdt = "float64" if dn == "float64" else "float32"
+    for name, a in (("loss", loss), ("weight", weight), ("denom", denom)):
+        if a is not None and _arrays.dtype_name(a) != cdt:
+            raise TypeError(f"cross_entropy_fwd: {name} must be {cdt}, got {_arrays.dtype_name(a)}")
+    xr = _rows(logits)
+    operands = [xr]
+    gr = _rows(grad) if grad is not None else None
+    if gr is not None:
+        operands.append(gr)
+    if soft:
+        tr = _rows(target)
+        operands.append(tr)
+        target64 = False
+    else:
+        tn = _arrays.dtype_name(target)
+        if tn not in ("int32", "int64"):
+            raise TypeError(f"cross_entropy_fwd: class targets must be int32 or int64, got {tn}")
+        tr = _Rows(_ptr(target), 0, 8 if tn == "int64" else 4)
+        target64 = tn == "int64"
+    vec_ok, shifted, _ = vector_flags(operands)
+    plan = plan_launch(
+        "cross_entropy_fwd",
+        dn,
+        n_cols,
+        vec_ok=vec_ok,
+        shifted=shifted,
+        smem_limit=_smem_limit(logits),
+        soft=soft,
+        with_grad=grad is not None,
+    )
+    eps, z = float(label_smoothing), float(z_loss)
+    flags = int(target64) | (2 if eps > 0 else 0) | (4 if z > 0 else 0) | (8 if vec_ok else 0)
+    acc = _acc(dn)
+    args = (
+        np.uint64(xr.ptr),
+        np.uint64(tr.ptr),
+        np.uint64(gr.ptr if gr is not None else 0),
+        np.uint64(_ptr(loss)),
+        np.uint64(_ptr(weight) if weight is not None else 0),
+        np.uint64(_ptr(denom) if denom is not None else 0),
+        np.int64(n_rows),
+        np.int64(n_cols),
+        np.int64(xr.row_stride),
+        np.int64(tr.row_stride if soft else 0),
+        np.int64(gr.row_stride if gr is not None else 0),
+        np.int64(min(max(int(ignore_index), -(2**63)), 2**63 - 1)),  # (targets are int64)
+        np.int32(flags),
+        acc(1.0 - eps),
+        acc(eps / n_cols),
+        acc(z),
+        acc(2.0 * z),
+        acc(grad_scale),
+    )
+    _launch("cross_entropy_fwd", soft, logits, plan, n_rows, args)

@@ -1,0 +1,1154 @@
+"""Tests specific to the CuPy backend (the CUDA C kernels of kernels/cuda/, compiled by NVRTC
+through CuPy RawModule).
+
+Everywhere (no GPU needed): the launch planner ``plan_launch`` and its thresholds, the vector
+flags, kernel-source assembly, that importing the package never imports CuPy, the availability
+and serve messages, and -- when CuPy and NVRTC are installed but no GPU is -- that NVRTC compiles
+every kernel instance with the backend's own options.
+
+On a GPU (marker ``gpu``, skipped with the reason otherwise): every strategy at and around its
+thresholds for every dtype, odd lengths, strided views, misaligned pointers (the scalar path and
+the shifted vector path), broadcast masks (row stride 0), edge rows, every cross-entropy option,
+in-place writes, bad targets, more than 2**31 elements, CuPy arrays and torch CUDA tensors
+(bfloat16 too) on their current streams, and run-to-run determinism. All compared with float64
+references (tests/reference.py) within the contract's tolerances.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import softmax_kernels as sk
+from softmax_kernels.backends import cupy_backend as cb
+
+from reference import (
+    assert_close,
+    ref_cross_entropy,
+    ref_softmax,
+    ref_softmax_backward,
+    to_numpy64,
+)
+
+DTYPES = ("float16", "bfloat16", "float32", "float64")
+LOSS_DTYPE = {"float16": "float32", "bfloat16": "float32", "float32": "float32",
+              "float64": "float64"}  # fmt: skip
+H100_SMEM = 232448  # sharedMemPerBlockOptin of H100/H200 (227 KiB)
+
+WARP_ROWS, BLOCK_SMEM, ONLINE = cb.WARP_ROWS, cb.BLOCK_SMEM, cb.ONLINE
+
+
+def _vec(dtype):
+    return cb.vec_width(cb.CTYPES[dtype][1])
+
+
+def _wmax(dtype):
+    return cb.warp_max_cols(cb.CTYPES[dtype][1])
+
+
+def _block_max(op, dtype, smem_limit, soft=False, vec_ok=True):
+    """The longest row strategy (b) takes (largest n whose shared-memory rows fit)."""
+    n = _wmax(dtype)
+    step = 1 << 20
+    while step:  # binary search on the planner itself
+        if (
+            cb.plan_launch(
+                op, dtype, n + step, vec_ok=vec_ok, smem_limit=smem_limit, soft=soft
+            ).strategy
+            == BLOCK_SMEM
+        ):
+            n += step
+        else:
+            step //= 2
+    return n
+
+
+# ----------------------------------------------------------------------------------------------
+# The planner (pure Python)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_plan_warp_shapes_per_length(dtype):
+    vec, wmax = _vec(dtype), _wmax(dtype)
+    plan = cb.plan_launch
+    # (a), rows sharing a warp: LANES = next power of two of the packs, one pack each
+    assert (plan("softmax_fwd", dtype, 1).lanes, plan("softmax_fwd", dtype, 1).packs) == (1, 1)
+    assert plan("softmax_fwd", dtype, vec).lanes == 1
+    assert plan("softmax_fwd", dtype, vec + 1).lanes == 2
+    assert plan("softmax_fwd", dtype, 16 * vec).lanes == 16
+    p = plan("softmax_fwd", dtype, 16 * vec + 1)
+    assert (p.lanes, p.packs, p.rows_per_block) == (32, 1, 4)
+    assert plan("softmax_fwd", dtype, 32 * vec + 1).packs == 2
+    # the whole warp up to warp_max_cols, then a block per row
+    p = plan("softmax_fwd", dtype, wmax)
+    assert p.strategy == WARP_ROWS and p.lanes * p.packs * vec == wmax
+    assert plan("softmax_fwd", dtype, wmax + 1).strategy == BLOCK_SMEM
+    # a misaligned row may span one more pack: the last warp-sized lengths move to (b)
+    assert plan("softmax_fwd", dtype, wmax - vec + 2, shifted=True).strategy == BLOCK_SMEM
+    assert plan("softmax_fwd", dtype, wmax - vec + 1, shifted=True).strategy == WARP_ROWS
+    # on the scalar path rows start at pack 0: no extra pack
+    assert plan("softmax_fwd", dtype, wmax, vec_ok=False, shifted=True).strategy == WARP_ROWS
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("op", "soft"),
+    [
+        ("softmax_fwd", False),
+        ("softmax_bwd", False),
+        ("cross_entropy_fwd", False),
+        ("cross_entropy_fwd", True),
+    ],  # fmt: skip
+)
+def test_plan_block_to_online_threshold(dtype, op, soft):
+    size = cb.CTYPES[dtype][1]
+    nb = _block_max(op, dtype, H100_SMEM, soft)
+    # shared memory of the longest (b) row fits under the opt-in limit less the reserve
+    p = cb.plan_launch(op, dtype, nb, smem_limit=H100_SMEM, soft=soft)
+    assert p.strategy == BLOCK_SMEM
+    assert p.smem <= H100_SMEM - cb.STATIC_SMEM_RESERVE
+    per_col = cb.smem_bytes_per_col(op, size, soft)
+    assert p.smem == (-(-nb // _vec(dtype)) + 1) * _vec(dtype) * per_col
+    assert nb > 14000  # H100: at least 14K columns in shared memory (float64 backward: 16 B each)
+    assert cb.plan_launch(op, dtype, nb + 1, smem_limit=H100_SMEM, soft=soft).strategy == ONLINE
+    assert cb.plan_launch(op, dtype, 2**20, smem_limit=H100_SMEM, soft=soft).strategy == ONLINE
+    # without opting in (48 KiB) (b) stops much earlier
+    assert _block_max(op, dtype, cb.DEFAULT_SMEM_LIMIT, soft) < nb
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_plan_cross_entropy_without_grad_reads_once(dtype):
+    # no gradient: the online loop reads each logit once, so it serves every row past (a)
+    wmax = _wmax(dtype)
+    assert cb.plan_launch("cross_entropy_fwd", dtype, wmax, with_grad=False).strategy == WARP_ROWS
+    for n in (wmax + 1, 5000, 2**20):
+        p = cb.plan_launch("cross_entropy_fwd", dtype, n, with_grad=False, smem_limit=H100_SMEM)
+        assert p.strategy == ONLINE and p.smem == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_plan_invariants_and_names(dtype):
+    names = set(cb.all_kernel_names(dtype))
+    assert len(names) == len(cb.all_kernel_names(dtype))  # no duplicates
+    seen = set()
+    for n in list(range(1, 300)) + [511, 512, 513, 1000, 1023, 1024, 1025, 4097, 70001, 2**20]:
+        for op in cb.OPS:
+            for soft in (False, True) if op == "cross_entropy_fwd" else (False,):
+                for vec_ok, shifted in ((True, False), (True, True), (False, False)):
+                    for grad in (True, False):
+                        opts = dict(vec_ok=vec_ok, shifted=shifted, soft=soft, with_grad=grad)
+                        p = cb.plan_launch(op, dtype, n, smem_limit=H100_SMEM, **opts)
+                        name = cb.kernel_name(op, dtype, soft, p)
+                        assert name in names, name
+                        seen.add(name)
+                        if p.strategy == WARP_ROWS:
+                            assert p.threads == 128 and p.lanes * p.rows_per_block == 128
+                            vec = _vec(dtype)
+                            span = n + (vec - 1 if vec_ok and shifted else 0)
+                            assert p.lanes * p.packs * vec >= span  # the row fits the lanes
+                        else:
+                            assert p.threads in (128, 256, 512) and p.rows_per_block == 1
+    # every instance compiled is reachable (none of the module is dead weight)
+    for flag in (False, True):
+        for op in cb.OPS:
+            for p in [cb.LaunchPlan(cb.WARP_ROWS, la, pa, 0, 0, 1)
+                      for la, pa in cb.warp_configs(cb.CTYPES[dtype][1])]:  # fmt: skip
+                assert cb.kernel_name(op, dtype, flag, p) in names
+
+
+def test_kernel_names_format():
+    p = cb.plan_launch("softmax_fwd", "float32", 200)
+    assert (
+        cb.kernel_name("softmax_fwd", "float32", True, p)
+        == "softmax_fwd_kernel<float, true, 0, 32, 2>"
+    )
+    assert (
+        cb.kernel_name("softmax_bwd", "bfloat16", False, p)
+        == "softmax_bwd_kernel<__nv_bfloat16, 0, 32, 2>"
+    )
+    q = cb.plan_launch("cross_entropy_fwd", "float16", 5000, with_grad=False)
+    assert (
+        cb.kernel_name("cross_entropy_fwd", "float16", True, q)
+        == "cross_entropy_fwd_kernel<__half, true, 2, 1, 1>"
+    )
+
+
+def test_vector_flags():
+    R = cb._Rows
+    # contiguous float32 rows of 1000 (4000 B): aligned start, rows shift by 0 -> plain vectors
+    assert cb.vector_flags([R(4096, 1000, 4), R(8192, 1000, 4)]) == (True, False, False)
+    # odd length: rows start at every residue, the same for x and out -> shifted vector path
+    assert cb.vector_flags([R(4096, 1001, 4), R(8192, 1001, 4)]) == (True, True, False)
+    # x offset by one element, out fresh: residues differ -> scalar path
+    assert cb.vector_flags([R(4100, 1000, 4), R(8192, 1000, 4)])[0] is False
+    # in place on that misaligned view: same residues -> shifted vector path
+    assert cb.vector_flags([R(4100, 1000, 4), R(4100, 1000, 4)]) == (True, True, False)
+    # masks: a broadcast mask (row stride 0) lines up only when x's rows do
+    assert cb.vector_flags([R(4096, 1000, 4)], R(512, 0, 1)) == (True, False, True)
+    assert cb.vector_flags([R(4096, 1001, 4)], R(512, 0, 1))[2] is False
+    assert cb.vector_flags([R(4096, 1000, 4)], R(513, 0, 1))[2] is False
+    assert cb.vector_flags([R(4096, 1001, 4)], R(512, 1001, 1)) == (True, True, True)
+    # half types: 8 per pack
+    assert cb.vector_flags([R(4096, 24, 2), R(1024, 8, 2)]) == (True, False, False)
+    assert cb.vector_flags([R(4096, 24, 2), R(1024, 4, 2)])[0] is False
+
+
+def test_kernel_source_is_one_translation_unit():
+    src = cb.kernel_source()
+    assert '#include "' not in src  # local includes inlined
+    assert src.count("#ifndef SOFTMAX_KERNELS_COMMON_CUH") == 1  # common.cuh once
+    for k in ("softmax_fwd_kernel", "softmax_bwd_kernel", "cross_entropy_fwd_kernel"):
+        assert f"{k}(" in src
+    assert cb.kernel_dir().joinpath("common.cuh").is_file()
+    assert "-std=c++17" in cb.NVRTC_OPTIONS
+
+
+def test_import_does_not_import_cupy():
+    code = (
+        "import sys, numpy as np, softmax_kernels as sk\n"
+        "from softmax_kernels.backends import cupy_backend as cb\n"
+        "cb.plan_launch('softmax_fwd', 'float32', 1000)\n"
+        "sk.softmax(np.ones((2, 3)))\n"
+        "assert 'cupy' not in sys.modules, 'cupy imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env=os.environ.copy())
+
+
+def test_availability_messages(monkeypatch):
+    reason = cb.unavailable_reason()
+    if importlib.util.find_spec("cupy") is None:
+        assert "pip install 'softmax-kernels[cupy-cuda13]'" in reason
+    elif reason is not None:  # CuPy without a GPU or NVRTC
+        assert "GPU" in reason or "NVRTC" in reason
+    r = cb.serve_reason(np.ones(3))
+    assert "backend='numpy'" in r and "cupy.asarray" in r
+    torch = pytest.importorskip("torch")
+    r = cb.serve_reason(torch.ones(3))
+    assert "backend='numpy'" in r and ".cuda()" in r
+    if reason is not None:
+        with pytest.raises(sk.BackendUnavailableError, match="cupy"):
+            sk.softmax(np.ones((2, 3)), backend="cupy")
+
+
+def _nvrtc_skip_reason():
+    if importlib.util.find_spec("cupy") is None:
+        return "cupy is not installed"
+    if cb.unavailable_reason() is None:
+        return "a GPU is present: the gpu tests compile every module through RawModule"
+    try:
+        import cupy
+        from cupy.cuda import compiler
+
+        cupy.cuda.nvrtc.getVersion()
+        compiler._NVRTCProgram  # noqa: B018
+    except Exception as exc:
+        return f"NVRTC is not usable here ({exc})"
+    if _cuda_include() is None:
+        return "no CUDA headers found (cuda_fp16.h)"
+    return None
+
+
+def _cuda_include():
+    import cupy
+
+    for base in (cupy.cuda.get_cuda_path(), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if base and os.path.isfile(os.path.join(base, "include", "cuda_fp16.h")):
+            return os.path.join(base, "include")
+    return None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nvrtc_compiles_every_instance(dtype):
+    """NVRTC (what RawModule runs on the GPU machine) compiles the module of each dtype with the
+    backend's options plus the ones CuPy adds, for sm_90, without a GPU."""
+    reason = _nvrtc_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from cupy.cuda import compiler
+
+    names = cb.all_kernel_names(dtype)
+    prog = compiler._NVRTCProgram(
+        cb.kernel_source(), "softmax_kernels.cu", (), (), name_expressions=names, method="cubin"
+    )
+    options = cb.NVRTC_OPTIONS + (
+        "-arch=sm_90",
+        "--device-as-default-execution-space",  # CuPy adds both
+        "-ftz=true",
+        f"-I{_cuda_include()}",
+    )
+    cubin, mapping = prog.compile(options, None)
+    assert len(cubin) > 0 and set(mapping) == set(names)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU tests
+
+if importlib.util.find_spec("cupy") is None:
+    GPU_REASON = "cupy is not installed (pip install 'softmax-kernels[cupy-cuda13]')"
+else:
+    GPU_REASON = cb.unavailable_reason()
+
+
+def gpu_test(fn):
+    """Mark a test gpu and skip it, with the reason, where the CuPy backend cannot run."""
+    fn = pytest.mark.skipif(GPU_REASON is not None, reason=str(GPU_REASON))(fn)
+    return pytest.mark.gpu(fn)
+
+
+def _torch_cuda():
+    if importlib.util.find_spec("torch") is None:
+        return None
+    import torch
+
+    return torch if torch.cuda.is_available() else None
+
+
+# (array kind, dtype): CuPy arrays for the NumPy dtypes, torch CUDA tensors for all four.
+KIND_DTYPES = [pytest.param("cupy", d, id=f"cupy-{d}") for d in ("float16", "float32", "float64")]
+KIND_DTYPES += [pytest.param("torch", d, id=f"torch-{d}") for d in DTYPES]
+
+
+def _dev(a, kind, dtype=None):
+    """A NumPy array on the GPU as a CuPy array or torch tensor (dtype None: keep)."""
+    a = np.asarray(a)
+    if kind == "cupy":
+        import cupy
+
+        return cupy.asarray(a.astype(dtype) if dtype else a)
+    torch = _torch_cuda()
+    if torch is None:
+        pytest.skip("torch with CUDA is not available")
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if dtype:
+        t = t.to(getattr(torch, dtype))
+    return t.cuda()
+
+
+def _empty_like(x):
+    return x.clone() if hasattr(x, "clone") else x.copy()
+
+
+def _smem_limit():
+    return cb._device_info(0).smem_optin
+
+
+def _lengths(dtype, op, soft=False):
+    """Row lengths at and around every threshold of the planner on this GPU, plus odd ones:
+    (a) 1 .. 16 packs (rows sharing a warp), 16 packs + 1, 32 packs + 1 (two packs per lane),
+    warp_max_cols -1/0/+1; (b) up to its shared-memory limit; (c) beyond, and 2**20."""
+    vec, wmax = _vec(dtype), _wmax(dtype)
+    nb = _block_max(op, dtype, _smem_limit(), soft)
+    out = {1, 2, 3, vec - 1, vec, vec + 1, 16 * vec, 16 * vec + 1, 32 * vec + 1, 100, 333,
+           wmax - 1, wmax, wmax + 1, 4097, nb, nb + 1, 2**20}  # fmt: skip
+    return sorted(n for n in out if n >= 1)
+
+
+def _n_rows(n):
+    return 5 if n <= 4097 else 3 if n < 2**20 else 2
+
+
+def _strategies(op, dtype, lengths, soft=False, with_grad=True):
+    return {
+        cb.plan_launch(
+            op, dtype, n, smem_limit=_smem_limit(), soft=soft, with_grad=with_grad
+        ).strategy
+        for n in lengths
+    }
+
+
+@gpu_test
+@pytest.mark.parametrize(("kind", "dtype"), KIND_DTYPES)
+def test_forward_every_strategy(kind, dtype, rng):
+    lengths = _lengths(dtype, "softmax_fwd")
+    assert _strategies("softmax_fwd", dtype, lengths) == {WARP_ROWS, BLOCK_SMEM, ONLINE}
+    for n in lengths:
+        x = _dev(rng.standard_normal((_n_rows(n), n)) * 4, kind, dtype)
+        xr = to_numpy64(x)
+        for is_log, fn in ((False, sk.softmax), (True, sk.log_softmax)):
+            y = fn(x, scale=0.75, backend="cupy")
+            assert type(y) is type(x) and str(y.dtype) == str(x.dtype)
+            assert_close(y, ref_softmax(xr, -1, 0.75, is_log=is_log), dtype, f"{fn.__name__} n={n}")
+
+
+@gpu_test
+@pytest.mark.parametrize(("kind", "dtype"), KIND_DTYPES)
+def test_backward_every_strategy(kind, dtype, rng):
+    lengths = _lengths(dtype, "softmax_bwd")
+    assert _strategies("softmax_bwd", dtype, lengths) == {WARP_ROWS, BLOCK_SMEM, ONLINE}
+    for n in lengths:
+        shape = (_n_rows(n), n)
+        x64 = rng.standard_normal(shape) * 3
+        dy = _dev(rng.standard_normal(shape), kind, dtype)
+        for is_log, fn in ((False, sk.softmax_backward), (True, sk.log_softmax_backward)):
+            y = _dev(ref_softmax(x64, -1, is_log=is_log), kind, dtype)
+            dx = fn(dy, y, scale=1.5, backend="cupy")
+            ref = ref_softmax_backward(to_numpy64(dy), to_numpy64(y), -1, 1.5, is_log=is_log)
+            assert_close(dx, ref, dtype, f"{fn.__name__} n={n}")
+
+
+def _ce_problem(rng, n_rows, c, soft, ignore_index=-100):
+    logits = rng.standard_normal((n_rows, c)) * 3
+    if soft:
+        target = rng.dirichlet(np.ones(c), size=n_rows)
+    else:
+        target = rng.integers(0, c, size=n_rows)
+        if n_rows > 1:
+            target[1] = ignore_index
+    weight = rng.random(c) + 0.25
+    return logits, target, weight
+
+
+def _check_ce(kind, dtype, logits64, t64, w64, what, *, inplace=False, tdtype="int64", **opts):
+    """cross_entropy and cross_entropy_with_grad on the CuPy backend vs the reference."""
+    x = _dev(logits64, kind, dtype)
+    soft = t64.dtype.kind == "f"
+    t = _dev(t64, kind, dtype) if soft else _dev(t64.astype(tdtype), kind)
+    wd = "float64" if dtype == "float64" else "float32"
+    w = None if w64 is None else _dev(w64, kind, wd)
+    grad_scale = opts.pop("grad_scale", 1.0)
+    ref_loss, ref_grad = ref_cross_entropy(
+        to_numpy64(x), to_numpy64(t) if soft else t64,
+        weight=None if w is None else to_numpy64(w), grad_scale=grad_scale, **opts,
+    )  # fmt: skip
+    loss = sk.cross_entropy(x, t, weight=w, backend="cupy", **opts)
+    assert_close(loss, ref_loss, LOSS_DTYPE[dtype], f"{what} loss")
+    xin = _empty_like(x) if inplace else x
+    loss2, grad = sk.cross_entropy_with_grad(
+        xin, t, weight=w, grad_scale=grad_scale, inplace=inplace, backend="cupy", **opts
+    )
+    assert_close(loss2, ref_loss, LOSS_DTYPE[dtype], f"{what} loss (with grad)")
+    assert_close(grad, ref_grad, dtype, f"{what} grad")
+    if inplace:
+        assert cb._ptr(grad) == cb._ptr(xin), "inplace=True must write into the logits"
+    return loss2, grad
+
+
+CE_ALL = dict(reduction="mean", label_smoothing=0.2, z_loss=1e-2, grad_scale=0.5)
+
+
+@gpu_test
+@pytest.mark.parametrize("soft", [False, True], ids=["index", "probs"])
+@pytest.mark.parametrize(("kind", "dtype"), KIND_DTYPES)
+def test_cross_entropy_every_strategy(kind, dtype, soft, rng):
+    lengths = _lengths(dtype, "cross_entropy_fwd", soft)
+    assert _strategies("cross_entropy_fwd", dtype, lengths, soft) == {WARP_ROWS, BLOCK_SMEM, ONLINE}
+    assert _strategies("cross_entropy_fwd", dtype, lengths, soft, with_grad=False) == {
+        WARP_ROWS,
+        ONLINE,
+    }
+    for n in lengths:
+        logits, target, weight = _ce_problem(rng, _n_rows(n), n, soft)
+        _check_ce(kind, dtype, logits, target, weight, f"C={n}", **CE_ALL)
+
+
+OPTION_SETS = {
+    "plain-mean": dict(reduction="mean"),
+    "plain-sum": dict(reduction="sum"),
+    "weight-none": dict(reduction="none", weighted=True),
+    "weight-mean": dict(reduction="mean", weighted=True),
+    "smooth-mean": dict(reduction="mean", label_smoothing=0.3),
+    "smooth-weight-sum": dict(reduction="sum", label_smoothing=0.1, weighted=True),
+    "zloss-none": dict(reduction="none", z_loss=1e-3),
+    "all-scaled": dict(
+        reduction="mean", label_smoothing=0.05, z_loss=1e-4, weighted=True, grad_scale=3.0
+    ),  # fmt: skip
+    "ignore-0": dict(reduction="mean", ignore_index=0, weighted=True, label_smoothing=0.1),
+}
+
+
+@gpu_test
+@pytest.mark.parametrize("opts", list(OPTION_SETS.values()), ids=list(OPTION_SETS))
+@pytest.mark.parametrize("soft", [False, True], ids=["index", "probs"])
+@pytest.mark.parametrize("tdtype", ["int64", "int32"])
+def test_cross_entropy_options_per_strategy(opts, soft, tdtype, rng):
+    if soft and tdtype == "int32":
+        pytest.skip("probability targets have the logits' dtype")
+    opts = dict(opts)
+    weighted = opts.pop("weighted", False)
+    ignore_index = opts.get("ignore_index", -100)
+    nb = _block_max("cross_entropy_fwd", "float32", _smem_limit(), soft)
+    for n in (5, 37, 1000, 3001, nb + 7):  # (a) shared warp, (a), (a), (b), (c)
+        logits, target, weight = _ce_problem(rng, 6, n, soft, ignore_index)
+        for kind, dtype in (("cupy", "float32"), ("torch", "bfloat16"), ("cupy", "float64")):
+            _check_ce(kind, dtype, logits, target, weight if weighted else None,
+                      f"C={n} {opts}", tdtype=tdtype, **opts)  # fmt: skip
+
+
+@gpu_test
+@pytest.mark.parametrize(("kind", "dtype"), KIND_DTYPES)
+@pytest.mark.parametrize("soft", [False, True], ids=["index", "probs"])
+def test_cross_entropy_inplace(kind, dtype, soft, rng):
+    nb = _block_max("cross_entropy_fwd", dtype, _smem_limit(), soft)
+    for n in (3, 777, 1500, nb + 3):  # (a), (a), (b), (c)
+        logits, target, weight = _ce_problem(rng, 4, n, soft)
+        _check_ce(kind, dtype, logits, target, weight, f"inplace C={n}", inplace=True, **CE_ALL)
+
+
+@gpu_test
+@pytest.mark.parametrize("tdtype", ["int32", "int64"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_bad_targets_give_nan_rows(tdtype, inplace, rng):
+    nb = _block_max("cross_entropy_fwd", "float32", _smem_limit())
+    for n in (1, 9, 1000, 5000, nb + 11):
+        logits = rng.standard_normal((6, n))
+        target = rng.integers(0, n, size=6)
+        target[1], target[3], target[4] = -5, n, -100  # bad, bad, ignored
+        if tdtype == "int32":
+            target[2] = 2**31 - 1
+        x = _dev(logits, "cupy", "float32")
+        t = _dev(target.astype(tdtype), "cupy")
+        loss_rows = sk.cross_entropy(x, t, reduction="none", backend="cupy")
+        xin = x.copy()
+        loss, grad = sk.cross_entropy_with_grad(
+            xin, t, reduction="none", inplace=inplace, backend="cupy"
+        )
+        lr, g = to_numpy64(loss_rows), to_numpy64(grad)
+        bad = [1, 3] + ([2] if tdtype == "int32" else [])
+        good = [i for i in range(6) if i not in bad and i != 4]
+        assert np.isnan(lr[bad]).all() and np.isnan(to_numpy64(loss)[bad]).all()
+        assert np.isnan(g[bad]).all()
+        assert lr[4] == 0 and (g[4] == 0).all()  # ignored: exactly zero
+        ok_t = target.copy()
+        ok_t[bad] = -100
+        ref_loss, ref_grad = ref_cross_entropy(logits.astype(np.float32), ok_t, reduction="none")
+        assert_close(lr[good], ref_loss[good], "float32", f"C={n} good rows")
+        assert_close(g[good], ref_grad[good], "float32", f"C={n} good grads")
+        # the mean over rows with a bad target is NaN (never silently wrong)
+        assert np.isnan(float(sk.cross_entropy(x, t, backend="cupy")))
+
+
+@gpu_test
+def test_cross_entropy_all_ignored_and_single_class(rng):
+    x = _dev(rng.standard_normal((4, 50)), "cupy", "float32")
+    t = _dev(np.full(4, -100), "cupy")
+    loss, grad = sk.cross_entropy_with_grad(x, t, backend="cupy")
+    assert float(loss) == 0.0 and float(abs(grad).max()) == 0.0
+    one = _dev(rng.standard_normal((3, 1)), "cupy", "float64")
+    loss, grad = sk.cross_entropy_with_grad(one, _dev(np.zeros(3, np.int64), "cupy"), z_loss=0.1,
+                                            backend="cupy")  # fmt: skip
+    ref_loss, ref_grad = ref_cross_entropy(to_numpy64(one), np.zeros(3, np.int64), z_loss=0.1)
+    assert_close(loss, ref_loss, "float64", "C=1 loss")
+    assert_close(grad, ref_grad, "float64", "C=1 grad")
+
+
+@gpu_test
+@pytest.mark.parametrize(("kind", "dtype"), KIND_DTYPES)
+def test_strided_views_and_misaligned_pointers(kind, dtype, rng):
+    """Row strides other than n, and bases one element off 16 bytes: the scalar path (x and out
+    residues differ) and the shifted vector path (in place, the same residues)."""
+    nb = _block_max("softmax_fwd", dtype, _smem_limit())
+    for n in (5, 63, 200, 1001, 3000, nb + 5):
+        big = rng.standard_normal((4, n + 9)) * 2
+        base = _dev(big, kind, dtype)
+        for view in (base[:, 1 : n + 1], base[:, 8 : n + 8], base[::2, 3 : n + 3]):
+            v64 = to_numpy64(view)
+            for is_log, fn in ((False, sk.softmax), (True, sk.log_softmax)):
+                y = fn(view, backend="cupy")
+                assert_close(y, ref_softmax(v64, -1, is_log=is_log), dtype, f"view n={n}")
+            # in place on the misaligned view (out=x): the shifted vector path
+            w = _empty_like(base)[:, 1 : n + 1]
+            w[...] = view
+            assert fn(w, out=w, backend="cupy") is w
+            assert_close(w, ref_softmax(v64, -1, is_log=True), dtype, f"in place n={n}")
+            # backward with dy and y as views one element off (dy and y share the shift, the
+            # fresh output does not: the scalar path) and in aligned buffers
+            pad = ((0, 0), (1, 8))
+            dy = _dev(np.pad(rng.standard_normal(view.shape), pad), kind, dtype)[:, 1 : n + 1]
+            y = _dev(np.pad(ref_softmax(v64, -1), pad), kind, dtype)[:, 1 : n + 1]
+            for is_log, fn in ((False, sk.softmax_backward), (True, sk.log_softmax_backward)):
+                ref = ref_softmax_backward(to_numpy64(dy), to_numpy64(y), is_log=is_log)
+                assert_close(fn(dy, y, backend="cupy"), ref, dtype, f"bwd view n={n}")
+        # a flat buffer offset by one element: every row starts misaligned, x and out alike
+        flat = _dev(rng.standard_normal(4 * n + 1), kind, dtype)
+        x = flat[1:].reshape(4, n)
+        ref = ref_softmax(to_numpy64(x), -1)
+        assert_close(sk.softmax(x, out=x, backend="cupy"), ref, dtype, f"offset-1 n={n}")
+        # cross-entropy on a strided view (logits and soft targets)
+        t = rng.integers(0, n, size=2)
+        ref_loss, ref_grad = ref_cross_entropy(to_numpy64(base[::2, 3 : n + 3]), t,
+                                               reduction="sum")  # fmt: skip
+        loss, grad = sk.cross_entropy_with_grad(base[::2, 3 : n + 3], _dev(t, kind),
+                                                reduction="sum", backend="cupy")  # fmt: skip
+        assert_close(loss, ref_loss, LOSS_DTYPE[dtype], f"CE view n={n}")
+        assert_close(grad, ref_grad, dtype, f"CE view grad n={n}")
+
+
+@gpu_test
+@pytest.mark.parametrize(("kind", "dtype"), KIND_DTYPES)
+def test_masks(kind, dtype, rng):
+    """Broadcast masks (row stride 0, aligned or not), per-row masks, a misaligned mask, fully
+    masked rows (all 0 / -inf), and kept entries that are all -inf (NaN, as the reference)."""
+    nb = _block_max("softmax_fwd", dtype, _smem_limit())
+    for n in (1, 6, 40, 500, 1023, 4000, nb + 3):
+        x64 = rng.standard_normal((5, n)) * 3
+        x64[3, :] = -np.inf
+        x = _dev(x64, kind, dtype)
+        xr = to_numpy64(x)
+        col = rng.random(n) < 0.6
+        col[0] = True
+        per_row = rng.random((5, n)) < 0.5
+        per_row[2] = False  # fully masked row
+        per_row[3, : max(1, n // 2)] = True  # kept entries all -inf
+        mis = _dev(np.concatenate([[True], col]), kind)[1:]  # mask base one byte off
+        for keep in (_dev(col, kind), _dev(per_row, kind), mis):
+            k64 = to_numpy64(keep) > 0
+            for is_log, fn in ((False, sk.softmax), (True, sk.log_softmax)):
+                y = fn(x, where=keep, scale=-1.25, backend="cupy")
+                ref = ref_softmax(
+                    xr, -1, -1.25, where=np.broadcast_to(k64, xr.shape), is_log=is_log
+                )
+                assert_close(y, ref, dtype, f"mask n={n} log={is_log}")
+
+
+@gpu_test
+@pytest.mark.parametrize(("kind", "dtype"), KIND_DTYPES)
+def test_edge_rows(kind, dtype, rng):
+    """NaN anywhere makes its row NaN (also where fmax would drop it); all -inf rows are NaN;
+    +inf; huge finite values (1e30 in float32, 6e4 in float16) stay exact; one-element rows."""
+    big = {"float16": 6e4, "bfloat16": 1e30, "float32": 1e30, "float64": 1e300}[dtype]
+    nb = _block_max("softmax_fwd", dtype, _smem_limit())
+    for n in (1, 2, 7, 64, 700, 3000, nb + 1):
+        x64 = rng.standard_normal((6, n))
+        x64[0, n // 2] = np.nan
+        x64[1, :] = -np.inf
+        x64[2, 0] = np.inf
+        x64[3, :] = big
+        x64[4, -1] = big
+        x = _dev(x64, kind, dtype)
+        xr = to_numpy64(x)
+        for is_log, fn in ((False, sk.softmax), (True, sk.log_softmax)):
+            assert_close(fn(x, backend="cupy"), ref_softmax(xr, -1, is_log=is_log), dtype,
+                         f"edge n={n}")  # fmt: skip
+        t = np.zeros(6, np.int64)
+        loss, grad = sk.cross_entropy_with_grad(x, _dev(t, kind), reduction="none", backend="cupy")
+        with np.errstate(all="ignore"):
+            ref_loss, ref_grad = ref_cross_entropy(xr, t, reduction="none")
+        assert_close(loss, ref_loss, LOSS_DTYPE[dtype], f"CE edge n={n}")
+        assert_close(grad, ref_grad, dtype, f"CE edge grad n={n}")
+
+
+@gpu_test
+def test_many_rows_grid_stride(rng):
+    """More rows than one grid holds (every kernel loops over rows)."""
+    for n in (3, 100, 2000):
+        rows = 400_000 if n < 2000 else 20_000
+        x = _dev(rng.standard_normal((rows, n)).astype(np.float32), "cupy")
+        y = sk.softmax(x, backend="cupy")
+        assert_close(y, ref_softmax(to_numpy64(x), -1), "float32", f"{rows} rows of {n}")
+
+
+@gpu_test
+def test_more_than_2_31_elements():
+    """64-bit offsets: rows past element 2**31 (float16, 4.3 GB in and out)."""
+    import cupy
+
+    n = 256
+    rows = 2**31 // n + 1000
+    x = cupy.empty((rows, n), cupy.float16)
+    tile = (cupy.arange(64 * n, dtype=cupy.float32).reshape(64, n) % 97 / 13).astype(cupy.float16)
+    x[...] = cupy.tile(tile, (rows // 64 + 1, 1))[:rows]
+    y = sk.softmax(x, backend="cupy")
+    tail = slice(rows - 1000, rows)
+    assert_close(y[tail], ref_softmax(to_numpy64(x[tail]), -1), "float16", "rows past 2**31")
+    loss = sk.cross_entropy(x, cupy.zeros(rows, cupy.int64), reduction="none", backend="cupy")
+    ref_loss, _ = ref_cross_entropy(to_numpy64(x[tail]), np.zeros(1000, np.int64), reduction="none")
+    assert_close(loss[tail], ref_loss, "float32", "CE rows past 2**31")
+
+
+@gpu_test
+def test_deterministic(rng):
+    """Bitwise the same run to run, for every strategy."""
+    for n in (10, 700, 5000, 2**18):
+        x = _dev(rng.standard_normal((7, n)), "cupy", "float32")
+        t = _dev(rng.integers(0, n, size=7), "cupy")
+        a = [sk.softmax(x, backend="cupy"), sk.cross_entropy_with_grad(x, t, backend="cupy")[1]]
+        b = [sk.softmax(x, backend="cupy"), sk.cross_entropy_with_grad(x, t, backend="cupy")[1]]
+        for u, v in zip(a, b, strict=True):
+            assert np.array_equal(to_numpy64(u), to_numpy64(v), equal_nan=True)
+
+
+_SPIN = r"""
+extern "C" __global__ void spin(long long cycles) {
+    long long t0 = clock64();
+    while (clock64() - t0 < cycles) {}
+}
+"""
+
+
+@gpu_test
+def test_runs_on_the_current_cupy_stream(rng):
+    """Launches go to CuPy's current stream: a result read on that stream after a long kernel
+    and a copy queued before it must see the copied data."""
+    import cupy
+
+    spin = cupy.RawKernel(_SPIN, "spin")
+    src = _dev(rng.standard_normal((64, 300)), "cupy", "float32")
+    for n_cols in (300, 4000):
+        src = _dev(rng.standard_normal((64, n_cols)), "cupy", "float32")
+        x = cupy.zeros_like(src)
+        s = cupy.cuda.Stream(non_blocking=True)
+        with s:
+            spin((1,), (1,), (np.int64(50_000_000),))
+            x[...] = src
+            y = sk.softmax(x, backend="cupy")
+        s.synchronize()
+        assert_close(y, ref_softmax(to_numpy64(src), -1), "float32", "on the side stream")
+
+
+@gpu_test
+def test_torch_tensors_on_the_current_torch_stream(rng):
+    """torch CUDA tensors, bfloat16 included, on torch's current stream (a side stream here:
+    the copy queued after a sleep must be seen)."""
+    torch = _torch_cuda()
+    if torch is None:
+        pytest.skip("torch with CUDA is not available")
+    for dtype in DTYPES:
+        for n_cols in (50, 2000, 70000):
+            src = _dev(rng.standard_normal((8, n_cols)), "torch", dtype)
+            x = torch.zeros_like(src)
+            s = torch.cuda.Stream()
+            with torch.cuda.stream(s):
+                torch.cuda._sleep(50_000_000)
+                x.copy_(src)
+                y = sk.softmax(x, backend="cupy")
+                t = torch.zeros(8, dtype=torch.int64, device="cuda")
+                loss = sk.cross_entropy(x, t, reduction="none", backend="cupy")
+            s.synchronize()
+            assert y.device == src.device and y.dtype == src.dtype
+            assert_close(y, ref_softmax(to_numpy64(src), -1), dtype, f"torch {dtype} n={n_cols}")
+            ref_loss, _ = ref_cross_entropy(
+                to_numpy64(src), np.zeros(8, np.int64), reduction="none"
+            )
+            assert_close(loss, ref_loss, LOSS_DTYPE[dtype], f"torch CE {dtype}")
+
+
+@gpu_test
+def test_cupy_arrays_keep_their_kind_and_nd_axes(rng):
+    import cupy
+
+    x = cupy.asarray(rng.standard_normal((3, 4, 5)).astype(np.float32))
+    y = sk.softmax(x, axis=(0, 2), backend="cupy")
+    assert isinstance(y, cupy.ndarray) and y.shape == x.shape
+    assert_close(y, ref_softmax(to_numpy64(x), (0, 2)), "float32", "axis=(0, 2)")
+    assert sk.softmax(cupy.empty((0, 5), cupy.float32), backend="cupy").shape == (0, 5)
+    assert "cupy" in sk.available_backends()
+
+
+# ----------------------------------------------------------------------------------------------
+# The kernels on the CPU, without a GPU: a small CUDA emulation (one std::thread per CUDA thread,
+# __syncthreads and warp shuffles through barriers, blocks one after another) compiles the very
+# same kernel sources with g++, and the backend's own host code (planner, vector flags, argument
+# packing) launches them on NumPy memory, with at most 3 blocks so that every grid-stride loop
+# runs. It needs g++ (C++20) and the CUDA headers (cuda_fp16.h); the GPU tests above run the
+# real thing. Run it under AddressSanitizer (SK_EMU_ASAN=1, with libasan preloaded) to check that
+# no kernel reads or writes out of bounds.
+
+EMU_H = r"""
+#pragma once
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <array>
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+struct sk_dim3 { unsigned x = 1, y = 1, z = 1; };
+inline thread_local sk_dim3 threadIdx, blockIdx;
+inline sk_dim3 blockDim, gridDim;
+#define __global__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+inline double __longlong_as_double(long long i) { double d; std::memcpy(&d, &i, 8); return d; }
+
+struct SkBlock {
+    std::barrier<> bar;
+    std::vector<std::unique_ptr<std::barrier<>>> warp_bars;
+    std::vector<std::array<std::uint64_t, 32>> bufs;
+    std::atomic<int> flag{0};
+    explicit SkBlock(int n) : bar(n) {
+        for (int w = 0; w < n / 32; ++w) warp_bars.emplace_back(new std::barrier<>(32));
+        bufs.resize(n / 32);
+    }
+};
+inline SkBlock* sk_block = nullptr;
+inline void __syncthreads() { sk_block->bar.arrive_and_wait(); }
+inline int __syncthreads_or(int p) {
+    sk_block->bar.arrive_and_wait();
+    if (threadIdx.x == 0) sk_block->flag = 0;
+    sk_block->bar.arrive_and_wait();
+    if (p) sk_block->flag = 1;
+    sk_block->bar.arrive_and_wait();
+    const int r = sk_block->flag;
+    sk_block->bar.arrive_and_wait();
+    return r;
+}
+// every lane of the warp must arrive (as on the GPU with a full mask), or this deadlocks
+template <class T>
+inline T __shfl_xor_sync(unsigned, T v, int lane_mask, int width = 32) {
+    const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
+    std::uint64_t bits = 0;
+    std::memcpy(&bits, &v, sizeof(T));
+    sk_block->bufs[w][lane] = bits;
+    sk_block->warp_bars[w]->arrive_and_wait();
+    int src = lane ^ lane_mask;
+    if (src / width != lane / width) src = lane;
+    T r;
+    std::memcpy(&r, &sk_block->bufs[w][src], sizeof(T));
+    sk_block->warp_bars[w]->arrive_and_wait();
+    return r;
+}
+alignas(16) inline unsigned char sk_dyn_smem[256 * 1024];
+inline void sk_emu_launch(int grid, int block, const std::function<void()>& body) {
+    gridDim = {unsigned(grid), 1, 1};
+    blockDim = {unsigned(block), 1, 1};
+    for (int b = 0; b < grid; ++b) {
+        SkBlock blk(block);
+        sk_block = &blk;
+        std::vector<std::thread> ts;
+        for (int t = 0; t < block; ++t) {
+            ts.emplace_back([&, t, b] {
+                threadIdx = {unsigned(t), 1, 1};
+                blockIdx = {unsigned(b), 1, 1};
+                body();
+            });
+        }
+        for (auto& th : ts) th.join();
+    }
+}
+"""
+
+# Kernel parameters per op (T: element type, A: compute type), as in the .cu files.
+EMU_SIGS = {
+    "softmax_fwd": ["const T*", "T*", "const unsigned char*"] + ["long long"] * 5
+    + ["A", "int", "int"],
+    "softmax_bwd": ["const T*", "const T*", "T*"] + ["long long"] * 5 + ["A", "int", "int"],
+    "cross_entropy_fwd": ["const T*", "const void*", "T*", "A*", "const A*", "const A*"]
+    + ["long long"] * 6
+    + ["int"]
+    + ["A"] * 5,
+}  # fmt: skip
+
+
+def _emu_cpp() -> str:
+    """The kernel sources patched for the host compiler, and a wrapper per kernel instance."""
+    import re
+
+    src = cb.kernel_source()
+    for s in ("#include <cuda_fp16.h>", "#include <cuda_bf16.h>",
+              "extern __shared__ __align__(16) unsigned char sk_dyn_smem[];"):  # fmt: skip
+        src = src.replace(s, "")
+    src = src.replace("__shared__", "static").replace("__device__", "")
+    src = re.sub(r'asm\("rcp\.approx\.ftz\.f32.*?\(x\)\);', "r = 1.0f / x;", src)
+    src = re.sub(r'asm\("rcp\.approx\.ftz\.f64.*?\(x\)\);', "r = 1.0 / x;", src)
+    assert "asm(" not in src
+    out, table = ['#include "emu.h"', src], []
+    for dt, (ct, _) in cb.CTYPES.items():
+        acc = "double" if dt == "float64" else "float"
+        for name in cb.all_kernel_names(dt):
+            params = []
+            for p in EMU_SIGS[name.split("_kernel<")[0]]:
+                p = p.replace("const T*", f"const {ct}*").replace("T*", f"{ct}*")
+                p = p.replace("const A*", f"const {acc}*").replace("A*", f"{acc}*")
+                params.append(acc if p == "A" else p)
+            args = ", ".join(f"*({p}*)a[{k}]" for k, p in enumerate(params))
+            out.append(f"static void w{len(table)}(void** a) {{ {name}({args}); }}")
+            table.append(f'{{"{name}", &w{len(table)}}}')
+    out.append('extern "C" int sk_emu_call(const char* name, int grid, int block, void** a) {')
+    out.append(
+        "  static const std::map<std::string, void (*)(void**)> t = {" + ",".join(table) + "};"
+    )
+    out.append("  auto it = t.find(name);")
+    out.append("  if (it == t.end()) return 1;")
+    out.append("  sk_emu_launch(grid, block, [&] { it->second(a); });")
+    out.append("  return 0;")
+    out.append("}")
+    return "\n".join(out)
+
+
+def _cuda_headers():
+    import glob
+
+    cands = [os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), "/usr/local/cuda", "/usr"]
+    cands += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for base in cands:
+        if base and os.path.isfile(os.path.join(base, "include", "cuda_fp16.h")):
+            return os.path.join(base, "include")
+    return None
+
+
+@pytest.fixture(scope="module")
+def emu_lib(tmp_path_factory):
+    import ctypes
+    import hashlib
+    import shutil
+
+    gxx = shutil.which("g++")
+    inc = _cuda_headers()
+    if gxx is None or inc is None:
+        pytest.skip("the CPU emulation needs g++ and the CUDA headers (cuda_fp16.h)")
+    code = _emu_cpp()
+    asan = os.environ.get("SK_EMU_ASAN") == "1"
+    flags = ["-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", f"-I{inc}"]
+    if asan:
+        flags += ["-g", "-fsanitize=address", "-fno-omit-frame-pointer"]
+    key = hashlib.sha256((EMU_H + code + " ".join(flags)).encode()).hexdigest()[:24]
+    cache = os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "softmax-kernels"
+    )
+    so = os.path.join(cache, f"emu-{key}.so")
+    if not os.path.isfile(so):
+        d = tmp_path_factory.mktemp("emu")
+        (d / "emu.h").write_text(EMU_H)
+        (d / "harness.cpp").write_text(code)
+        tmp_so = d / "harness.so"
+        r = subprocess.run([gxx, *flags, f"-I{d}", str(d / "harness.cpp"), "-o", str(tmp_so)],
+                           capture_output=True, text=True)  # fmt: skip
+        if r.returncode != 0 and "barrier" in r.stderr and "No such file" in r.stderr:
+            pytest.skip(f"g++ lacks C++20 <barrier>: {r.stderr[-300:]}")
+        assert r.returncode == 0, r.stderr[-4000:]
+        try:
+            os.makedirs(cache, exist_ok=True)
+            shutil.copyfile(tmp_so, so + ".tmp")
+            os.replace(so + ".tmp", so)
+        except OSError:
+            so = str(tmp_so)
+    lib = ctypes.CDLL(so)
+    lib.sk_emu_call.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_int,
+                                ctypes.POINTER(ctypes.c_void_p)]  # fmt: skip
+    return lib
+
+
+class Emu:
+    """The CuPy backend's host code with its launches sent to the emulated kernels. bfloat16
+    data (NumPy has no such dtype) travels as uint16 bit patterns."""
+
+    SMEM = 16 * 1024  # a small shared-memory budget: (b) and (c) start at a few thousand columns
+    # Blocks of (b) and (c) run with at most 128 emulated threads (the kernels are correct for
+    # any multiple of 32; each thread then walks more packs): 4x fewer OS threads to schedule.
+    MAX_THREADS = 128
+
+    def __init__(self, lib):
+        self.lib = lib
+        self.launched: list[tuple[str, cb.LaunchPlan]] = []
+
+    @staticmethod
+    def dtype_name(a):
+        n = str(a.dtype)
+        return "bfloat16" if n == "uint16" else n
+
+    def launch(self, op, flag, x, plan, n_rows, args):
+        import ctypes
+
+        name = cb.kernel_name(op, self.dtype_name(x), flag, plan)
+        grid = max(1, min(3, -(-n_rows // plan.rows_per_block)))
+        keep = [np.array(a) for a in args]
+        ptrs = (ctypes.c_void_p * len(keep))(*[k.ctypes.data for k in keep])
+        assert (
+            self.lib.sk_emu_call(name.encode(), grid, min(plan.threads, self.MAX_THREADS), ptrs)
+            == 0
+        ), name
+        self.launched.append((name, plan))
+
+    @staticmethod
+    def make(a, dtype):
+        if dtype != "bfloat16":
+            return np.asarray(a).astype(dtype)
+        f = np.asarray(a, np.float32)
+        u = f.view(np.uint32).astype(np.uint64)
+        r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)  # round to nearest even
+        r[np.isnan(f)] = 0x7FC0
+        return r
+
+    @staticmethod
+    def f64(a, dtype):
+        if dtype != "bfloat16":
+            return np.asarray(a, np.float64)
+        return (np.asarray(a, np.uint16).astype(np.uint32) << 16).view(np.float32).astype(float)
+
+    @property
+    def strategies(self):
+        return {p.strategy for _, p in self.launched}
+
+
+@pytest.fixture
+def emu(emu_lib, monkeypatch):
+    import types
+
+    from softmax_kernels import _arrays
+
+    e = Emu(emu_lib)
+    shim = types.SimpleNamespace(**{k: getattr(_arrays, k) for k in dir(_arrays)})
+    shim.dtype_name = Emu.dtype_name
+    monkeypatch.setattr(cb, "_arrays", shim)
+    monkeypatch.setattr(cb, "_ptr", lambda a: a.ctypes.data)
+    monkeypatch.setattr(cb, "_smem_limit", lambda x: Emu.SMEM)
+    monkeypatch.setattr(cb, "_launch", e.launch)
+    return e
+
+
+def _emu_lengths(dtype, op, soft=False):
+    vec, wmax = _vec(dtype), _wmax(dtype)
+    nb = _block_max(op, dtype, Emu.SMEM, soft)
+    out = {1, 2, vec - 1, vec, vec + 1, 16 * vec, 16 * vec + 1, 32 * vec + 1, 333, wmax - 1,
+           wmax, wmax + 1, nb, nb + 1, nb + 999}  # fmt: skip
+    return sorted(n for n in out if n >= 1)
+
+
+def _emu_fwd(emu, dtype, x, scale=0.75, mask=None, inplace=False):
+    xr = emu.f64(x, dtype).copy()  # (in place, x changes)
+    keep = None if mask is None else np.broadcast_to(mask, xr.shape)
+    for is_log in (False, True):
+        out = x if inplace else np.empty(x.shape, x.dtype)
+        if inplace:
+            out[...] = emu.make(xr, dtype)
+        cb.softmax_fwd(out if inplace else x, out, scale=scale, mask=mask, is_log=is_log)
+        ref = ref_softmax(xr, -1, scale, where=keep, is_log=is_log)
+        what = (
+            f"{dtype} n={x.shape[1]} log={is_log} mask={mask is not None} inplace={inplace} "
+            f"x%16={x.ctypes.data % 16} stride={x.strides} {emu.launched[-1][0]}"
+        )
+        assert_close(emu.f64(out, dtype), ref, dtype, what)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emulated_softmax_every_strategy(emu, dtype, rng):
+    for n in _emu_lengths(dtype, "softmax_fwd"):
+        x = emu.make(rng.standard_normal((5, n)) * 3, dtype)
+        _emu_fwd(emu, dtype, x)
+        col = rng.random(n) < 0.6
+        col[0] = True
+        _emu_fwd(emu, dtype, x[:4], -1.25, np.broadcast_to(col, (4, n)))  # row stride 0
+        rows = rng.random((4, n)) < 0.5
+        rows[2] = False  # fully masked: 0 / -inf
+        _emu_fwd(emu, dtype, x[:4], 1.0, rows)
+        odd = np.concatenate([np.zeros((4, 1), bool), rows], axis=1)[:, 1:]  # mask 1 byte off
+        _emu_fwd(emu, dtype, x[:4], 1.0, odd)
+        big = emu.make(rng.standard_normal((4, n + 3)) * 3, dtype)
+        _emu_fwd(emu, dtype, big[:, 1 : n + 1])  # x misaligned, out not: scalar path
+        _emu_fwd(emu, dtype, big.copy()[:, 1 : n + 1], inplace=True)  # same shift: vectors
+    assert emu.strategies == {WARP_ROWS, BLOCK_SMEM, ONLINE}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emulated_backward_every_strategy(emu, dtype, rng):
+    for n in _emu_lengths(dtype, "softmax_bwd"):
+        x64 = rng.standard_normal((4, n)) * 3
+        dy = emu.make(rng.standard_normal((4, n)), dtype)
+        for is_log in (False, True):
+            y = emu.make(ref_softmax(x64, -1, is_log=is_log), dtype)
+            out = np.empty_like(y)
+            cb.softmax_bwd(dy, y, out, scale=1.5, is_log=is_log)
+            ref = ref_softmax_backward(emu.f64(dy, dtype), emu.f64(y, dtype), -1, 1.5, is_log)
+            assert_close(emu.f64(out, dtype), ref, dtype, f"{dtype} bwd n={n} log={is_log}")
+    assert emu.strategies == {WARP_ROWS, BLOCK_SMEM, ONLINE}
+
+
+def _emu_ce(emu, rng, dtype, n, soft, *, rows=6, weighted=True, eps=0.2, z=1e-2, gs=0.5,
+            with_grad=True, inplace=False, tdtype="int64", bad=False,
+            ignore_index=-100):  # fmt: skip
+    cdt = "float64" if dtype == "float64" else "float32"
+    x = emu.make(rng.standard_normal((rows, n)) * 3, dtype)
+    xr = emu.f64(x, dtype)
+    if soft:
+        t = emu.make(rng.dirichlet(np.ones(n), size=rows), dtype)
+        t_ref = emu.f64(t, dtype)
+    else:
+        t_ref = rng.integers(0, n, size=rows)
+        t_ref[1] = ignore_index
+        t = t_ref.astype(tdtype)
+        if bad:
+            t[0], t[2] = n, -7
+            t_ref[0] = t_ref[2] = ignore_index  # checked separately
+    w = (rng.random(n) + 0.25).astype(cdt) if weighted else None
+    counted = np.ones(rows, bool) if soft else t_ref != ignore_index
+    if soft:
+        dval = float(rows)
+    else:
+        dval = float(counted.sum() if w is None else w[np.where(counted, t_ref, 0)][counted].sum())
+    denom = np.array(dval, cdt) if dval else None  # reduction "mean", on the device
+    loss = np.empty(rows, cdt)
+    xin = x.copy()
+    grad = (xin if inplace else np.empty_like(x)) if with_grad else None
+    cb.cross_entropy_fwd(xin, t, loss, grad, soft=soft, weight=w, ignore_index=ignore_index,
+                         label_smoothing=eps, z_loss=z, grad_scale=gs, denom=denom)  # fmt: skip
+    ref_loss, ref_grad = ref_cross_entropy(xr, t_ref, weight=w, ignore_index=ignore_index,
+                                           reduction="none", label_smoothing=eps, z_loss=z,
+                                           grad_scale=gs / dval if dval else gs)  # fmt: skip
+    good = [i for i in range(rows) if not (bad and not soft and i in (0, 2))]
+    what = f"{dtype} C={n} soft={soft} eps={eps} z={z} w={weighted} {tdtype} {emu.launched[-1][0]}"
+    assert_close(loss[good], ref_loss[good], LOSS_DTYPE[dtype], what + " loss")
+    if not soft:
+        assert loss[1] == 0  # ignored
+    if bad and not soft:
+        assert np.isnan(loss[[0, 2]]).all(), what
+    if with_grad:
+        g = emu.f64(grad, dtype)
+        assert_close(g[good], ref_grad[good], dtype, what + " grad")
+        if not soft:
+            assert (g[1] == 0).all()
+        if bad and not soft:
+            assert np.isnan(g[[0, 2]]).all(), what
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["index", "probs"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emulated_cross_entropy_every_strategy(emu, dtype, soft, rng):
+    for n in _emu_lengths(dtype, "cross_entropy_fwd", soft):
+        _emu_ce(emu, rng, dtype, n, soft)
+        _emu_ce(emu, rng, dtype, n, soft, weighted=False, eps=0.0, z=0.0, gs=1.0, with_grad=False)
+        _emu_ce(emu, rng, dtype, n, soft, eps=0.1, z=0.0, gs=2.0, inplace=True)
+        if not soft:
+            _emu_ce(emu, rng, dtype, n, soft, eps=0.0, z=1e-3, gs=1.0, tdtype="int32", bad=True)
+            _emu_ce(emu, rng, dtype, n, soft, weighted=False, eps=0.3, z=0.0, gs=1.0, bad=True,
+                    ignore_index=0)  # fmt: skip
+    assert emu.strategies == {WARP_ROWS, BLOCK_SMEM, ONLINE}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emulated_edge_rows(emu, dtype, rng):
+    big = {"float16": 6e4, "bfloat16": 1e30, "float32": 1e30, "float64": 1e300}[dtype]
+    for n in (1, 2, 9, 64, 700, 2000, 6000):
+        x64 = rng.standard_normal((7, n))
+        x64[0, n // 2] = np.nan
+        x64[1, :] = -np.inf
+        x64[2, 0] = np.inf
+        x64[3, :] = big
+        x64[4, -1] = big
+        x64[5, :] = -big
+        x = emu.make(x64, dtype)
+        _emu_fwd(emu, dtype, x, scale=1.0)
+        _emu_fwd(emu, dtype, np.broadcast_to(x[6], x.shape), scale=1.0)  # x row stride 0
+        _emu_fwd(emu, dtype, x[2:3], scale=1.0)  # one row
+        t = np.zeros(7, np.int64)
+        loss = np.empty(7, "float64" if dtype == "float64" else "float32")
+        grad = np.empty_like(x)
+        opts = dict(weight=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0)
+        cb.cross_entropy_fwd(x, t, loss, grad, soft=False, grad_scale=1.0, denom=None, **opts)
+        with np.errstate(all="ignore"):
+            ref_loss, ref_grad = ref_cross_entropy(emu.f64(x, dtype), t, reduction="none")
+        assert_close(loss, ref_loss, LOSS_DTYPE[dtype], f"CE edge n={n}")
+        assert_close(emu.f64(grad, dtype), ref_grad, dtype, f"CE edge grad n={n}")
+
+
+def test_emulated_many_rows_and_a_long_row(emu, rng):
+    """Rows far outnumbering the 3 emulated blocks (grid-stride loops), and a 2**20 row."""
+    x = rng.standard_normal((1000, 37)).astype(np.float32)
+    _emu_fwd(emu, "float32", x)
+    x = rng.standard_normal((1, 2**20)).astype(np.float32) * 5
+    _emu_fwd(emu, "float32", x)
+    assert emu.launched[-1][1].strategy == ONLINE
