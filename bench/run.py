@@ -1,0 +1,544 @@
+"""The benchmark command: ``python -m bench`` (or ``python bench/run.py``) from the repo root.
+
+On a CUDA GPU it runs our Triton and CuPy backends against torch eager, torch.compile, Liger-Kernel
+and cupyx; on the CPU our NumPy backend against SciPy and torch CPU. Each provider's result is
+checked against the float64 reference first (a mismatch is reported, not timed), then timed;
+every point reports ms, GB/s and the percentage of a copy of the same size measured in the same
+run. Results go to bench/results/<device>-<date>.{json,csv,md} and one PNG per grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: python bench/run.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import grids as G  # noqa: E402
+from bench import report  # noqa: E402
+
+DEFAULT_OUT = Path("bench") / "results"
+# Wall-clock budgets of a default run: past them the remaining measurements are skipped (and
+# recorded as such), so a slow machine cannot overrun its slot.
+BUDGET_S = {("cuda", False): 480.0, ("cuda", True): 90.0, ("cpu", False): 165.0,
+            ("cpu", True): 22.0}  # fmt: skip
+
+
+def _ensure_paths() -> None:
+    """Make ``bench`` and ``softmax_kernels`` importable from a plain checkout (no install,
+    no PYTHONPATH), as ``make bench`` runs it."""
+    root = Path(__file__).resolve().parent.parent
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    if importlib.util.find_spec("softmax_kernels") is None and (root / "python").is_dir():
+        sys.path.insert(0, str(root / "python"))
+
+
+def _csv_list(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    return [t for t in (s.strip() for s in text.split(",")) if t]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    gpu_grids = ", ".join(G.GPU_GRIDS)
+    cpu_grids = ", ".join(G.CPU_GRIDS)
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=(
+            "Benchmark softmax_kernels against its peers. On a CUDA GPU: ours (triton, cupy) "
+            "vs torch, torch.compile, Liger-Kernel, cupyx; on the CPU: ours (numpy) vs SciPy "
+            "and torch. Checks every result against a float64 reference before timing it."
+        ),
+        epilog=(
+            f"GPU grids: {gpu_grids}. CPU grids: {cpu_grids}. Without --grid/--shapes each op "
+            "runs on its default grids (bench/grids.py; the GPU default takes ~6-8 min on an "
+            "H100, the CPU default ~1-2 min on 2 cores). Outputs: OUT/<device>-<date>.json, "
+            ".csv, .md and one PNG per grid."
+        ),
+    )
+    p.add_argument("--ops", help=f"comma list of ops (default: all): {', '.join(G.OPS)}")
+    p.add_argument("--dtypes", help=f"comma list of dtypes: {', '.join(G.DTYPES)}")
+    p.add_argument(
+        "--providers",
+        help="comma list: ours, ours-numpy, ours-triton, ours-cupy, torch, torch.compile, "
+        "liger, cupyx, scipy, or all (default: all that apply to the device)",
+    )
+    p.add_argument("--grid", help="comma list of grids to run (replaces the default choice)")
+    p.add_argument(
+        "--shapes",
+        help="custom shapes, e.g. 64x100,3x7 (grid 'custom'; replaces the default grids, "
+        "adds to --grid)",
+    )
+    p.add_argument("--quick", action="store_true", help="small subset (CPU < 30 s, GPU ~1 min)")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default: %(default)s)")
+    p.add_argument("--name", help="file name stem (default: <device>-<date>[-quick])")
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: cuda when torch sees a GPU (default), else cpu",
+    )
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        help="stop measuring after this many seconds, recording the rest as skipped (default: "
+        "480 GPU, 165 CPU; quick: 90 / 22)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument(
+        "--list", action="store_true", help="print the plan and its estimated time, run nothing"
+    )
+    args = p.parse_args(argv)
+    for name, allowed in (("ops", G.OPS), ("dtypes", tuple(G.DTYPES)), ("grid", tuple(G.GRIDS))):
+        vals = _csv_list(getattr(args, name))
+        if vals is not None:
+            bad = [v for v in vals if v not in allowed]
+            if bad:
+                p.error(f"--{name}: unknown {', '.join(bad)}; choose from {', '.join(allowed)}")
+        setattr(args, name, vals)
+    args.providers = _csv_list(args.providers)
+    if args.shapes:
+        try:
+            args.shapes = G.parse_shapes(args.shapes)
+        except ValueError as e:
+            p.error(str(e))
+    return args
+
+
+def detect_device(choice: str) -> tuple[str, str | None]:
+    """('cuda' or 'cpu', a note when the choice was not possible or torch is missing)."""
+    if importlib.util.find_spec("torch") is None:
+        if choice == "cuda":
+            return "cpu", "torch is not installed: cannot use the GPU; running on the CPU"
+        return "cpu", "torch is not installed: torch providers are skipped"
+    if choice == "cpu":
+        return "cpu", None
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda", None
+    if choice == "cuda":
+        return "cpu", "no CUDA GPU visible to torch; running on the CPU"
+    return "cpu", None
+
+
+class Progress:
+    """tqdm when installed, else a one-line bar on stderr."""
+
+    def __init__(self, total: int):
+        self.total, self.n, self.t0 = total, 0, time.time()
+        self.tty = sys.stderr.isatty()
+        self._last_pct = -1
+        try:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, file=sys.stderr, unit="run", dynamic_ncols=True)
+        except ImportError:
+            self.bar = None
+
+    def step(self, desc: str) -> None:
+        self.n += 1
+        if self.bar is not None:
+            self.bar.set_description_str(desc[:48])
+            self.bar.update(1)
+            return
+        frac = self.n / max(self.total, 1)
+        pct = int(100 * frac)
+        if not self.tty and pct // 10 == self._last_pct // 10 and self.n != self.total:
+            return  # not a terminal: a line per 10%
+        self._last_pct = pct
+        done = int(30 * frac)
+        line = (
+            f"[{'#' * done}{'.' * (30 - done)}] {self.n}/{self.total} "
+            f"{time.time() - self.t0:5.0f}s {desc[:48]}"
+        )
+        sys.stderr.write(("\r" + line.ljust(100)) if self.tty else line + "\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.tty:
+            sys.stderr.write("\n")
+
+
+def _short(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0] if msg else ''}"[:300]
+
+
+def _row(point, prov, **kw):
+    r = {
+        "op": point.op,
+        "dtype": point.dtype,
+        "n_rows": point.n_rows,
+        "n_cols": point.n_cols,
+        "grids": list(point.grids),
+        "provider": prov.name,
+        "label": prov.label,
+        "ours": prov.ours,
+        "status": "ok",
+        "message": "",
+        "impl": prov.impl(point.op),
+        "ms": None,
+        "gbps": None,
+        "pct_copy": None,
+        "copy_gbps": None,
+        "bytes": point.bytes,
+        "reps": None,
+        "err_ratio": None,
+        "max_abs_err": None,
+        "nan_mismatch": None,
+        "wall_s": None,
+    }
+    r.update(kw)
+    return r
+
+
+def run_points(env, timer, points, provider_names, progress, deadline, seed=0,
+               compile_deadline=None, rows=None, copies=None):  # fmt: skip
+    """Measure every (point, provider); returns (rows, copies), appending to the lists given
+    (so an interrupted run keeps what it measured). Past ``deadline`` every measurement is
+    skipped; past ``compile_deadline`` those that compile (torch.compile, ~2 s each), to leave
+    the rest of the budget to the others."""
+    from bench import providers as P
+
+    rows = [] if rows is None else rows
+    copies = [] if copies is None else copies
+    if compile_deadline is None:
+        compile_deadline = deadline
+    by_shape: dict[tuple, list] = {}
+    for pt in points:
+        by_shape.setdefault((pt.dtype, pt.n_rows, pt.n_cols), []).append(pt)
+    for (dtype, nr, nc), pts in by_shape.items():
+        inp = env.inputs(dtype, (nr, nc), seed)
+        copy = {"dtype": dtype, "n_rows": nr, "n_cols": nc, "gbps": None, "ms": None}
+        copies.append(copy)
+        copy_done = False
+        for pt in pts:
+            over = time.time() > deadline
+            fit = None if over else env.fits(pt, inp.held_bytes())
+            data = None
+            if not over and fit is None:
+                try:
+                    data = inp.data(pt.op)
+                except Exception as e:  # noqa: BLE001 - no input, no point: record why
+                    fit = _short(e)
+                    if env.is_oom(e):
+                        fit = f"does not fit in memory ({fit})"
+                    inp.release()
+                    env.after_point()
+            if data is not None and not copy_done:
+                # the copy reference of this (dtype, shape), once, before its first point
+                copy_done = True
+                _measure_copy(env, timer, inp, copy)
+                progress.step(f"{dtype} {nr}x{nc} copy")
+            pending: dict = {}
+            for name in provider_names:
+                prov = P.PROVIDERS[name]
+                now = time.time()
+                if over or now > deadline:
+                    rows.append(_row(pt, prov, status="skipped-budget",
+                                     message="time budget (--budget-s) used up"))  # fmt: skip
+                elif prov.compiles and now > compile_deadline and fit is None:
+                    rows.append(_row(pt, prov, status="skipped-budget",
+                                     message="compiling providers stop at 80% of the time "
+                                     "budget (--budget-s)"))  # fmt: skip
+                elif fit is not None:
+                    status = "skipped-memory" if "fit in" in fit else "error"
+                    rows.append(_row(pt, prov, status=status, message=fit))
+                else:
+                    t_start = time.time()
+                    row, fn = _prepare(env, pt, prov, data)
+                    rows.append(row)
+                    if fn is not None and hasattr(timer, "many"):
+                        pending[name] = (row, fn, time.time() - t_start)
+                    elif fn is not None:
+                        try:
+                            _timed(row, pt, copy, *timer(fn))
+                        except Exception as e:  # noqa: BLE001 - recorded, the run goes on
+                            _error_row(env, pt, prov, e, row)
+                    fn = None
+                    if env.kind == "cuda":
+                        env.after_point()  # free this provider's memory before the next
+                    # wall time of the check, the compile and the timing: tunes the time model
+                    row["wall_s"] = round(time.time() - t_start, 3)
+                progress.step(f"{pt.op} {dtype} {nr}x{nc} {name}")
+            if pending:
+                # CPU: the providers of a point are timed in interleaved rounds, so that other
+                # work on the machine slows them alike and their ratios stay meaningful
+                res = timer.many({n: v[1] for n, v in pending.items()})
+                for n, (row, _fn, prep_s) in pending.items():
+                    r = res[n]
+                    if isinstance(r, BaseException):
+                        _error_row(env, pt, P.PROVIDERS[n], r, row)
+                    else:
+                        _timed(row, pt, copy, r[0], r[1])
+                        row["wall_s"] = round(prep_s + r[2], 3)
+                pending = res = None
+            data = None
+        if not copy_done:
+            progress.step(f"{dtype} {nr}x{nc} copy")
+        inp.release()
+        env.after_point()
+    return rows, copies
+
+
+def _measure_copy(env, timer, inp, copy):
+    try:
+        x = inp.get("x")
+        fn, impl = env.copy_fn(x)
+        ms, reps = timer(fn)
+        nbytes = 2 * inp.shape[0] * inp.shape[1] * G.ITEMSIZE[inp.dtype]
+        copy.update(ms=ms, gbps=nbytes / ms / 1e6, reps=reps, impl=impl)
+    except Exception as e:  # noqa: BLE001 - a failed copy leaves % copy empty, no more
+        copy.update(error=_short(e))
+    finally:
+        fn = None
+        env.after_point()
+
+
+def _prepare(env, pt, prov, data):
+    """Build one provider at one point, run it once and check it against the reference.
+    Returns (row, fn): fn is the call to time, None when the row is final (the provider cannot
+    run here, mismatch, error)."""
+    reason = prov.can_run(pt.op, pt.dtype, env.kind)
+    if reason is not None:
+        return _row(pt, prov, status=reason[0], message=reason[1]), None
+    fn = raw = None
+    try:
+        if prov.compiles:
+            import torch
+
+            torch._dynamo.reset()  # one compiled shape at a time: no recompile limit reached
+        d = env.clone(data) if prov.mutates_input else data
+        fn = prov.build(pt.op, d, env.kind)
+        raw = fn()
+        chk = env.check(pt, data, raw)
+        raw = None
+        if not chk.ok:
+            return _row(pt, prov, status="mismatch", message=chk.note or "outside tolerance",
+                        **chk.record()), None  # fmt: skip
+        return _row(pt, prov, **chk.record()), fn
+    except Exception as e:  # noqa: BLE001 - one failing provider must not stop the run
+        fn = raw = None
+        return _error_row(env, pt, prov, e), None
+
+
+def _error_row(env, pt, prov, e, row=None):
+    if env.is_oom(e):
+        kw = {"status": "skipped-memory", "message": f"does not fit in memory: {_short(e)}"}
+    elif type(e).__name__ == "BackendUnavailableError":
+        kw = {"status": "unavailable", "message": _short(e)}
+    else:
+        kw = {"status": "error", "message": _short(e)}
+    if row is None:
+        return _row(pt, prov, **kw)
+    row.update(kw)
+    return row
+
+
+def _timed(row, pt, copy, ms, reps):
+    gbps = pt.bytes / ms / 1e6
+    row.update(ms=ms, gbps=gbps, reps=reps)
+    if copy.get("gbps"):
+        row.update(copy_gbps=copy["gbps"], pct_copy=100.0 * gbps / copy["gbps"])
+
+
+def _provider_table(names, device):
+    from bench import providers as P
+
+    out = {}
+    for n in names:
+        p = P.PROVIDERS[n]
+        reasons = {
+            op: p.can_run(op, dt, device)
+            for op in G.OPS
+            for dt in (G.GPU_DEFAULT_DTYPES if device == "cuda" else G.CPU_DEFAULT_DTYPES)
+        }
+        unavailable = [r for r in reasons.values() if r and r[0] == "unavailable"]
+        status = f"unavailable: {unavailable[0][1]}" if unavailable else "ok"
+        out[n] = {"label": p.label, "ours": p.ours, "status": status}
+        if p.ours and P.sk_available()[1]:
+            out[n]["warning"] = P.sk_available()[1] + " (tried anyway)"
+    return out
+
+
+def _cpu_times() -> tuple[float, float, float] | None:
+    """(busy seconds of all CPUs, total seconds of all CPUs, this process's CPU seconds), from
+    /proc/stat; None where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError, IndexError):
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    total = sum(vals) / hz
+    idle = (vals[3] + vals[4]) / hz  # idle + iowait
+    t = os.times()
+    return total - idle, total, t.user + t.system
+
+
+def _other_cpu_use(before, after) -> float | None:
+    """Fraction of the machine's CPU time that other processes used between two _cpu_times()."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    others = (after[0] - before[0]) - (after[2] - before[2])
+    return max(0.0, others / (after[1] - before[1]))
+
+
+def _busy_note(device: str, other: float | None) -> str | None:
+    """A warning when other work competed for the CPU during a CPU run: torch's OpenMP threads
+    then wait for a descheduled thread at every parallel region, and all timings stretch."""
+    if device != "cpu" or other is None or other < 0.1:
+        return None
+    return (
+        f"other processes used {100 * other:.0f}% of the CPUs during the run: CPU timings, "
+        "torch's most of all, are unreliable; measure on a machine at rest"
+    )
+
+
+def _load() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    _ensure_paths()
+    device, note = detect_device(args.device)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    from bench import providers as P
+
+    try:
+        names = P.resolve(args.providers, device)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    plan, grid_table = G.build_plan(
+        device, quick=args.quick, ops=args.ops, dtypes=args.dtypes, grids=args.grid,
+        shapes=args.shapes,
+    )  # fmt: skip
+    points = G.plan_points(plan, grid_table)
+    ptable = _provider_table(names, device)
+    runnable = {
+        op: [n for n in names if ptable[n]["status"] == "ok" and
+             any(P.PROVIDERS[n].can_run(op, d, device) is None for d in G.DTYPES)]
+        for op in G.OPS
+    }  # fmt: skip
+    est = G.estimate_seconds(points, runnable, device, quick=args.quick)
+    budget = args.budget_s if args.budget_s is not None else BUDGET_S[(device, args.quick)]
+    print(
+        f"bench: {device}, {len(points)} points x {len(names)} providers "
+        f"({', '.join(names)}), estimated {est / 60:.1f} min, budget {budget / 60:.1f} min",
+        file=sys.stderr,
+    )
+    for n, info in ptable.items():
+        if info["status"] != "ok" or info.get("warning"):
+            print(f"  {n}: {info.get('warning') or info['status']}", file=sys.stderr)
+    if args.list:
+        for op, entry in plan.items():
+            for g, dts in entry.items():
+                print(f"{op:16s} {g:17s} {','.join(dts):15s} {len(grid_table[g])} shapes")
+        print(f"{len(points)} points, estimated {est:.0f} s ({est / 60:.1f} min)")
+        return 0
+
+    from bench.env import make_env
+    from bench.timing import CpuTimer, CudaTimer
+
+    env = make_env(device)
+    if device == "cuda":
+        import torch
+
+        timer = CudaTimer(torch, quick=args.quick)
+    else:
+        timer = CpuTimer(quick=args.quick)
+    dev_info = report.device_info(device)
+    name = args.name or report.default_name(device, dev_info, args.quick)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    n_shapes = len({(p.dtype, p.n_rows, p.n_cols) for p in points})
+    progress = Progress(len(points) * len(names) + n_shapes)
+    load_before = _load()
+    cpu_before = _cpu_times()
+    t0 = time.time()
+    rows, copies = [], []
+    interrupted = False
+    try:
+        run_points(env, timer, points, names, progress, t0 + budget, args.seed,
+                   compile_deadline=t0 + 0.8 * budget, rows=rows, copies=copies)  # fmt: skip
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted: writing what was measured", file=sys.stderr)
+    finally:
+        progress.close()
+    elapsed = time.time() - t0
+    other = _other_cpu_use(cpu_before, _cpu_times())
+    busy = _busy_note(device, other)
+    if busy:
+        print(f"warning: {busy}", file=sys.stderr)
+
+    record = {
+        "schema": 1,
+        "name": name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "device": dev_info,
+        "versions": report.versions(),
+        "git": report.git_info(),
+        "settings": {
+            "quick": args.quick,
+            "seed": args.seed,
+            "timer": timer.describe(),
+            "reference": env.reference_name,
+            "tolerances": report.tolerances_record(),
+            "traffic_units": G.TRAFFIC,
+            "budget_seconds": budget,
+            # other work on the machine skews CPU timings: the 1/5/15-min load averages
+            "load_average_before": load_before,
+            "load_average_after": _load(),
+            # share of all CPUs' time that other processes used during the run
+            "other_cpu_use": other,
+            "busy_warning": busy,
+        },
+        "grid": {
+            "plan": {op: {g: list(d) for g, d in e.items()} for op, e in plan.items()},
+            "grids": {g: [list(s) for s in shapes] for g, shapes in grid_table.items()},
+        },
+        "providers": ptable,
+        "estimated_seconds": est,
+        "elapsed_seconds": elapsed,
+        "interrupted": interrupted,
+        "published": report.load_published() if device == "cuda" else [],
+        "published_source": report.published_source() if device == "cuda" else "",
+        "copies": copies,
+        "points": rows,
+    }
+    if device == "cpu":
+        record["issue2_target"] = report.target_check(rows)
+    md = report.summary_markdown(record)
+    report.write_json(out_dir / f"{name}.json", record)
+    report.write_csv(out_dir / f"{name}.csv", rows)
+    (out_dir / f"{name}.md").write_text(md)
+    files = [out_dir / f"{name}{s}" for s in (".json", ".csv", ".md")]
+    if not args.no_plots:
+        files += report.plot(record, out_dir, name)
+    print(md)
+    print("wrote " + ", ".join(str(f) for f in files))
+    print(f"elapsed {elapsed:.0f} s (estimated {est:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

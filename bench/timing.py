@@ -1,0 +1,137 @@
+"""Timers. Both return (median milliseconds, repetitions) for a callable that runs the op once.
+
+GPU: the triton.testing.do_bench method, written out so it behaves the same under Triton 3.6 and
+3.9 and without Triton: CUDA events around every call, a 256 MiB buffer zeroed before each call
+so that no call finds its inputs in L2 (H100: 50 MiB L2), warm-up, then the median of many calls.
+The zeroing also gives the CPU a head start of ~0.1 ms per call, so the Python overhead of a call
+is hidden unless it is longer than that (for eager use it is part of the cost, as it should be).
+
+CPU: time.perf_counter around every call, one warm-up call, median of the repeats; the
+providers of one point are timed in interleaved rounds (``CpuTimer.many``). Inputs are not
+flushed from cache; every CPU grid point but the smallest is larger than the L2 cache.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+# GPU: one call is timed in about REP_MS in all (at least MIN_REPS calls, at most MAX_REPS),
+# after about WARMUP_MS of warm-up calls.
+GPU_REP_MS = 60.0
+GPU_WARMUP_MS = 15.0
+GPU_MIN_REPS = 10
+GPU_MAX_REPS = 200
+FLUSH_BYTES = 256 << 20
+
+# CPU: (seconds to spend, min repeats, max repeats) per timing.
+CPU_SETTINGS = {False: (0.25, 5, 50), True: (0.05, 3, 20)}
+
+
+def _clamp(v: float, lo: int, hi: int) -> int:
+    return int(min(hi, max(lo, v)))
+
+
+class CpuTimer:
+    def __init__(self, quick: bool = False):
+        self.target_s, self.min_reps, self.max_reps = CPU_SETTINGS[quick]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "clock": "time.perf_counter",
+            "statistic": "median",
+            "warmup_calls": 1,
+            "target_seconds": self.target_s,
+            "min_reps": self.min_reps,
+            "max_reps": self.max_reps,
+        }
+
+    def __call__(self, fn: Callable[[], Any]) -> tuple[float, int]:
+        t0 = time.perf_counter()
+        fn()  # warm-up (the correctness check already ran it once)
+        first = time.perf_counter() - t0
+        n = _clamp(self.target_s / max(first, 1e-9), self.min_reps, self.max_reps)
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1e3, n
+
+    def many(self, fns: dict[str, Callable[[], Any]]) -> dict[str, Any]:
+        """Time several callables in interleaved rounds (one call of each per round), so that
+        a burst of other work on the machine hits them alike. Returns, per name, (median ms,
+        repetitions, seconds spent) or the exception a call raised."""
+        out: dict[str, Any] = {}
+        reps, times = {}, {}
+        for name, fn in fns.items():
+            try:
+                t0 = time.perf_counter()
+                fn()  # warm-up
+                first = time.perf_counter() - t0
+            except Exception as e:  # noqa: BLE001 - reported for this callable only
+                out[name] = e
+                continue
+            reps[name] = _clamp(self.target_s / max(first, 1e-9), self.min_reps, self.max_reps)
+            times[name] = [first]
+        for k in range(max(reps.values(), default=0)):
+            for name in reps:
+                if name in out or k >= reps[name]:
+                    continue
+                try:
+                    t0 = time.perf_counter()
+                    fns[name]()
+                    times[name].append(time.perf_counter() - t0)
+                except Exception as e:  # noqa: BLE001
+                    out[name] = e
+        for name, ts in times.items():
+            if name not in out:
+                out[name] = (statistics.median(ts[1:]) * 1e3, len(ts) - 1, sum(ts))
+        return out
+
+
+class CudaTimer:
+    def __init__(self, torch_mod, quick: bool = False):
+        self.torch = torch_mod
+        self.flush = torch_mod.empty(FLUSH_BYTES, dtype=torch_mod.int8, device="cuda")
+        self.rep_ms = GPU_REP_MS / (2 if quick else 1)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "clock": "torch.cuda.Event (elapsed_time)",
+            "statistic": "median",
+            "l2_flush_bytes": FLUSH_BYTES,
+            "warmup_ms": GPU_WARMUP_MS,
+            "rep_ms": self.rep_ms,
+            "min_reps": GPU_MIN_REPS,
+            "max_reps": GPU_MAX_REPS,
+        }
+
+    def __call__(self, fn: Callable[[], Any]) -> tuple[float, int]:
+        torch = self.torch
+        event = torch.cuda.Event
+        fn()
+        torch.cuda.synchronize()
+        # estimate one call (with its flush) from 3
+        start, end = event(enable_timing=True), event(enable_timing=True)
+        start.record()
+        for _ in range(3):
+            self.flush.zero_()
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        est = max(start.elapsed_time(end) / 3, 1e-3)
+        for _ in range(_clamp(GPU_WARMUP_MS / est, 1, 50)):
+            fn()
+        n = _clamp(self.rep_ms / est, GPU_MIN_REPS, GPU_MAX_REPS)
+        starts = [event(enable_timing=True) for _ in range(n)]
+        ends = [event(enable_timing=True) for _ in range(n)]
+        for i in range(n):
+            self.flush.zero_()
+            starts[i].record()
+            fn()
+            ends[i].record()
+        torch.cuda.synchronize()
+        return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)), n

@@ -1,0 +1,326 @@
+"""Smoke tests of the benchmark harness (bench/), on the CPU, in a few seconds: a tiny grid writes
+its JSON, CSV, markdown and plots; a planted wrong provider is caught by the correctness check
+and not timed; the command degrades without torch/SciPy/matplotlib; the GPU path's reference,
+check and report code runs on CPU tensors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import grids as G  # noqa: E402
+from bench import providers as P  # noqa: E402
+from bench import report  # noqa: E402
+from bench import run as R  # noqa: E402
+
+OPS = "softmax_fwd,softmax_bwd,log_softmax_fwd,log_softmax_bwd,ce_fwd,ce_fwd_grad"
+
+
+def _env(**extra):
+    import os
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "python") + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+def _wrong_provider() -> P.Provider:
+    """Right almost everywhere: one element of the softmax is off by 1e-4 (fp32 tolerance at
+    y ~ 0.01 is ~1e-6); the CE gradient forgets the 1/N of the mean; the rest is right."""
+
+    def build(op, d, device):
+        import scipy.special as ss
+
+        if op == "softmax_fwd":
+            x = d["x"]
+
+            def f():
+                y = ss.softmax(x, axis=-1)
+                y[0, 0] += 1e-4
+                return y
+
+            return f
+        if op == "ce_fwd_grad":
+            x, t = d["x"], d["t"]
+
+            def g():
+                lp = ss.log_softmax(x, axis=-1)
+                rows = np.arange(x.shape[0])
+                grad = np.exp(lp)
+                grad[rows, t] -= 1
+                return -lp[rows, t].mean(), grad  # not divided by N
+
+            return g
+        return P.PROVIDERS["scipy"].build(op, d, device)
+
+    return P.Provider(
+        name="wrong",
+        label="wrong",
+        devices=("cpu", "cuda"),
+        ours=False,
+        can_run=lambda op, dt, dev: None,
+        build=build,
+        impl=lambda op: "planted error",
+    )
+
+
+@pytest.fixture
+def wrong(monkeypatch):
+    monkeypatch.setitem(P.PROVIDERS, "wrong", _wrong_provider())
+
+
+def _rows(path: Path):
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_tiny_grid_writes_every_output_and_catches_a_wrong_provider(tmp_path, wrong):
+    # 33 columns: not a multiple of 16 (a kernel's masked tail); 3x7: fewer rows than a block
+    pytest.importorskip("scipy")
+    rc = R.main(
+        ["--device", "cpu", "--quick", "--shapes", "16x33,3x7", "--ops", OPS,
+         "--dtypes", "fp32,fp64", "--providers", "ours,torch,scipy,wrong",
+         "--out", str(tmp_path), "--name", "t"]
+    )  # fmt: skip
+    assert rc == 0
+    for suffix in (".json", ".csv", ".md"):
+        assert (tmp_path / f"t{suffix}").stat().st_size > 0
+    if report._has_matplotlib():
+        assert (tmp_path / "t-custom.png").stat().st_size > 0
+
+    rec = json.loads((tmp_path / "t.json").read_text())
+    for key in ("device", "versions", "git", "grid", "settings", "copies", "points"):
+        assert key in rec
+    assert rec["device"]["cpu_model"]
+    assert rec["versions"]["numpy"] == np.__version__
+    assert rec["grid"]["grids"]["custom"] == [[16, 33], [3, 7]]
+    points = rec["points"]
+    assert len(points) == 6 * 2 * 2 * (4 if _has("torch") else 3)
+    assert all(c["gbps"] and c["gbps"] > 0 for c in rec["copies"])
+
+    by = {(p["provider"], p["op"], p["dtype"], p["n_rows"]): p for p in points}
+    for dt in ("fp32", "fp64"):
+        for n in (16, 3):
+            for op in ("softmax_fwd", "ce_fwd_grad"):
+                bad = by[("wrong", op, dt, n)]
+                assert bad["status"] == "mismatch", bad
+                assert bad["ms"] is None and bad["err_ratio"] > 1
+            # the same provider is right (and timed) where it is right
+            assert by[("wrong", "log_softmax_fwd", dt, n)]["status"] == "ok"
+            for op in OPS.split(","):
+                ours = by[("ours-numpy", op, dt, n)]
+                assert ours["status"] == "ok", ours
+                assert ours["ms"] > 0 and ours["gbps"] > 0 and ours["pct_copy"] > 0
+                assert ours["err_ratio"] <= 1.0
+                if _has("torch"):
+                    assert by[("torch", op, dt, n)]["status"] == "ok"
+
+    csv_rows = _rows(tmp_path / "t.csv")
+    assert len(csv_rows) == len(points)
+    assert {r["status"] for r in csv_rows if r["provider"] == "wrong"} == {"ok", "mismatch"}
+    md = (tmp_path / "t.md").read_text()
+    assert "| softmax_fwd | fp32 | custom | ours-numpy |" in md
+    assert "wrong softmax_fwd fp32 16x33: mismatch" in md
+
+
+def _has(mod: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(mod) is not None
+
+
+def test_plan_defaults_and_estimates():
+    plan, grids = G.build_plan("cuda", quick=False, ops=None, dtypes=None, grids=None,
+                               shapes=None)  # fmt: skip
+    pts = G.plan_points(plan, grids)
+    assert {p.op for p in pts} == set(G.OPS)
+    assert ("softmax_fwd", "bf16", 32768, 65536) in {(p.op, p.dtype, *p.shape) for p in pts}
+    gpu_providers = {op: ["ours-triton", "ours-cupy", "torch", "torch.compile"] for op in G.OPS}
+    # the default GPU run must fit in ~8 min on an H100, the CPU one in 3 min, quick in 30 s
+    assert G.estimate_seconds(pts, gpu_providers, "cuda") < 8 * 60
+    cplan, cgrids = G.build_plan("cpu", quick=False, ops=None, dtypes=None, grids=None,
+                                 shapes=None)  # fmt: skip
+    cpts = G.plan_points(cplan, cgrids)
+    assert ("softmax_fwd", "fp32", 4096, 4096) in {(p.op, p.dtype, *p.shape) for p in cpts}
+    cpu_providers = {op: ["ours-numpy", "torch", "scipy"] for op in G.OPS}
+    assert G.estimate_seconds(cpts, cpu_providers, "cpu") < 3 * 60
+    qplan, qgrids = G.build_plan("cpu", quick=True, ops=None, dtypes=None, grids=None,
+                                 shapes=None)  # fmt: skip
+    assert G.estimate_seconds(G.plan_points(qplan, qgrids), cpu_providers, "cpu", True) < 25
+    # tritonbench: 256..12672 step 128 plus the five odd sizes
+    cols = [c for _, c in G.GPU_GRIDS["tritonbench"]]
+    assert len(cols) == 98 + 5 and {1000, 1025, 2045, 2049, 3000, 12672} <= set(cols)
+    # a point asked for by two grids is measured once
+    plan2 = {"softmax_fwd": {"quack": ("bf16",), "custom": ("bf16",)}}
+    pts2 = G.plan_points(plan2, {"quack": G.GPU_GRIDS["quack"], "custom": [(32768, 256)]})
+    assert len(pts2) == 11 and pts2[0].grids == ("quack", "custom")
+    with pytest.raises(ValueError):
+        G.parse_shapes("12by4")
+
+
+def test_help_and_list_without_torch_scipy_matplotlib():
+    block = (
+        "import sys, runpy; "
+        "[sys.modules.__setitem__(m, None) for m in ('torch', 'scipy', 'matplotlib', 'tqdm')]; "
+        "sys.argv = ['bench'] + sys.argv[1:]; runpy.run_module('bench', run_name='__main__')"
+    )
+    r = subprocess.run([sys.executable, "-c", block, "--help"], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "--quick" in r.stdout and "--providers" in r.stdout
+    r = subprocess.run([sys.executable, "bench/run.py", "--list", "--quick"], cwd=ROOT,
+                       env=_env(), capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "points, estimated" in r.stdout
+
+
+def test_runs_with_numpy_only(tmp_path):
+    """Without torch, SciPy and matplotlib: ours runs, the peers are recorded as unavailable,
+    no plots (with a message)."""
+    block = (
+        "import sys, runpy; "
+        "[sys.modules.__setitem__(m, None) for m in ('torch', 'scipy', 'matplotlib', 'tqdm')]; "
+        "sys.argv = ['bench'] + sys.argv[1:]; runpy.run_module('bench', run_name='__main__')"
+    )
+    args = ["--quick", "--shapes", "4x9", "--ops", "softmax_fwd,ce_fwd_grad", "--dtypes",
+            "fp32", "--out", str(tmp_path), "--name", "np"]  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", block, *args], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "matplotlib is not installed" in r.stdout
+    rows = {(x["provider"], x["op"]): x for x in _rows(tmp_path / "np.csv")}
+    assert rows[("ours-numpy", "softmax_fwd")]["status"] == "ok"
+    assert rows[("ours-numpy", "ce_fwd_grad")]["status"] == "ok"
+    assert rows[("torch", "softmax_fwd")]["status"] == "unavailable"
+    assert rows[("scipy", "softmax_fwd")]["status"] == "unavailable"
+    assert not list(tmp_path.glob("*.png"))
+
+
+class _CudaPathOnCpu:
+    """The GPU environment (torch tensors, torch float64 reference, block-wise check) on CPU
+    tensors: everything but the allocation, the memory query and the CUDA-event timer."""
+
+    @staticmethod
+    def make():
+        from bench.env import CudaEnv
+
+        class Env(CudaEnv):
+            def fits(self, point, held=0):
+                return None
+
+            def after_point(self):
+                pass
+
+        env = Env(device="cpu")
+        env.sk_backend = None  # the torch float64 reference, as while no GPU backend is built
+        env.reference_name = "torch float64"
+        return env
+
+
+def test_gpu_path_check_and_report_on_cpu_tensors(tmp_path, wrong, monkeypatch):
+    pytest.importorskip("torch")
+    from bench import env as E
+    from bench.timing import CpuTimer
+
+    env = _CudaPathOnCpu.make()
+    # small reference blocks: 3 rows of 33 per block, the last one short (the block loop)
+    monkeypatch.setattr(E, "REF_BLOCK_ELEMS", 100)
+    shapes = [(7, 33), (5, 64)]
+    points = [G.Point(op, dt, r, c, ("custom",)) for dt in ("bf16", "fp32") for r, c in shapes
+              for op in G.OPS]  # fmt: skip
+    cpu_timer = CpuTimer(quick=True)
+
+    def timer(fn):  # no .many: one provider after the other, as with the CUDA timer
+        return cpu_timer(fn)
+
+    prog = R.Progress(10**6)
+    rows, copies = R.run_points(env, timer, points, ["torch"], prog, 1e18)
+    prog.close()
+    assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
+    assert all(r["ms"] > 0 and r["wall_s"] >= 0 for r in rows)
+    assert all(c["gbps"] for c in copies)
+
+    # the wrong provider on torch tensors would need scipy on them; plant a torch one instead
+    def wrong_build(op, d, device):
+        import torch
+
+        if op == "softmax_fwd":
+            return lambda: torch.softmax(d["x"].float() * 1.2, -1).to(d["x"].dtype)
+        return P.PROVIDERS["torch"].build(op, d, device)
+
+    P.PROVIDERS["wrong"].build = wrong_build
+    sm = [p for p in points if p.op == "softmax_fwd"]
+    prog = R.Progress(10**6)
+    bad, _ = R.run_points(env, timer, sm, ["wrong"], prog, 1e18)
+    prog.close()
+    assert [r["status"] for r in bad] == ["mismatch"] * len(sm)
+
+    # the report of a GPU run: several ours, published H100 lines on the quack grid
+    fake = []
+    for op in ("softmax_fwd", "ce_fwd"):
+        for r, c in G.GPU_GRIDS["quack"]:
+            for prov, gb in (("ours-triton", 2800.0), ("torch", 1500.0), ("ours-cupy", 2700.0)):
+                pt = G.Point(op, "bf16", r, c, ("quack",))
+                ms = pt.bytes / gb / 1e6
+                row = R._row(pt, P.PROVIDERS[prov], ms=ms, gbps=gb, pct_copy=gb / 30)
+                fake.append(row)
+    record = {
+        "created": "2025-01-01T00:00:00",
+        "device": {"kind": "cuda", "name": "NVIDIA H100 80GB HBM3"},
+        "git": {"commit": "0" * 40, "dirty": False},
+        "elapsed_seconds": 1.0,
+        "settings": {"reference": "test"},
+        "grid": {"grids": {"quack": G.GPU_GRIDS["quack"]}},
+        "published": report.load_published(),
+        "copies": [
+            {"dtype": "bf16", "n_rows": r, "n_cols": c, "gbps": 3000.0}
+            for r, c in G.GPU_GRIDS["quack"]
+        ],  # fmt: skip
+        "points": fake,
+    }
+    assert {p["provider"] for p in record["published"]} == {"quack", "torch.compile"}
+    md = report.summary_markdown(record)
+    assert "| softmax_fwd | bf16 | quack | ours-triton | 11 | 2800 | 93% | 1.87x |" in md
+    assert "| ce_fwd | bf16 | quack | ours-cupy | 11 | 2700 |" in md
+    if report._has_matplotlib():
+        files = report.plot(record, tmp_path, "gpu")
+        assert [f.name for f in files] == ["gpu-quack.png"]
+
+
+def test_gpu_path_with_our_triton_backend_as_provider_and_reference(monkeypatch):
+    """Under the Triton interpreter (make test), the GPU path with ours-triton as a provider and
+    as the float64 reference, on CPU tensors."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1" or "triton" not in P.sk_available()[0]:
+        pytest.skip("needs TRITON_INTERPRET=1 and the triton backend (make test sets it)")
+    from bench import env as E
+    from bench.timing import CpuTimer
+
+    env = _CudaPathOnCpu.make()
+    env.sk_backend = "triton"
+    monkeypatch.setattr(E, "REF_BLOCK_ELEMS", 100)  # 3 rows of 33 per reference block
+    points = [G.Point(op, dt, 7, 33, ("custom",)) for dt in ("bf16", "fp32") for op in G.OPS]
+    cpu_timer = CpuTimer(quick=True)
+    prog = R.Progress(10**6)
+    rows, _ = R.run_points(env, lambda fn: cpu_timer(fn), points, ["ours-triton"], prog, 1e18)
+    prog.close()
+    assert [r["status"] for r in rows] == ["ok"] * len(points), rows
+
+
+def test_published_reference_is_carried_with_its_source():
+    text = (ROOT / "bench" / "reference" / "published-h100.csv").read_text()
+    assert "Source:" in text and "quack" in text
+    pts = report.load_published()
+    assert len(pts) == 33 and all(p["gbps"] > 0 for p in pts)
