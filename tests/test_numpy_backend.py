@@ -11,9 +11,15 @@ from softmax_kernels.backends import numpy_backend
 from reference import assert_close, ref_softmax
 
 
-def test_float16_store_rounds_like_numpy(rng):
-    # the fast float32 -> float16 store must round exactly as NumPy's own conversion does,
-    # subnormals (|v| < 2**-14) included
+@pytest.mark.parametrize("path", ["torch", "numpy"])
+def test_float16_store_rounds_like_numpy(rng, monkeypatch, path):
+    # the fast float32 -> float16 store (through torch when it is loaded, else NumPy with the
+    # subnormal fix-up) must round exactly as NumPy's own conversion does, subnormals
+    # (|v| < 2**-14) included
+    if path == "torch":
+        pytest.importorskip("torch")
+    else:
+        monkeypatch.setattr(numpy_backend, "_torch_views", lambda *a: None)
     mags = 10.0 ** rng.integers(-9, 2, 200_000)
     v = rng.standard_normal(200_000) * mags
     specials = [0.0, -0.0, np.nan, np.inf, -np.inf, 2**-14, -(2**-25), 3 * 2**-25,

@@ -11,6 +11,7 @@ depends only on that row, so the output is bitwise the same whatever the blockin
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -47,13 +48,13 @@ def serve_reason(x) -> str | None:
 # Conversions: torch CPU tensors <-> NumPy views.
 
 
-# torch tensors of these dtypes are widened to float32 by torch (vectorised) rather than by
-# NumPy: NumPy has no bfloat16, and its float16 conversions run about 10x slower than torch's.
-_WIDEN_WITH_TORCH = ("bfloat16", "float16")
+# NumPy has no bfloat16: such tensors are widened to float32 by torch, and results narrowed
+# back by torch. float16 tensors are viewed as they are; the blocks widen them (see _load).
+_WIDEN_WITH_TORCH = ("bfloat16",)
 
 
 def _np_in(a):
-    """A NumPy view of a NumPy array or torch CPU tensor (half types: a float32 copy)."""
+    """A NumPy view of a NumPy array or torch CPU tensor (bfloat16: a float32 copy)."""
     if a is None or isinstance(a, (np.ndarray, np.generic)):
         return a
     a = a.detach()
@@ -63,9 +64,9 @@ def _np_in(a):
 
 
 class _OutRows:
-    """NumPy memory to write an output into: the output itself (NumPy arrays, float32/float64
-    tensors), or for a half-type tensor a float32 buffer that finish() copies back, rounding
-    with torch's conversion."""
+    """NumPy memory to write an output into: the output itself (NumPy arrays, tensors viewed
+    through .numpy()), or for a bfloat16 tensor a float32 buffer that finish() copies back,
+    rounding with torch's conversion."""
 
     def __init__(self, out):
         self.out = out
@@ -105,15 +106,48 @@ def _for_row_blocks(n_rows: int, n_cols: int, work) -> None:
 _F16_MIN_NORMAL = np.float32(2.0**-14)
 
 
+def _torch_views(*arrays):
+    """torch views of NumPy arrays when torch is already imported (never imported for this)
+    and can view them (no negative strides), else None."""
+    torch = sys.modules.get("torch")
+    if torch is None or any(s < 0 for a in arrays for s in a.strides):
+        return None
+    return [torch.from_numpy(a) for a in arrays]
+
+
+def _load(buf: np.ndarray, src: np.ndarray) -> None:
+    """buf[...] = src, widening float16 to the compute dtype. torch's conversion (vectorised)
+    is used when torch is loaded: NumPy's runs about 5x slower."""
+    views = _torch_views(buf, src) if src.dtype == np.float16 else None
+    if views is not None:
+        views[0].copy_(views[1])
+    else:
+        np.copyto(buf, src)
+
+
+def _widened(slot: int, src: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """src in the compute dtype: src itself, or a widened copy in a scratch buffer."""
+    if src.dtype == dtype:
+        return src
+    buf = _tmp(slot, src.shape, dtype)
+    _load(buf, src)
+    return buf
+
+
 def _store(dst: np.ndarray, buf: np.ndarray) -> None:
     """dst[...] = buf, rounding to dst's dtype.
 
-    NumPy's float32 -> float16 conversion takes a scalar path, about 20 times slower, for
-    results in float16's subnormal range (|v| < 2**-14), and softmax outputs and gradients land
-    there all the time. Those are rounded here directly: a float16 subnormal is k * 2**-24, and
+    For float16, torch's conversion when torch is loaded (vectorised, round to nearest even).
+    Otherwise NumPy's, which takes a scalar path, about 20 times slower, for results in
+    float16's subnormal range (|v| < 2**-14), where softmax outputs and gradients land all the
+    time. Those are rounded here directly: a float16 subnormal is k * 2**-24, and
     k = rint(|v| * 2**24) rounds half to even, as the hardware conversion does."""
     if dst.dtype != np.float16:
         np.copyto(dst, buf, casting="unsafe")
+        return
+    views = _torch_views(dst, buf)
+    if views is not None:
+        views[0].copy_(views[1])
         return
     a = np.abs(buf)
     small = a < _F16_MIN_NORMAL
@@ -175,7 +209,7 @@ def softmax_fwd(x, out, *, scale: float, mask, is_log: bool) -> None:
                     np.multiply(xc, scale, out=buf)
                     buf -= m
             else:
-                np.copyto(buf, xc)  # half input: widen first so the product rounds in float32
+                _load(buf, xc)  # half input: widen first so the product rounds in float32
                 if scale != 1.0:
                     buf *= scale
                 if mn is not None:
@@ -219,17 +253,17 @@ def softmax_bwd(dy, y, out, *, scale: float, is_log: bool) -> None:
         with np.errstate(all="ignore"):
             dst = on[r0:r1]
             buf = _scratch(dst, cdt)
-            d, yy = dyn[r0:r1], yn[r0:r1]
+            d, yy = _widened(1, dyn[r0:r1], cdt), _widened(2, yn[r0:r1], cdt)
             if is_log:
-                s = d.sum(axis=1, keepdims=True, dtype=cdt)
-                np.exp(yy, out=buf, dtype=cdt)
+                s = d.sum(axis=1, keepdims=True)
+                np.exp(yy, out=buf)
                 buf *= s
-                np.subtract(d, buf, out=buf, dtype=cdt)
+                np.subtract(d, buf, out=buf)
             else:
                 # the row dot product without writing dy * y out (einsum fuses the two)
-                s = np.einsum("ij,ij->i", d, yy, dtype=cdt)[:, None]
-                np.subtract(d, s, out=buf, dtype=cdt)
-                np.multiply(buf, yy, out=buf, dtype=cdt)
+                s = np.einsum("ij,ij->i", d, yy)[:, None]
+                np.subtract(d, s, out=buf)
+                buf *= yy
             if scale != 1.0:
                 buf *= scale
             if buf is not dst:
@@ -282,7 +316,7 @@ def cross_entropy_fwd(
     def work(r0, r1):
         with np.errstate(all="ignore"):
             buf = _tmp(0, (r1 - r0, n_cols), cdt)
-            np.copyto(buf, xn[r0:r1])
+            _load(buf, xn[r0:r1])
             m = buf.max(axis=1, keepdims=True)
             buf -= m  # xs = x - m
             e = np.exp(buf, out=_tmp(1, buf.shape, cdt))
@@ -291,7 +325,7 @@ def cross_entropy_fwd(
             lse = m[:, 0] + log_s[:, 0]
             rows = np.arange(r1 - r0)
             if soft:
-                q = np.asarray(tn[r0:r1], dtype=cdt)
+                q = _widened(2, tn[r0:r1], cdt)
                 if eps:
                     q = q * (1.0 - eps) + eps / n_cols
                 wq = q * wn if wn is not None else q
