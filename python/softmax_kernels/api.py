@@ -144,6 +144,24 @@ def _use_torch_ops(*arrays) -> bool:
     return _arrays.kind_of(arrays[0]) == _arrays.TORCH
 
 
+def _softmax_entry(x, axis, scale, where, out, backend, is_log):
+    """softmax / log_softmax: torch tensors through the custom ops (autograd, torch.compile),
+    with ``out=`` through torch_ops.write_out (refused under autograd, as torch does)."""
+    if not _use_torch_ops(x):
+        return _softmax_impl(x, axis, scale, where, out, backend, is_log)
+    from . import torch_ops
+
+    if out is None:
+        op = torch_ops.log_softmax if is_log else torch_ops.softmax
+        return op(x, axis, scale=scale, where=where, backend=backend)
+    return torch_ops.write_out(
+        "log_softmax" if is_log else "softmax",
+        out,
+        (x,),
+        lambda: _softmax_impl(x, axis, scale, where, out, backend, is_log),
+    )
+
+
 def softmax(x, axis=-1, *, scale=1.0, where=None, out=None, backend=None):
     """Softmax of ``scale * x`` over ``axis``: ``exp(scale*x - m) / sum(exp(scale*x - m))``.
 
@@ -163,18 +181,7 @@ def softmax(x, axis=-1, *, scale=1.0, where=None, out=None, backend=None):
     >>> sk.softmax(np.array([1.0, 2.0, 3.0])).round(4)
     array([0.09  , 0.2447, 0.6652])
     """
-    if _use_torch_ops(x):
-        from . import torch_ops
-
-        if out is None:
-            return torch_ops.softmax(x, axis, scale=scale, where=where, backend=backend)
-        return torch_ops.write_out(
-            "softmax",
-            out,
-            (x,),
-            lambda: _softmax_impl(x, axis, scale, where, out, backend, is_log=False),
-        )
-    return _softmax_impl(x, axis, scale, where, out, backend, is_log=False)
+    return _softmax_entry(x, axis, scale, where, out, backend, is_log=False)
 
 
 def log_softmax(x, axis=-1, *, scale=1.0, where=None, out=None, backend=None):
@@ -187,18 +194,7 @@ def log_softmax(x, axis=-1, *, scale=1.0, where=None, out=None, backend=None):
     >>> sk.log_softmax(np.array([[0.0, 0.0]], np.float32))
     array([[-0.6931472, -0.6931472]], dtype=float32)
     """
-    if _use_torch_ops(x):
-        from . import torch_ops
-
-        if out is None:
-            return torch_ops.log_softmax(x, axis, scale=scale, where=where, backend=backend)
-        return torch_ops.write_out(
-            "log_softmax",
-            out,
-            (x,),
-            lambda: _softmax_impl(x, axis, scale, where, out, backend, is_log=True),
-        )
-    return _softmax_impl(x, axis, scale, where, out, backend, is_log=True)
+    return _softmax_entry(x, axis, scale, where, out, backend, is_log=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,6 +227,23 @@ def _softmax_backward_impl(dy, y, axis, scale, out, backend, is_log):
     return res.result()
 
 
+def _softmax_backward_entry(dy, y, axis, scale, out, backend, is_log):
+    """The backward passes, routed like :func:`_softmax_entry`."""
+    if not _use_torch_ops(y):
+        return _softmax_backward_impl(dy, y, axis, scale, out, backend, is_log)
+    from . import torch_ops
+
+    if out is None:
+        op = torch_ops.log_softmax_backward if is_log else torch_ops.softmax_backward
+        return op(dy, y, axis, scale=scale, backend=backend)
+    return torch_ops.write_out(
+        "log_softmax_backward" if is_log else "softmax_backward",
+        out,
+        (dy, y),
+        lambda: _softmax_backward_impl(dy, y, axis, scale, out, backend, is_log),
+    )
+
+
 def softmax_backward(dy, y, axis=-1, *, scale=1.0, out=None, backend=None):
     """Vector-Jacobian product of softmax: ``dx = scale * y * (dy - sum(dy * y, axis))``.
 
@@ -242,18 +255,7 @@ def softmax_backward(dy, y, axis=-1, *, scale=1.0, out=None, backend=None):
     >>> sk.softmax_backward(np.array([1.0, 0.0, 0.0]), y).round(4)
     array([ 0.0819, -0.022 , -0.0599])
     """
-    if _use_torch_ops(y):
-        from . import torch_ops
-
-        if out is None:
-            return torch_ops.softmax_backward(dy, y, axis, scale=scale, backend=backend)
-        return torch_ops.write_out(
-            "softmax_backward",
-            out,
-            (dy, y),
-            lambda: _softmax_backward_impl(dy, y, axis, scale, out, backend, is_log=False),
-        )
-    return _softmax_backward_impl(dy, y, axis, scale, out, backend, is_log=False)
+    return _softmax_backward_entry(dy, y, axis, scale, out, backend, is_log=False)
 
 
 def log_softmax_backward(dy, y, axis=-1, *, scale=1.0, out=None, backend=None):
@@ -265,18 +267,7 @@ def log_softmax_backward(dy, y, axis=-1, *, scale=1.0, out=None, backend=None):
     >>> sk.log_softmax_backward(np.array([1.0, 0.0]), y)
     array([ 0.5, -0.5])
     """
-    if _use_torch_ops(y):
-        from . import torch_ops
-
-        if out is None:
-            return torch_ops.log_softmax_backward(dy, y, axis, scale=scale, backend=backend)
-        return torch_ops.write_out(
-            "log_softmax_backward",
-            out,
-            (dy, y),
-            lambda: _softmax_backward_impl(dy, y, axis, scale, out, backend, is_log=True),
-        )
-    return _softmax_backward_impl(dy, y, axis, scale, out, backend, is_log=True)
+    return _softmax_backward_entry(dy, y, axis, scale, out, backend, is_log=True)
 
 
 def softmax_jacobian(y, axis=-1):
