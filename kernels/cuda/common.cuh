@@ -283,6 +283,28 @@ __device__ __forceinline__ void load_keep(const unsigned char* row, I c0, I n, b
     }
 }
 
+// z = scale * x for one pack of a softmax forward, in place: -inf where the mask is 0, where
+// the pack is not live, or (unless `full`) outside [0, n). `any` records whether some entry
+// was kept (a row with none gives all 0 / all -inf). Shared by the three strategies.
+template <int VEC, typename A, typename I>
+__device__ __forceinline__ void scale_and_mask(A (&v)[VEC], A scale, const unsigned char* mk,
+                                               bool has_mask, bool mask_vec, I c0, I n,
+                                               bool live, bool full, int& any) {
+    bool keep[VEC];
+    if (live && has_mask) {
+        load_keep<VEC>(mk, c0, n, mask_vec, keep);
+    } else {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) keep[i] = true;
+    }
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+        const bool kept = live && (full || in_row(c0 + i, n)) && keep[i];
+        any |= kept;
+        v[i] = kept ? scale * v[i] : neg_inf<A>();
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Pack loops of strategies (b) and (c): a block walks a row's packs, thread t owning packs
 // k = t, t + nt, t + 2 nt, ... (nt = blockDim.x) in every pass, so shared-memory slots need no

@@ -51,27 +51,15 @@ __device__ __forceinline__ void softmax_fwd_warp(const T* x_ptr, T* y_ptr,
         for (int p = 0; p < PACKS; ++p) {
             const int c0 = (p * LANES + l) * VEC - shift;
             const bool live = active && c0 < n_cols;
-            bool keep[VEC];
             if (live) {
                 load_acc<VEC>(x, c0, n_cols, vec_ok, v[p]);
             } else {
 #pragma unroll
                 for (int i = 0; i < VEC; ++i) v[p][i] = A(0);
             }
-            if (live && has_mask) {
-                load_keep<VEC>(mk, c0, n_cols, mask_vec, keep);
-            } else {
+            scale_and_mask<VEC>(v[p], scale, mk, has_mask, mask_vec, c0, n_cols, live, false, any);
 #pragma unroll
-                for (int i = 0; i < VEC; ++i) keep[i] = true;
-            }
-#pragma unroll
-            for (int i = 0; i < VEC; ++i) {
-                const int c = c0 + i;
-                const bool kept = live && in_row(c, n_cols) && keep[i];
-                any |= kept;
-                v[p][i] = kept ? scale * v[p][i] : neg_inf<A>();
-                m = sk_max(m, v[p][i]);
-            }
+            for (int i = 0; i < VEC; ++i) m = sk_max(m, v[p][i]);
         }
         m = group_max<LANES>(m);
         if (has_mask) any = group_or<LANES>(any);
@@ -205,21 +193,10 @@ __device__ __forceinline__ void softmax_fwd_block(const T* x_ptr, T* y_ptr,
         auto park = [&](int k, const Pack<T, VEC>& raw, bool full) {
             const int c0 = pk.c0(k);
             A v[VEC];
-            bool keep[VEC];
             raw_to_acc<VEC>(raw, v);
-            if (has_mask) {
-                load_keep<VEC>(mk, c0, n_cols, mask_vec, keep);
-            } else {
+            scale_and_mask<VEC>(v, scale, mk, has_mask, mask_vec, c0, n_cols, true, full, any);
 #pragma unroll
-                for (int i = 0; i < VEC; ++i) keep[i] = true;
-            }
-#pragma unroll
-            for (int i = 0; i < VEC; ++i) {
-                const bool kept = (full || in_row(c0 + i, n_cols)) && keep[i];
-                any |= kept;
-                v[i] = kept ? scale * v[i] : neg_inf<A>();
-                m = sk_max(m, v[i]);
-            }
+            for (int i = 0; i < VEC; ++i) m = sk_max(m, v[i]);
             smem_store<VEC>(buf + k * VEC, v);
         };
         Pack<T, VEC> raw[BATCH];
@@ -355,20 +332,8 @@ __device__ __forceinline__ void softmax_fwd_online(const T* x_ptr, T* y_ptr,
         // v = scale * x of a pack, -inf where masked or outside the row
         auto values = [&](idx_t k, const Pack<T, VEC>& raw, A (&v)[VEC], bool full) {
             const idx_t c0 = pk.c0(k);
-            bool keep[VEC];
             raw_to_acc<VEC>(raw, v);
-            if (has_mask) {
-                load_keep<VEC>(mk, c0, n_cols, mask_vec, keep);
-            } else {
-#pragma unroll
-                for (int i = 0; i < VEC; ++i) keep[i] = true;
-            }
-#pragma unroll
-            for (int i = 0; i < VEC; ++i) {
-                const bool kept = (full || in_row(c0 + i, n_cols)) && keep[i];
-                any |= kept;
-                v[i] = kept ? scale * v[i] : neg_inf<A>();
-            }
+            scale_and_mask<VEC>(v, scale, mk, has_mask, mask_vec, c0, n_cols, true, full, any);
         };
         // pass 1 (reads n): one online merge per pack
         auto fold = [&](idx_t k, const Pack<T, VEC>& raw, bool full) {
