@@ -8,7 +8,7 @@ import pytest
 import softmax_kernels as sk
 from softmax_kernels.backends import numpy_backend
 
-from reference import assert_close, ref_softmax
+from reference import assert_close, ref_cross_entropy, ref_softmax, ref_softmax_backward
 
 
 @pytest.mark.parametrize("path", ["torch", "numpy"])
@@ -43,3 +43,27 @@ def test_blocks_and_threads_do_not_change_results(rng, monkeypatch, n_cols):
     b = sk.softmax(x)
     assert np.array_equal(a, b)
     assert_close(a, ref_softmax(x.astype(np.float64)), "float32", "blocked")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_row_of_2_pow_20(rng, dtype):
+    # the contract's longest row: one row per block; forward, backward and CE with gradient
+    n = 1 << 20
+    x = (rng.standard_normal((2, n)) * 3).astype(dtype)
+    x64 = x.astype(np.float64)
+    y = sk.log_softmax(x)
+    assert_close(y, ref_softmax(x64, is_log=True), dtype, "log_softmax 2**20")
+    dy = rng.standard_normal((2, n)).astype(dtype)
+    ref_y = ref_softmax(x64)
+    y_in = ref_y.astype(dtype)
+    assert_close(
+        sk.softmax_backward(dy, y_in),
+        ref_softmax_backward(dy.astype(np.float64), y_in.astype(np.float64)),
+        dtype,
+        "softmax_backward 2**20",
+    )
+    t = np.array([5, n - 1])
+    loss, grad = sk.cross_entropy_with_grad(x, t, reduction="none")
+    ref_loss, ref_grad = ref_cross_entropy(x64, t, reduction="none")
+    assert_close(loss, ref_loss, "float64" if dtype == "float64" else "float32", "CE 2**20")
+    assert_close(grad, ref_grad, dtype, "CE grad 2**20")
