@@ -5,12 +5,15 @@ PY ?= $(VENV)/bin/python
 # Exact pin: this machine carries a local CPU wheel of torch 2.13.0; any other spec pulls
 # several GB of CUDA packages from the registry.
 TORCH_PIN = torch==2.13.0
+# The Triton the interpreter tests were written against (its interpreter changes between
+# releases; 3.6's breaks on NumPy 2.4). Users get any triton>=3.0 through the extra.
+TRITON_PIN = triton==3.9.0
 
 .PHONY: install test test-gpu lint format bench bench-quick kernels-check clean
 
 install:
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q $(TORCH_PIN)
+	$(VENV)/bin/pip install -q $(TORCH_PIN) $(TRITON_PIN)
 	$(VENV)/bin/pip install -q -e ".[test,triton,bench]"
 
 # CPU test run: the NumPy backend, and the Triton backend through its interpreter on torch CPU
