@@ -106,6 +106,33 @@ __device__ __forceinline__ void fill_pack(T* g, I c0, I n_cols, bool vec_ok, acc
     store_acc<VEC>(g, c0, n_cols, vec_ok, v);
 }
 
+// Strategies (b) and (c), one block per row: reads the row's class target into t and, when
+// it is ignored (loss 0, gradient 0) or out of range (loss and gradient NaN), writes that row
+// without reading its logits and returns true. The target is the same for the whole block, so
+// the caller's branch on the result is block-uniform.
+template <bool SOFT, int VEC, typename T, typename I>
+__device__ __forceinline__ bool block_row_skipped(const void* target_ptr,
+                                                  const CeArgs<acc_t<T>>& a, idx_t row,
+                                                  I n_cols, const Packs<VEC, I>& pk,
+                                                  acc_t<T>* loss_ptr, T* grad_ptr,
+                                                  idx_t grad_row_stride, idx_t& t) {
+    typedef acc_t<T> A;
+    t = 0;
+    if (SOFT) return false;
+    t = read_target(target_ptr, a.target64, row);
+    const bool counted = t != a.ignore_index;
+    if (counted && t >= 0 && t < n_cols) return false;
+    const A fill = counted ? quiet_nan<A>() : A(0);
+    if (threadIdx.x == 0) loss_ptr[row] = fill;
+    if (grad_ptr != nullptr) {
+        T* g = grad_ptr + row * grad_row_stride;
+        for (I k = threadIdx.x; k < pk.np; k += I(blockDim.x)) {
+            fill_pack<VEC>(g, pk.c0(k), n_cols, a.vec_ok, fill);
+        }
+    }
+    return true;
+}
+
 // ---------------------------------------------------------------------------------------------
 // (a) WARP_ROWS: LANES lanes per row, the row (and soft targets) in registers.
 
@@ -239,24 +266,11 @@ __device__ __forceinline__ void ce_block(const T* x_ptr, const void* target_ptr,
     T* qb = xb + ((n_cols + VEC - 1) / VEC + (a.vec_ok ? 1 : 0)) * VEC;  // soft targets only
     const int nt = blockDim.x;
     for (idx_t row = blockIdx.x; row < n_rows; row += gridDim.x) {
-        idx_t t = 0;
-        bool counted = true, in_range = true;
-        if (!SOFT) {
-            t = read_target(target_ptr, a.target64, row);  // the same for the whole block
-            counted = t != a.ignore_index;
-            in_range = t >= 0 && t < n_cols;
-        }
         const T* x = x_ptr + row * row_stride;
         const Packs<VEC, int> pk(n_cols, row_shift(x, a.vec_ok), a.vec_ok);
-        if (!(counted && in_range)) {  // block-uniform branch
-            const A fill = counted ? quiet_nan<A>() : A(0);
-            if (threadIdx.x == 0) loss_ptr[row] = fill;
-            if (grad_ptr != nullptr) {
-                T* g = grad_ptr + row * grad_row_stride;
-                for (int k = threadIdx.x; k < pk.np; k += nt) {
-                    fill_pack<VEC>(g, pk.c0(k), n_cols, a.vec_ok, fill);
-                }
-            }
+        idx_t t;
+        if (block_row_skipped<SOFT>(target_ptr, a, row, n_cols, pk, loss_ptr, grad_ptr,
+                                    grad_row_stride, t)) {
             continue;
         }
         const T* q = static_cast<const T*>(target_ptr) + (SOFT ? row * target_row_stride : 0);
@@ -358,24 +372,11 @@ __device__ __forceinline__ void ce_online(const T* x_ptr, const void* target_ptr
     __shared__ A red[2 * WARP];
     const idx_t nt = blockDim.x;
     for (idx_t row = blockIdx.x; row < n_rows; row += gridDim.x) {
-        idx_t t = 0;
-        bool counted = true, in_range = true;
-        if (!SOFT) {
-            t = read_target(target_ptr, a.target64, row);
-            counted = t != a.ignore_index;
-            in_range = t >= 0 && t < n_cols;
-        }
         const T* x = x_ptr + row * row_stride;
         const Packs<VEC, idx_t> pk(n_cols, row_shift(x, a.vec_ok), a.vec_ok);
-        if (!(counted && in_range)) {  // block-uniform branch
-            const A fill = counted ? quiet_nan<A>() : A(0);
-            if (threadIdx.x == 0) loss_ptr[row] = fill;
-            if (grad_ptr != nullptr) {
-                T* g = grad_ptr + row * grad_row_stride;
-                for (idx_t k = threadIdx.x; k < pk.np; k += nt) {
-                    fill_pack<VEC>(g, pk.c0(k), n_cols, a.vec_ok, fill);
-                }
-            }
+        idx_t t;
+        if (block_row_skipped<SOFT>(target_ptr, a, row, n_cols, pk, loss_ptr, grad_ptr,
+                                    grad_row_stride, t)) {
             continue;
         }
         const T* q = static_cast<const T*>(target_ptr) + (SOFT ? row * target_row_stride : 0);
