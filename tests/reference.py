@@ -155,3 +155,17 @@ def ref_cross_entropy(
         loss = total = rows.sum() / denom if bool(counted.any()) else rows.sum() * 0.0
     (grad_scale * total).backward()
     return loss.detach().numpy(), x.grad.numpy()
+
+
+def ce_problem(rng, n_rows, c, soft, ignore_index=-100):
+    """A cross-entropy problem for the backend tests: logits, class-index targets with row 1
+    ignored (or class probabilities), and positive per-class weights."""
+    logits = rng.standard_normal((n_rows, c)) * 3
+    if soft:
+        target = rng.dirichlet(np.ones(c), size=n_rows)
+    else:
+        target = rng.integers(0, c, size=n_rows)
+        if n_rows > 1:
+            target[1] = ignore_index
+    weight = rng.random(c) + 0.25
+    return logits, target, weight

@@ -29,6 +29,7 @@ from softmax_kernels.backends import cupy_backend as cb
 
 from reference import (
     assert_close,
+    ce_problem,
     ref_cross_entropy,
     ref_softmax,
     ref_softmax_backward,
@@ -391,18 +392,6 @@ def test_backward_every_strategy(kind, dtype, rng):
             assert_close(dx, ref, dtype, f"{fn.__name__} n={n}")
 
 
-def _ce_problem(rng, n_rows, c, soft, ignore_index=-100):
-    logits = rng.standard_normal((n_rows, c)) * 3
-    if soft:
-        target = rng.dirichlet(np.ones(c), size=n_rows)
-    else:
-        target = rng.integers(0, c, size=n_rows)
-        if n_rows > 1:
-            target[1] = ignore_index
-    weight = rng.random(c) + 0.25
-    return logits, target, weight
-
-
 def _check_ce(kind, dtype, logits64, t64, w64, what, *, inplace=False, tdtype="int64", **opts):
     """cross_entropy and cross_entropy_with_grad on the CuPy backend vs the reference."""
     x = _dev(logits64, kind, dtype)
@@ -442,7 +431,7 @@ def test_cross_entropy_every_strategy(kind, dtype, soft, rng):
         ONLINE,
     }
     for n in lengths:
-        logits, target, weight = _ce_problem(rng, _n_rows(n), n, soft)
+        logits, target, weight = ce_problem(rng, _n_rows(n), n, soft)
         _check_ce(kind, dtype, logits, target, weight, f"C={n}", **CE_ALL)
 
 
@@ -473,7 +462,7 @@ def test_cross_entropy_options_per_strategy(opts, soft, tdtype, rng):
     ignore_index = opts.get("ignore_index", -100)
     nb = _block_max("cross_entropy_fwd", "float32", _smem_limit(), soft)
     for n in (5, 37, 1000, 3001, nb + 7):  # (a) shared warp, (a), (a), (b), (c)
-        logits, target, weight = _ce_problem(rng, 6, n, soft, ignore_index)
+        logits, target, weight = ce_problem(rng, 6, n, soft, ignore_index)
         for kind, dtype in (("cupy", "float32"), ("torch", "bfloat16"), ("cupy", "float64")):
             _check_ce(kind, dtype, logits, target, weight if weighted else None,
                       f"C={n} {opts}", tdtype=tdtype, **opts)  # fmt: skip
@@ -485,7 +474,7 @@ def test_cross_entropy_options_per_strategy(opts, soft, tdtype, rng):
 def test_cross_entropy_inplace(kind, dtype, soft, rng):
     nb = _block_max("cross_entropy_fwd", dtype, _smem_limit(), soft)
     for n in (3, 777, 1500, nb + 3):  # (a), (a), (b), (c)
-        logits, target, weight = _ce_problem(rng, 4, n, soft)
+        logits, target, weight = ce_problem(rng, 4, n, soft)
         _check_ce(kind, dtype, logits, target, weight, f"inplace C={n}", inplace=True, **CE_ALL)
 
 

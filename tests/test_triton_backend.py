@@ -28,6 +28,7 @@ from softmax_kernels.backends import triton_backend as tb  # noqa: E402
 
 from reference import (  # noqa: E402
     assert_close,
+    ce_problem,
     ref_cross_entropy,
     ref_softmax,
     ref_softmax_backward,
@@ -142,18 +143,6 @@ def test_backward_row_lengths(device, n_cols, dtype, rng):
 # cross-entropy over every row length, every option at once
 
 
-def _ce_problem(rng, n_rows, c, soft, ignore_index=-100):
-    logits = rng.standard_normal((n_rows, c)) * 3
-    if soft:
-        target = rng.dirichlet(np.ones(c), size=n_rows)
-    else:
-        target = rng.integers(0, c, size=n_rows)
-        if n_rows > 1:
-            target[1] = ignore_index
-    weight = rng.random(c) + 0.25
-    return logits, target, weight
-
-
 def _check_ce(device, dtype, logits64, t64, w64, what, *, inplace=False, **opts):
     """cross_entropy and cross_entropy_with_grad on the Triton backend vs the reference."""
     x = _t(logits64, dtype, device)
@@ -189,7 +178,7 @@ def test_cross_entropy_row_lengths(device, n_cols, dtype, soft, rng):
     # targets on chip would exceed the single-pass limit); 70001, 2**20 "online"
     assert _strategy(4097, "float32", "cross_entropy") == "row"
     assert _strategy(4097, "float32", "cross_entropy_soft") == "online"
-    logits, target, weight = _ce_problem(rng, _n_rows(n_cols), n_cols, soft)
+    logits, target, weight = ce_problem(rng, _n_rows(n_cols), n_cols, soft)
     _check_ce(device, dtype, logits, target, weight, f"C={n_cols}", **CE_ALL)
 
 
@@ -220,7 +209,7 @@ def test_cross_entropy_options_per_strategy(device, soft, opts, n_cols, rng):
     o = dict(OPTION_SETS[opts])
     weighted = o.pop("weighted", False)
     ignore = o.get("ignore_index", -100)
-    logits, target, weight = _ce_problem(rng, 4, n_cols, soft, ignore_index=ignore)
+    logits, target, weight = ce_problem(rng, 4, n_cols, soft, ignore_index=ignore)
     _check_ce(device, "float32", logits, target, weight if weighted else None, opts, **o)
 
 
@@ -229,7 +218,7 @@ def test_cross_entropy_options_per_strategy(device, soft, opts, n_cols, rng):
 @pytest.mark.parametrize("soft", [False, True], ids=["index", "probs"])
 @pytest.mark.parametrize("n_cols", [7, 4097, 70001], ids=["rows", "row", "online"])
 def test_cross_entropy_inplace(device, dtype, soft, n_cols, rng):
-    logits, target, weight = _ce_problem(rng, 3, n_cols, soft)
+    logits, target, weight = ce_problem(rng, 3, n_cols, soft)
     _check_ce(device, dtype, logits, target, weight, "inplace", inplace=True, **CE_ALL)
 
 
