@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import softmax_kernels as sk  # noqa: E402
-from softmax_kernels import api  # noqa: E402
+from softmax_kernels import _core  # noqa: E402
 
 
 def _cpu_backends():
@@ -163,8 +163,10 @@ def test_backward_ops_gradcheck(axis, is_log):
     x = _randn(2, 3, 4, seed=45, requires_grad=False)
     y = (sk.log_softmax if is_log else sk.softmax)(x, axis).requires_grad_()
     dy = _randn(2, 3, 4, seed=46)
-    fn = torch_ops.log_softmax_backward if is_log else torch_ops.softmax_backward
-    assert torch.autograd.gradcheck(lambda dy, y: fn(dy, y, axis, scale=0.6, backend=None), (dy, y))
+    def fn(dy, y):
+        return torch_ops.backward_entry(dy, y, axis, 0.6, None, None, is_log)
+
+    assert torch.autograd.gradcheck(fn, (dy, y))
 
 
 @pytest.mark.parametrize("is_log", [False, True], ids=["softmax", "log_softmax"])
@@ -201,13 +203,13 @@ def test_out_argument_under_autograd():
 
 def test_backward_runs_our_backward_ops(monkeypatch):
     calls = []
-    real = api._softmax_backward_impl
+    real = _core.softmax_backward
 
     def spy(dy, y, axis, scale, out, backend, is_log):
         calls.append(is_log)
         return real(dy, y, axis, scale, out, backend, is_log)
 
-    monkeypatch.setattr(api, "_softmax_backward_impl", spy)
+    monkeypatch.setattr(_core, "softmax_backward", spy)
     x = _randn(3, 5, seed=50)
     sk.softmax(x).sum().backward()
     (sk.log_softmax(x) * x.detach()).sum().backward()
@@ -217,13 +219,13 @@ def test_backward_runs_our_backward_ops(monkeypatch):
 def test_cross_entropy_backward_reuses_the_fused_gradient(monkeypatch):
     """The forward pass computes loss and gradient in one kernel; backward only scales it."""
     calls = []
-    real = api._cross_entropy_impl
+    real = _core.cross_entropy
 
     def spy(*args, **kw):
-        calls.append((kw["want_grad"], kw.get("grad_scale", 1.0)))
+        calls.append((kw["want_grad"], kw["options"].grad_scale))
         return real(*args, **kw)
 
-    monkeypatch.setattr(api, "_cross_entropy_impl", spy)
+    monkeypatch.setattr(_core, "cross_entropy", spy)
     x = _randn(3, 5, seed=51)
     loss = sk.cross_entropy(x, torch.tensor([0, 4, 2]))
     assert calls == [(True, 1.0)]

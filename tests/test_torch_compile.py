@@ -40,7 +40,9 @@ def _opcheck_cases():
     q = torch.softmax(_randn(6, 5, seed=6), -1).requires_grad_()
     w = torch.rand(5, dtype=torch.float64) + 0.5
     lg16 = _randn(6, 5, seed=7, dtype=torch.bfloat16, requires_grad=True)
-    ce = (0.1, 0.01, False, "")  # label_smoothing, z_loss, validate, backend
+    # label_smoothing, z_loss, softcap, validate, want_lse, backend
+    ce = (0.1, 0.01, None, False, False, "")
+    plain = (0.0, 0.0, None, False, False, "")
     return {
         "softmax_axes_first_last": (torch_ops._softmax_op, (x, [0, 2], 0.7, mask, "")),
         "softmax_middle": (torch_ops._softmax_op, (x, [1], 1.0, None, "numpy")),
@@ -49,23 +51,34 @@ def _opcheck_cases():
         "softmax_backward": (torch_ops._softmax_backward_op, (x, y, [1], 0.7, "")),
         "log_softmax_backward": (torch_ops._log_softmax_backward_op, (x, ly, [2], 0.7, "")),
         "ce_mean_weight": (torch_ops._cross_entropy_op, (lg, t, w, -100, "mean", *ce)),
-        "ce_none": (torch_ops._cross_entropy_op, (lg, t, None, -100, "none", 0.0, 0.0, False, "")),
-        "ce_soft": (torch_ops._cross_entropy_op, (lg, q, w, -100, "sum", 0.2, 0.0, False, "")),
+        "ce_none": (torch_ops._cross_entropy_op, (lg, t, None, -100, "none", *plain)),
+        "ce_soft": (
+            torch_ops._cross_entropy_op,
+            (lg, q, w, -100, "sum", 0.2, 0.0, None, False, False, ""),
+        ),
+        "ce_softcap_lse": (
+            torch_ops._cross_entropy_op,
+            (lg, t, None, -100, "mean", 0.0, 0.0, 2.5, False, True, ""),
+        ),
         "ce_with_grad_mean": (
             torch_ops._cross_entropy_with_grad_op,
-            (lg, t, w, -100, "mean", 0.1, 0.01, False, "", 1.0),
+            (lg, t, w, -100, "mean", *ce, 1.0),
         ),
         "ce_with_grad_none_scaled": (
             torch_ops._cross_entropy_with_grad_op,
-            (lg, t, None, -100, "none", 0.0, 0.0, False, "", 3.0),
+            (lg, t, None, -100, "none", *plain, 3.0),
+        ),
+        "ce_with_grad_softcap_lse": (
+            torch_ops._cross_entropy_with_grad_op,
+            (lg, t, None, -100, "none", 0.1, 0.0, 4.0, False, True, "", 1.0),
         ),
         "ce_with_grad_bf16": (
             torch_ops._cross_entropy_with_grad_op,
-            (lg16, t, None, -100, "sum", 0.0, 0.0, False, "", 1.0),
+            (lg16, t, None, -100, "sum", *plain, 1.0),
         ),
         "ce_with_grad_inplace": (
             torch_ops._cross_entropy_with_grad_inplace_op,
-            (lg.detach().clone(), t, w, -100, "mean", 0.1, 0.0, False, "", 2.0),
+            (lg.detach().clone(), t, w, -100, "mean", 0.1, 0.0, None, False, False, "", 2.0),
         ),
     }
 

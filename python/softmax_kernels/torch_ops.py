@@ -6,50 +6,56 @@
   gradient the fused forward kernel already wrote), and
 * ``torch.compile(fullgraph=True)`` traces through them without a graph break.
 
-The ops (namespace ``softmax_kernels``), all taking normalized arguments -- reduced dims as a
-sorted ``int[]``, ``scale`` a float, the mask already broadcast to ``x``'s shape, ``backend`` a
-string ("" for automatic choice):
+The ops (namespace ``softmax_kernels``) take normalized arguments -- reduced dims as a sorted
+``int[]``, floats, the mask already broadcast, the class axis of cross-entropy already last (the
+entry points below move it with a view), ``backend`` a string ("" for automatic choice):
 
-- ``softmax(x, dims, scale, mask, backend)``: softmax; autograd.
-- ``log_softmax(x, dims, scale, mask, backend)``: log-softmax; autograd.
-- ``softmax_backward(dy, y, dims, scale, backend)``: its VJP; autograd (double backward).
-- ``log_softmax_backward(dy, y, dims, scale, backend)``: its VJP; autograd (double backward).
-- ``cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-  validate, backend)``: the loss only; autograd (backward recomputes the fused gradient).
-- ``cross_entropy_with_grad(<same>, grad_scale)``: (loss, dlogits) in one pass; autograd.
-- ``cross_entropy_with_grad_(<same>, grad_scale)``: in place, dlogits written into the logits
-  (a declared mutation), returns the loss; no autograd.
+- ``softmax`` / ``log_softmax(x, dims, scale, mask, backend)``; autograd (double backward).
+- ``softmax_backward`` / ``log_softmax_backward(dy, y, dims, scale, backend)``; autograd.
+- ``cross_entropy(logits, target, <options>, want_lse, backend) -> (loss, lse)``: the loss only;
+  autograd (backward recomputes the fused gradient).
+- ``cross_entropy_with_grad(<same>, grad_scale) -> (loss, dlogits, lse)`` in one pass; autograd.
+- ``cross_entropy_with_grad_(<same>, grad_scale) -> (loss, lse)``: in place, dlogits written
+  into the logits (a declared mutation); no autograd.
+- ``linear_cross_entropy(x, linear_weight, target, ...) -> (loss, dx, dweight, dbias)``;
+  autograd for x, linear_weight, linear_bias (``softmax_kernels._linear``).
+- ``vocab_parallel_cross_entropy(...) -> (loss, dlogits, lse)``: one all-gather inside
+  (``softmax_kernels._parallel``); autograd.
 
-The wrappers at the bottom (called by ``softmax_kernels.api`` for torch inputs) check the
-arguments with the same messages as the rest of the API, then call an op. Inside the ops there is
-no ``.item()`` and no host synchronisation, except the target check of ``validate=True`` (which the
-contract allows to synchronise) and the NumPy backend's target check (CPU data: no device sync).
+Inside the ops there is no ``.item()`` and no host synchronisation, except the target check of
+``validate=True`` (which the contract allows) and the NumPy backend's target check (CPU data).
 
 Autograd of sk.cross_entropy: when the logits need a gradient, the forward pass runs the fused
 kernel (``cross_entropy_with_grad`` with grad_scale=1) and keeps its gradient; backward only
 multiplies it by the incoming gradient (a scalar for "mean"/"sum", one value per row for "none").
 That is one read of the logits in all, at the price of keeping one logits-sized tensor until
 backward (torch keeps its log-softmax output, the same size). Soft (probability) targets that
-require grad get ``d loss / d q_c = (1 - label_smoothing) * w_c * (lse - x_c)`` (scaled the same
+require grad get ``d loss / d q_c = (1 - label_smoothing) * w_c * (lse - z_c)`` (scaled the same
 way). A per-class ``weight`` that requires grad is refused (NotImplementedError), as torch does
-for class-index targets. Second derivatives: softmax and log_softmax support them (their backward
-ops have autograd formulas); cross-entropy does not (its backward raises under
-``create_graph=True`` rather than return a wrong second derivative).
+for class-index targets. The returned lse, when used, adds ``g_lse * softmax(z)`` (times the
+softcap's chain rule). Second derivatives: softmax and log_softmax support them; cross-entropy
+raises ``NotImplementedError`` under ``create_graph=True`` rather than return a wrong one.
+
+Function transforms: ``torch.func.vmap`` over any op works (softmax ops have a batching rule;
+the others run once per slice). Forward-mode AD (``torch.func.jvp``,
+``torch.autograd.forward_ad``) and ``torch.func.grad`` go through ``torch.autograd.Function``
+twins of the ops with ``jvp`` rules (softmax: ``y * (t - sum(t * y))``; log_softmax:
+``t - sum(exp(y) * t)``; cross-entropy: ``<dloss/dlogits, t>``), used only when a transform is
+active, since torch.compile cannot trace a custom ``jvp``.
 """
 
-import numpy as np
+from __future__ import annotations
+
 import torch
 
-from . import _arrays, api
+from . import _arrays, _core
 from .dispatch import check_name
 
 __all__ = [
-    "softmax",
-    "log_softmax",
-    "softmax_backward",
-    "log_softmax_backward",
-    "cross_entropy",
-    "cross_entropy_with_grad",
+    "softmax_entry",
+    "backward_entry",
+    "cross_entropy_entry",
+    "linear_cross_entropy_entry",
     "write_out",
 ]
 
@@ -83,12 +89,14 @@ def _like_rows(x: torch.Tensor, dims) -> torch.Tensor:
     nd = x.dim()
     dims = list(dims)
     perm = [a for a in range(nd) if a not in dims] + dims
+    shape = [x.shape[a] for a in perm]
+    buf = _arrays.ops_for(x).empty(tuple(shape), x.dtype, x)
     if perm == list(range(nd)):
-        return x.new_empty(x.shape)
+        return buf
     inv = [0] * nd
     for i, p in enumerate(perm):
         inv[p] = i
-    return x.new_empty([x.shape[a] for a in perm]).permute(inv)
+    return buf.permute(inv)
 
 
 def _rowsum(t: torch.Tensor, dims) -> torch.Tensor:
@@ -96,21 +104,21 @@ def _rowsum(t: torch.Tensor, dims) -> torch.Tensor:
     return t.sum(dim=list(dims), keepdim=True) if len(dims) else t
 
 
-def _finite_float(value, name: str) -> float:
-    """api._finite_float, with the common case (a finite Python float or int) checked without
-    math.isfinite, which torch.compile(dynamic=True) cannot trace in torch 2.13; everything
-    else goes to api._finite_float for its checks and messages."""
-    if type(value) in (float, int):
-        # float() of a float constant would be traced as a symbolic float under dynamic=True
-        f = value if type(value) is float else float(value)
-        if f - f == 0.0:  # inf - inf and nan - nan are nan
-            return f
-    return api._finite_float(value, name)
+def _transform_active(*tensors) -> bool:
+    """True when a function transform or forward-mode AD sees these tensors (torch.func.jvp /
+    grad / jacfwd, torch.autograd.forward_ad): the ops then run through their
+    autograd.Function twins, which carry jvp rules. Never while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return False
+    ts = [t for t in tensors if isinstance(t, torch.Tensor)]
+    is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    if any(is_wrapped(t) for t in ts):
+        return True
+    import torch.autograd.forward_ad as fwad
 
-
-def _loss_like(logits: torch.Tensor, reduction: str) -> torch.Tensor:
-    shape = tuple(logits.shape[:-1]) if reduction == "none" else ()
-    return logits.new_empty(shape, dtype=_compute_dtype(logits))
+    if getattr(fwad, "_current_level", -1) >= 0:
+        return any(fwad.unpack_dual(t).tangent is not None for t in ts)
+    return False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,45 +132,31 @@ _BACKWARD_SCHEMA = "(Tensor dy, Tensor y, int[] dims, float scale, str backend) 
 @torch.library.custom_op(f"{_NS}::softmax", mutates_args=(), schema=_SOFTMAX_SCHEMA)
 def _softmax_op(x, dims, scale, mask, backend):
     out = _like_rows(x, dims)
-    return api._softmax_impl(x, tuple(dims), scale, mask, out, _backend_opt(backend), False)
+    return _core.softmax(x, tuple(dims), scale, mask, out, _backend_opt(backend), False)
 
 
 @torch.library.custom_op(f"{_NS}::log_softmax", mutates_args=(), schema=_SOFTMAX_SCHEMA)
 def _log_softmax_op(x, dims, scale, mask, backend):
     out = _like_rows(x, dims)
-    return api._softmax_impl(x, tuple(dims), scale, mask, out, _backend_opt(backend), True)
+    return _core.softmax(x, tuple(dims), scale, mask, out, _backend_opt(backend), True)
 
 
 @torch.library.custom_op(f"{_NS}::softmax_backward", mutates_args=(), schema=_BACKWARD_SCHEMA)
 def _softmax_backward_op(dy, y, dims, scale, backend):
     out = _like_rows(y, dims)
-    return api._softmax_backward_impl(dy, y, tuple(dims), scale, out, _backend_opt(backend), False)
+    return _core.softmax_backward(dy, y, tuple(dims), scale, out, _backend_opt(backend), False)
 
 
 @torch.library.custom_op(f"{_NS}::log_softmax_backward", mutates_args=(), schema=_BACKWARD_SCHEMA)
 def _log_softmax_backward_op(dy, y, dims, scale, backend):
     out = _like_rows(y, dims)
-    return api._softmax_backward_impl(dy, y, tuple(dims), scale, out, _backend_opt(backend), True)
+    return _core.softmax_backward(dy, y, tuple(dims), scale, out, _backend_opt(backend), True)
 
 
-@_softmax_op.register_fake
-def _softmax_fake(x, dims, scale, mask, backend):
-    return _like_rows(x, dims)
-
-
-@_log_softmax_op.register_fake
-def _log_softmax_fake(x, dims, scale, mask, backend):
-    return _like_rows(x, dims)
-
-
-@_softmax_backward_op.register_fake
-def _softmax_backward_fake(dy, y, dims, scale, backend):
-    return _like_rows(y, dims)
-
-
-@_log_softmax_backward_op.register_fake
-def _log_softmax_backward_fake(dy, y, dims, scale, backend):
-    return _like_rows(y, dims)
+for _op in (_softmax_op, _log_softmax_op):
+    _op.register_fake(lambda x, dims, scale, mask, backend: _like_rows(x, dims))
+for _op in (_softmax_backward_op, _log_softmax_backward_op):
+    _op.register_fake(lambda dy, y, dims, scale, backend: _like_rows(y, dims))
 
 
 def _softmax_setup(ctx, inputs, output):
@@ -197,39 +191,187 @@ def _backward_setup(ctx, inputs, output):
     ctx.save_for_backward(dy, y)
 
 
-def _softmax_backward_vjp(ctx, g):
+def _softmax_backward_grads(dy, y, g, dims, s, backend, need_dy, need_y):
     # dx = s * J dy with J = diag(y) - y y^T symmetric, so d<g, dx>/d dy = s * J g (the same op);
     # d<g, dx>/d y = s * (g * (dy - sum(dy * y)) - dy * sum(g * y)).
-    dy, y = ctx.saved_tensors
-    s, dims = ctx.scale, ctx.dims
     grad_dy = grad_y = None
-    if ctx.needs_input_grad[0]:
-        grad_dy = _softmax_backward_op(g, y, dims, s, ctx.backend)
-    if ctx.needs_input_grad[1]:
+    if need_dy:
+        grad_dy = _softmax_backward_op(g, y, dims, s, backend)
+    if need_y:
         c = _compute_dtype(y)
         g_, dy_, y_ = g.to(c), dy.to(c), y.to(c)
         grad_y = s * (g_ * (dy_ - _rowsum(dy_ * y_, dims)) - dy_ * _rowsum(g_ * y_, dims))
         grad_y = grad_y.to(y.dtype)
-    return grad_dy, grad_y, None, None, None
+    return grad_dy, grad_y
 
 
-def _log_softmax_backward_vjp(ctx, g):
+def _log_softmax_backward_grads(dy, y, g, dims, s, need_dy, need_y):
     # dx = s * (dy - e * sum(dy)), e = exp(y): d<g, dx>/d dy = s * (g - sum(g * e));
     # d<g, dx>/d y = -s * g * e * sum(dy).
-    dy, y = ctx.saved_tensors
-    s, dims = ctx.scale, ctx.dims
     c = _compute_dtype(y)
     e, g_ = y.to(c).exp(), g.to(c)
     grad_dy = grad_y = None
-    if ctx.needs_input_grad[0]:
+    if need_dy:
         grad_dy = (s * (g_ - _rowsum(g_ * e, dims))).to(dy.dtype)
-    if ctx.needs_input_grad[1]:
+    if need_y:
         grad_y = (-s * g_ * e * _rowsum(dy.to(c), dims)).to(y.dtype)
-    return grad_dy, grad_y, None, None, None
+    return grad_dy, grad_y
+
+
+def _softmax_backward_vjp(ctx, g):
+    dy, y = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    gd, gy = _softmax_backward_grads(dy, y, g, ctx.dims, ctx.scale, ctx.backend, need[0], need[1])
+    return gd, gy, None, None, None
+
+
+def _log_softmax_backward_vjp(ctx, g):
+    dy, y = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    gd, gy = _log_softmax_backward_grads(dy, y, g, ctx.dims, ctx.scale, need[0], need[1])
+    return gd, gy, None, None, None
 
 
 _softmax_backward_op.register_autograd(_softmax_backward_vjp, setup_context=_backward_setup)
 _log_softmax_backward_op.register_autograd(_log_softmax_backward_vjp, setup_context=_backward_setup)
+
+
+# Batching rules (torch.func.vmap): the ops are row-wise, so a vmapped dim is one more leading
+# dim: move it first and shift the reduced dims by one.
+
+
+def _moved_first(t, bdim):
+    return t if bdim is None or bdim == 0 else t.movedim(bdim, 0)
+
+
+def _softmax_vmap(op):
+    def rule(info, in_dims, x, dims, scale, mask, backend):
+        xd, md = in_dims[0], in_dims[3]
+        x0 = _moved_first(x, xd) if xd is not None else x.expand(info.batch_size, *x.shape)
+        nd = x0.dim()
+        dims1 = [(d % (nd - 1)) + 1 for d in dims]
+        m0 = None
+        if mask is not None:
+            b = info.batch_size
+            m0 = _moved_first(mask, md) if md is not None else mask.expand(b, *mask.shape)
+        return op(x0, sorted(dims1), scale, m0, backend), 0
+
+    return rule
+
+
+def _backward_vmap(op):
+    def rule(info, in_dims, dy, y, dims, scale, backend):
+        b = info.batch_size
+        dy0 = _moved_first(dy, in_dims[0]) if in_dims[0] is not None else dy.expand(b, *dy.shape)
+        y0 = _moved_first(y, in_dims[1]) if in_dims[1] is not None else y.expand(b, *y.shape)
+        nd = y0.dim()
+        dims1 = sorted((d % (nd - 1)) + 1 for d in dims)
+        return op(dy0, y0, dims1, scale, backend), 0
+
+    return rule
+
+
+torch.library.register_vmap(_softmax_op, _softmax_vmap(_softmax_op))
+torch.library.register_vmap(_log_softmax_op, _softmax_vmap(_log_softmax_op))
+torch.library.register_vmap(_softmax_backward_op, _backward_vmap(_softmax_backward_op))
+torch.library.register_vmap(_log_softmax_backward_op, _backward_vmap(_log_softmax_backward_op))
+
+
+class _SoftmaxFn(torch.autograd.Function):
+    """The softmax ops with forward-mode rules, for function transforms (see the module doc)."""
+
+    @staticmethod
+    def forward(x, dims, scale, mask, backend, is_log):
+        return (_log_softmax_op if is_log else _softmax_op)(x, dims, scale, mask, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _x, dims, scale, mask, backend, is_log = inputs
+        ctx.dims, ctx.scale, ctx.backend, ctx.is_log = list(dims), scale, backend, is_log
+        ctx.save_for_backward(output, mask)
+        ctx.save_for_forward(output, mask)
+
+    @staticmethod
+    def backward(ctx, g):
+        y, mask = ctx.saved_tensors
+        if ctx.is_log and mask is not None:
+            g = g.masked_fill(~mask, 0)
+        dx = _BackwardFn.apply(g, y, ctx.dims, ctx.scale, ctx.backend, ctx.is_log)
+        return dx, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, t, *_):
+        # softmax: dy = y * (s t - sum(y s t)), which is softmax_backward(t, y) (J symmetric);
+        # log_softmax: dy = s (t - sum(exp(y) t)); masked entries are constants: tangent 0.
+        y, mask = ctx.saved_tensors
+        if mask is not None:
+            t = t.masked_fill(~mask, 0)
+        if not ctx.is_log:
+            return _BackwardFn.apply(t, y, ctx.dims, ctx.scale, ctx.backend, False)
+        c = _compute_dtype(y)
+        t_ = t.to(c)
+        out = ctx.scale * (t_ - _rowsum(y.to(c).exp() * t_, ctx.dims))
+        if mask is not None:
+            out = out.masked_fill(~mask, 0)
+        return out.to(y.dtype)
+
+    @staticmethod
+    def vmap(info, in_dims, x, dims, scale, mask, backend, is_log):
+        op = _log_softmax_op if is_log else _softmax_op
+        out, _ = _softmax_vmap(op)(info, in_dims[:5], x, dims, scale, mask, backend)
+        return out, 0
+
+
+class _BackwardFn(torch.autograd.Function):
+    """The backward ops with forward-mode rules, for function transforms."""
+
+    @staticmethod
+    def forward(dy, y, dims, scale, backend, is_log):
+        op = _log_softmax_backward_op if is_log else _softmax_backward_op
+        return op(dy, y, dims, scale, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        dy, y, dims, scale, backend, is_log = inputs
+        ctx.dims, ctx.scale, ctx.backend, ctx.is_log = list(dims), scale, backend, is_log
+        ctx.save_for_backward(dy, y)
+        ctx.save_for_forward(dy, y)
+
+    @staticmethod
+    def backward(ctx, g):
+        dy, y = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        if ctx.is_log:
+            gd, gy = _log_softmax_backward_grads(dy, y, g, ctx.dims, ctx.scale, n[0], n[1])
+        else:
+            gd, gy = _softmax_backward_grads(dy, y, g, ctx.dims, ctx.scale, ctx.backend, n[0], n[1])
+        return gd, gy, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, t_dy, t_y, *_):
+        # softmax: dx = s y (dy - sum(dy y)):
+        #   ddx = s [t_y (dy - sum(dy y)) + y (t_dy - sum(t_dy y + dy t_y))]
+        # log_softmax: dx = s (dy - e sum(dy)), e = exp(y):
+        #   ddx = s [t_dy - e t_y sum(dy) - e sum(t_dy)]
+        dy, y = ctx.saved_tensors
+        c, s, dims = _compute_dtype(y), ctx.scale, ctx.dims
+        dy_, y_ = dy.to(c), y.to(c)
+        td = t_dy.to(c) if t_dy is not None else torch.zeros_like(dy_)
+        ty = t_y.to(c) if t_y is not None else torch.zeros_like(y_)
+        if ctx.is_log:
+            e = y_.exp()
+            out = s * (td - e * ty * _rowsum(dy_, dims) - e * _rowsum(td, dims))
+        else:
+            out = s * (
+                ty * (dy_ - _rowsum(dy_ * y_, dims)) + y_ * (td - _rowsum(td * y_ + dy_ * ty, dims))
+            )
+        return out.to(y.dtype)
+
+    @staticmethod
+    def vmap(info, in_dims, dy, y, dims, scale, backend, is_log):
+        op = _log_softmax_backward_op if is_log else _softmax_backward_op
+        out, _ = _backward_vmap(op)(info, in_dims[:5], dy, y, dims, scale, backend)
+        return out, 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,99 +379,117 @@ _log_softmax_backward_op.register_autograd(_log_softmax_backward_vjp, setup_cont
 
 _CE_ARGS = (
     "Tensor? weight, int ignore_index, str reduction, float label_smoothing, float z_loss, "
-    "bool validate, str backend"
+    "float? softcap, bool validate, bool want_lse, str backend"
 )
 
 
-def _ce_impl(logits, target, weight, ignore_index, reduction, eps, z, validate, backend, **kw):
-    return api._cross_entropy_impl(
+def _ce_impl(logits, target, weight, ignore_index, reduction, eps, z, softcap, validate,
+             want_lse, backend, *, want_grad, grad_scale=1.0, inplace=False):  # fmt: skip
+    options = _core.CEOptions(ignore_index, reduction, eps, z, softcap, grad_scale)
+    loss, dlogits, lse = _core.cross_entropy(
         logits,
         target,
         weight=weight,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        label_smoothing=eps,
-        z_loss=z,
+        options=options,
         validate=validate,
         backend=_backend_opt(backend),
-        **kw,
+        want_grad=want_grad,
+        inplace=inplace,
+        return_lse=want_lse,
     )
+    if lse is None:
+        lse = logits.new_empty((0,), dtype=_compute_dtype(logits))
+    return loss, dlogits, lse
+
+
+def _loss_like(logits: torch.Tensor, reduction: str) -> torch.Tensor:
+    shape = tuple(logits.shape[:-1]) if reduction == "none" else ()
+    return logits.new_empty(shape, dtype=_compute_dtype(logits))
+
+
+def _lse_like(logits: torch.Tensor, want_lse: bool) -> torch.Tensor:
+    shape = tuple(logits.shape[:-1]) if want_lse else (0,)
+    return logits.new_empty(shape, dtype=_compute_dtype(logits))
 
 
 @torch.library.custom_op(
     f"{_NS}::cross_entropy",
     mutates_args=(),
-    schema=f"(Tensor logits, Tensor target, {_CE_ARGS}) -> Tensor",
+    schema=f"(Tensor logits, Tensor target, {_CE_ARGS}) -> (Tensor, Tensor)",
 )
-def _cross_entropy_op(logits, target, weight, ignore_index, reduction, eps, z, validate, backend):
-    args = (weight, ignore_index, reduction, eps, z, validate, backend)
-    return _ce_impl(logits, target, *args, want_grad=False)[0]
+def _cross_entropy_op(logits, target, *args):
+    loss, _, lse = _ce_impl(logits, target, *args, want_grad=False)
+    return loss, lse
 
 
 @torch.library.custom_op(
     f"{_NS}::cross_entropy_with_grad",
     mutates_args=(),
-    schema=f"(Tensor logits, Tensor target, {_CE_ARGS}, float grad_scale) -> (Tensor, Tensor)",
+    schema=f"(Tensor logits, Tensor target, {_CE_ARGS}, float grad_scale) -> (Tensor, Tensor, "
+    "Tensor)",
 )
-def _cross_entropy_with_grad_op(
-    logits, target, weight, ignore_index, reduction, eps, z, validate, backend, grad_scale
-):
-    args = (weight, ignore_index, reduction, eps, z, validate, backend)
-    loss, grad = _ce_impl(logits, target, *args, want_grad=True, grad_scale=grad_scale)
-    return loss, grad
+def _cross_entropy_with_grad_op(logits, target, *args):
+    *args, grad_scale = args
+    return _ce_impl(logits, target, *args, want_grad=True, grad_scale=grad_scale)
 
 
 @torch.library.custom_op(
     f"{_NS}::cross_entropy_with_grad_",
     mutates_args=("logits",),
-    schema=f"(Tensor(a!) logits, Tensor target, {_CE_ARGS}, float grad_scale) -> Tensor",
+    schema=f"(Tensor(a!) logits, Tensor target, {_CE_ARGS}, float grad_scale) -> (Tensor, Tensor)",
 )
-def _cross_entropy_with_grad_inplace_op(
-    logits, target, weight, ignore_index, reduction, eps, z, validate, backend, grad_scale
-):
+def _cross_entropy_with_grad_inplace_op(logits, target, *args):
     # The gradient overwrites the logits; being a declared mutation, torch bumps the logits'
     # version counter, so autograd refuses (instead of silently misusing) a saved copy of them.
-    args = (weight, ignore_index, reduction, eps, z, validate, backend)
-    loss, _ = _ce_impl(logits, target, *args, want_grad=True, grad_scale=grad_scale, inplace=True)
-    return loss
+    *args, grad_scale = args
+    loss, _, lse = _ce_impl(logits, target, *args, want_grad=True, grad_scale=grad_scale,
+                            inplace=True)  # fmt: skip
+    return loss, lse
 
 
 @_cross_entropy_op.register_fake
-def _cross_entropy_fake(logits, target, weight, ignore_index, reduction, *_rest):
-    return _loss_like(logits, reduction)
+def _cross_entropy_fake(logits, target, weight, ignore_index, reduction, *rest):
+    return _loss_like(logits, reduction), _lse_like(logits, rest[4])
 
 
 @_cross_entropy_with_grad_op.register_fake
-def _cross_entropy_with_grad_fake(logits, target, weight, ignore_index, reduction, *_rest):
-    return _loss_like(logits, reduction), logits.new_empty(logits.shape)
+def _cross_entropy_with_grad_fake(logits, target, weight, ignore_index, reduction, *rest):
+    grad = _like_rows(logits, [logits.dim() - 1])
+    return _loss_like(logits, reduction), grad, _lse_like(logits, rest[4])
 
 
 @_cross_entropy_with_grad_inplace_op.register_fake
-def _cross_entropy_with_grad_inplace_fake(logits, target, weight, ignore_index, reduction, *_r):
-    return _loss_like(logits, reduction)
+def _cross_entropy_with_grad_inplace_fake(logits, target, weight, ignore_index, reduction, *r):
+    return _loss_like(logits, reduction), _lse_like(logits, r[4])
 
 
 def _ce_setup(ctx, inputs, output, fused):
-    logits, target, weight, ignore_index, reduction, eps, z, validate, backend = inputs[:9]
-    ctx.options = (ignore_index, reduction, eps, z, backend)
+    (logits, target, weight, ignore_index, reduction, eps, z, softcap, validate, want_lse,
+     backend) = inputs[:11]  # fmt: skip
+    ctx.set_materialize_grads(False)
+    ctx.options = (ignore_index, reduction, eps, z, softcap, backend)
     ctx.n_inputs = len(inputs)
     ctx.logits_dtype = logits.dtype
     ctx.target_dtype = target.dtype
     need_x, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     dlogits = None
     if fused:
-        loss, dlogits = output
+        _loss, dlogits, lse = output
         ctx.mark_non_differentiable(dlogits)
-        if inputs[9] != 1.0:  # grad_scale: keep d loss/d logits only when it is unscaled
+        if inputs[11] != 1.0:  # grad_scale: keep d loss/d logits only when it is unscaled
             dlogits = None
-    # The logits are needed to recompute the gradient (loss-only op, or a scaled one) and for
-    # the gradient of soft targets; otherwise they are not kept alive.
+    else:
+        _loss, lse = output
+    # The logits are needed to recompute the gradient (loss-only op, or a scaled one), for the
+    # gradient of soft targets and for the lse's; otherwise they are not kept alive.
     recompute = need_x and dlogits is None
+    keep_logits = recompute or need_t or (want_lse and need_x)
     ctx.save_for_backward(
         dlogits if need_x else None,
-        logits if recompute or need_t else None,
+        logits if keep_logits else None,
         target if recompute else None,
         weight,
+        lse if want_lse and need_x else None,
     )
 
 
@@ -341,29 +501,51 @@ def _ce_setup_fused(ctx, inputs, output):
     _ce_setup(ctx, inputs, output, fused=True)
 
 
-def _ce_vjp(ctx, g_loss, *_g_dlogits):
+def _softcapped(logits, softcap, c):
+    """(z, dz/dx) of the softcap in the compute dtype c (dz/dx None without one)."""
+    x = logits.to(c)
+    if softcap is None:
+        return x, None
+    t = torch.tanh(x / softcap)
+    return softcap * t, 1.0 - t * t
+
+
+def _ce_vjp(ctx, g_loss, *rest):
     if torch.is_grad_enabled():
         raise NotImplementedError(
             "softmax_kernels.cross_entropy has no second derivative (backward with "
             "create_graph=True); use torch.nn.functional.cross_entropy for that"
         )
-    dlogits, logits, target, weight = ctx.saved_tensors
-    ignore_index, reduction, eps, z, backend = ctx.options
+    g_lse = rest[-1]  # (fused op: rest = (g_dlogits, g_lse))
+    dlogits, logits, target, weight, lse = ctx.saved_tensors
+    ignore_index, reduction, eps, z, softcap, backend = ctx.options
     grad_x = grad_t = None
     per_row = reduction == "none"
-    g = g_loss.unsqueeze(-1) if per_row else g_loss
-    if ctx.needs_input_grad[0]:
+    c = _compute_dtype(logits) if logits is not None else torch.float32
+    if ctx.needs_input_grad[0] and g_loss is not None:
         if dlogits is None:  # recompute: the fused kernel's gradient of (sum or mean) loss
-            _, dlogits = _cross_entropy_with_grad_op(
-                logits, target, weight, ignore_index, reduction, eps, z, False, backend, 1.0
-            )
+            _, dlogits, _ = _cross_entropy_with_grad_op(
+                logits, target, weight, ignore_index, reduction, eps, z, softcap, False, False,
+                backend, 1.0,
+            )  # fmt: skip
+        g = g_loss.unsqueeze(-1) if per_row else g_loss
         # reads the saved gradient once, writes dlogits once (half types scaled in float32)
-        grad_x = (dlogits.to(g.dtype) * g).to(ctx.logits_dtype)
-    if ctx.needs_input_grad[1]:
-        # soft target q: loss = sum_c w_c q'_c (lse - x_c) (+ z lse^2), q' = (1-eps) q + eps/C,
-        # so d loss / d q_c = (1-eps) w_c (lse - x_c), divided by the row count for "mean".
+        grad_x = dlogits.to(g.dtype) * g
+    if ctx.needs_input_grad[0] and g_lse is not None and lse is not None and lse.numel():
+        # d lse / d x = softmax(z) * dz/dx
+        zc, chain = _softcapped(logits, softcap, c)
+        p = torch.exp(zc - lse.to(c).unsqueeze(-1))
+        extra = g_lse.to(c).unsqueeze(-1) * (p if chain is None else p * chain)
+        grad_x = extra if grad_x is None else grad_x.to(c) + extra
+    if grad_x is not None:
+        grad_x = grad_x.to(ctx.logits_dtype)
+    if ctx.needs_input_grad[1] and g_loss is not None:
+        # soft target q: loss = sum_c w_c q'_c (lse - z_c) (+ z lse^2), q' = (1-eps) q + eps/C,
+        # so d loss / d q_c = (1-eps) w_c (lse - z_c), divided by the row count for "mean".
+        g = g_loss.unsqueeze(-1) if per_row else g_loss
         n_cols = logits.shape[-1]
-        nll = -_log_softmax_op(logits, [logits.dim() - 1], 1.0, None, backend)
+        zc, _ = _softcapped(logits, softcap, c)
+        nll = -_log_softmax_op(zc, [logits.dim() - 1], 1.0, None, backend)
         grad_t = nll.to(g.dtype) * (1.0 - eps)
         if weight is not None:
             grad_t = grad_t * weight.to(g.dtype)
@@ -378,100 +560,206 @@ _cross_entropy_op.register_autograd(_ce_vjp, setup_context=_ce_setup_loss)
 _cross_entropy_with_grad_op.register_autograd(_ce_vjp, setup_context=_ce_setup_fused)
 
 
-def _ce_check(
-    logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, grad_scale, backend
-):
-    """The argument checks of api._cross_entropy_impl, in its order and with its messages, done
-    before an op is called (the ops' schemas take only tensors, numbers and strings); the ones
-    that depend on the data (targets in range, at least one class) happen inside the op."""
+class _CrossEntropyFn(torch.autograd.Function):
+    """sk.cross_entropy with a forward-mode rule, for function transforms: the fused kernel's
+    gradient G = d loss / d logits gives the loss tangent <G, t> (per row for "none")."""
+
+    @staticmethod
+    def forward(logits, target, *args):
+        loss, dlogits, lse = _cross_entropy_with_grad_op(logits, target, *args, 1.0)
+        return loss, lse, dlogits
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        loss, lse, dlogits = output
+        ctx.reduction = inputs[4]
+        ctx.n_inputs = len(inputs)
+        ctx.mark_non_differentiable(lse, dlogits)
+        ctx.save_for_backward(dlogits)
+        ctx.save_for_forward(dlogits)
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_lse, _g_d):
+        (dlogits,) = ctx.saved_tensors
+        g = g_loss.unsqueeze(-1) if ctx.reduction == "none" else g_loss
+        return ((dlogits.to(g.dtype) * g).to(dlogits.dtype),) + (None,) * (ctx.n_inputs - 1)
+
+    @staticmethod
+    def jvp(ctx, t_logits, t_target, *_):
+        if t_target is not None:
+            raise NotImplementedError(
+                "softmax_kernels.cross_entropy: forward-mode AD with respect to probability "
+                "targets is not implemented (tangents of the logits are)"
+            )
+        (dlogits,) = ctx.saved_tensors
+        c = _compute_dtype(dlogits)
+        prod = dlogits.to(c) * t_logits.to(c)
+        t_loss = prod.sum(-1) if ctx.reduction == "none" else prod.sum()
+        return t_loss, None, None
+
+
+def _ce_check(logits, target, weight, axis, ignore_index, reduction, label_smoothing, z_loss,
+              softcap, grad_scale, backend):  # fmt: skip
+    """The checks of _core.cross_entropy, in its order and with its messages, done before an op
+    is called (the ops' schemas take only tensors, numbers and strings), and the class axis
+    moved last (a view). Data-dependent checks happen inside the op."""
     _arrays.check_float(logits, "logits")
     if logits.ndim < 1:
-        raise ValueError("logits must have at least one axis (the class axis, last)")
-    n_cols = int(logits.shape[-1])
-    target, soft = api._check_target(target, logits, n_cols)
-    if reduction not in api._REDUCTIONS:
-        raise ValueError(f"reduction must be one of {api._REDUCTIONS}, got {reduction!r}")
-    eps = _finite_float(label_smoothing, "label_smoothing")
-    if not 0.0 <= eps <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
-    z = _finite_float(z_loss, "z_loss")
-    if z < 0.0:
-        raise ValueError(f"z_loss must be >= 0, got {z_loss!r}")
-    grad_scale = _finite_float(grad_scale, "grad_scale")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    ignore_index = int(ignore_index)
-    if weight is not None:
-        weight = api._same_place(weight, logits, "weight", "logits")
-        _arrays.check_float(weight, "weight")
-        if tuple(weight.shape) != (n_cols,):
-            raise ValueError(f"weight has shape {tuple(weight.shape)}, expected ({n_cols},)")
-        if weight.requires_grad and torch.is_grad_enabled():
-            raise NotImplementedError(
-                "softmax_kernels.cross_entropy gives no gradient with respect to weight (nor "
-                "does torch for class-index targets); pass weight.detach()"
-            )
-    backend = _backend_arg(backend)
-    return target, soft, weight, ignore_index, reduction, eps, z, grad_scale, backend
+        raise ValueError("logits must have at least one axis (the class axis)")
+    ax = _core.class_axis(logits, axis)
+    target, soft = _core.check_target(target, logits, ax)
+    opts = _core.check_ce_options(
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        grad_scale=grad_scale,
+    )
+    if ax != logits.ndim - 1:
+        logits = logits.movedim(ax, -1)
+        if soft:
+            target = target.movedim(ax, -1)
+    weight = _core.check_weight(weight, logits, int(logits.shape[-1]))
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError(
+            "softmax_kernels.cross_entropy gives no gradient with respect to weight (nor does "
+            "torch for class-index targets); pass weight.detach()"
+        )
+    return logits, target, weight, ax, opts, _backend_arg(backend)
+
+
+def cross_entropy_entry(
+    logits,
+    target,
+    *,
+    want_grad,
+    axis=-1,
+    weight=None,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    z_loss=0.0,
+    softcap=None,
+    return_lse=False,
+    validate=False,
+    grad_scale=1.0,
+    inplace=False,
+    process_group=None,
+    vocab_start=None,
+    backend=None,
+):
+    """sk.cross_entropy (want_grad False) and sk.cross_entropy_with_grad for torch tensors."""
+    if _arrays.kind_of(logits) != _arrays.TORCH:
+        raise TypeError(
+            "process_group= needs torch tensors (torch.distributed: NCCL for CUDA tensors, gloo "
+            f"for CPU tensors); got a {_arrays.kind_of(logits) or type(logits).__name__} array"
+        )
+    orig = logits
+    logits, target, weight, ax, o, backend = _ce_check(
+        logits, target, weight, axis, ignore_index, reduction, label_smoothing, z_loss,
+        softcap, grad_scale, backend,
+    )  # fmt: skip
+    last = logits.dim() - 1
+
+    def restore(d):
+        return d if ax == last else d.movedim(-1, ax)
+
+    want_lse = bool(return_lse)
+    if process_group is not None:
+        from . import _parallel
+
+        loss, dlogits, lse = _parallel.torch_entry(
+            logits, target, weight, o, bool(validate), want_lse, backend, want_grad=want_grad,
+            inplace=inplace, process_group=process_group, vocab_start=vocab_start,
+        )  # fmt: skip
+        if want_grad:
+            dlogits = orig if inplace else restore(dlogits)
+    elif not want_grad:
+        if vocab_start is not None:
+            raise ValueError("vocab_start is only meaningful with a process_group")
+        args = (weight, o.ignore_index, o.reduction, o.label_smoothing, o.z_loss, o.softcap,
+                bool(validate), want_lse, backend)  # fmt: skip
+        if _transform_active(logits, target):
+            loss, lse, _ = _CrossEntropyFn.apply(logits, target, *args)
+        elif torch.is_grad_enabled() and (logits.requires_grad or target.requires_grad):
+            loss, _, lse = _cross_entropy_with_grad_op(logits, target, *args, 1.0)
+        else:
+            loss, lse = _cross_entropy_op(logits, target, *args)
+    else:
+        if vocab_start is not None:
+            raise ValueError("vocab_start is only meaningful with a process_group")
+        args = (weight, o.ignore_index, o.reduction, o.label_smoothing, o.z_loss, o.softcap,
+                bool(validate), want_lse, backend, o.grad_scale)  # fmt: skip
+        with torch.no_grad():
+            if inplace:
+                if orig.requires_grad and orig.is_leaf:
+                    raise RuntimeError(
+                        "a leaf Variable that requires grad is being used in an in-place "
+                        "operation (cross_entropy_with_grad(..., inplace=True) would write the "
+                        "gradient over it); pass logits.detach() or inplace=False"
+                    )
+                loss, lse = _cross_entropy_with_grad_inplace_op(logits, target, *args)
+                dlogits = orig.detach() if orig.requires_grad else orig
+            else:
+                loss, dlogits, lse = _cross_entropy_with_grad_op(logits, target, *args)
+                dlogits = restore(dlogits)
+    out = (loss, dlogits) if want_grad else (loss,)
+    if want_lse:
+        out += (lse,)
+    return out[0] if len(out) == 1 else out
 
 
 # ----------------------------------------------------------------------------------------------
-# The entry points api.py calls for torch tensors.
+# The softmax entry points api.py calls for torch tensors.
 
 
-def _softmax_common(x, axis, scale, where, backend, is_log):
+def softmax_entry(x, axis, scale, where, out, backend, is_log):
+    """sk.softmax / sk.log_softmax for a torch tensor (differentiable, traceable by
+    torch.compile); ``out=`` writes through the backend outside the ops (refused under
+    autograd, as torch refuses it)."""
+    if out is not None:
+        return write_out(
+            "log_softmax" if is_log else "softmax",
+            out,
+            (x,),
+            lambda: _core.softmax(x, axis, scale, where, out, backend, is_log),
+        )
     _arrays.check_float(x, "x")
-    scale = _finite_float(scale, "scale")
+    scale = _core.finite_float(scale, "scale")
     dims = list(_arrays.normalize_axes(axis, x.ndim))
     backend = _backend_arg(backend)
-    mask = api._prepare_mask(where, x, _arrays.ops_for(x))
+    mask = _core.prepare_mask(where, x, _arrays.ops_for(x))
+    if _transform_active(x):
+        return _SoftmaxFn.apply(x, dims, scale, mask, backend, is_log)
     op = _log_softmax_op if is_log else _softmax_op
     return op(x, dims, scale, mask, backend)
 
 
-def softmax(x, axis, *, scale, where, backend):
-    """sk.softmax for a torch tensor (differentiable, traceable by torch.compile)."""
-    return _softmax_common(x, axis, scale, where, backend, is_log=False)
-
-
-def log_softmax(x, axis, *, scale, where, backend):
-    """sk.log_softmax for a torch tensor (differentiable, traceable by torch.compile)."""
-    return _softmax_common(x, axis, scale, where, backend, is_log=True)
-
-
-def _backward_common(dy, y, axis, scale, backend, is_log):
-    # api._softmax_backward_impl's checks, in its order and with its messages
-    _arrays.check_float(y, "y")
-    dy = api._same_place(dy, y, "dy", "y")
-    _arrays.check_float(dy, "dy")
-    if _arrays.dtype_name(dy) != _arrays.dtype_name(y):
-        raise TypeError(
-            f"dy has dtype {_arrays.dtype_name(dy)} but y has {_arrays.dtype_name(y)}; "
-            "they must match"
+def backward_entry(dy, y, axis, scale, out, backend, is_log):
+    """sk.softmax_backward / sk.log_softmax_backward for torch tensors."""
+    if out is not None:
+        return write_out(
+            "log_softmax_backward" if is_log else "softmax_backward",
+            out,
+            (dy, y),
+            lambda: _core.softmax_backward(dy, y, axis, scale, out, backend, is_log),
         )
-    if tuple(dy.shape) != tuple(y.shape):
-        raise ValueError(f"dy has shape {tuple(dy.shape)} but y has {tuple(y.shape)}")
-    scale = _finite_float(scale, "scale")
+    dy, y = _core.check_backward_inputs(dy, y)
+    scale = _core.finite_float(scale, "scale")
     dims = list(_arrays.normalize_axes(axis, y.ndim))
+    backend = _backend_arg(backend)
+    if _transform_active(dy, y):
+        return _BackwardFn.apply(dy, y, dims, scale, backend, is_log)
     op = _log_softmax_backward_op if is_log else _softmax_backward_op
-    return op(dy, y, dims, scale, _backend_arg(backend))
-
-
-def softmax_backward(dy, y, axis, *, scale, backend):
-    """sk.softmax_backward for torch tensors (differentiable, traceable by torch.compile)."""
-    return _backward_common(dy, y, axis, scale, backend, is_log=False)
-
-
-def log_softmax_backward(dy, y, axis, *, scale, backend):
-    """sk.log_softmax_backward for torch tensors (differentiable, traceable)."""
-    return _backward_common(dy, y, axis, scale, backend, is_log=True)
+    return op(dy, y, dims, scale, backend)
 
 
 def write_out(name, out, inputs, compute):
-    """The ``out=`` path of the API for torch tensors, which writes through the backend outside
-    the ops: refused, as torch refuses it, when autograd would need a graph; afterwards the
-    version counter of ``out`` is bumped, so a backward pass that saved its old contents raises
-    instead of reading the new ones. Returns ``compute()``."""
+    """The ``out=`` path for torch tensors, which writes through the backend outside the ops:
+    refused, as torch refuses it, when autograd would need a graph; afterwards the version
+    counter of ``out`` is bumped, so a backward pass that saved its old contents raises instead
+    of reading the new ones. Returns ``compute()``."""
     tensors = [t for t in (*inputs, out) if isinstance(t, torch.Tensor)]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         raise RuntimeError(
@@ -483,67 +771,11 @@ def write_out(name, out, inputs, compute):
     return result
 
 
-def cross_entropy(
-    logits,
-    target,
-    *,
-    weight=None,
-    ignore_index=-100,
-    reduction="mean",
-    label_smoothing=0.0,
-    z_loss=0.0,
-    validate=False,
-    backend=None,
-):
-    """sk.cross_entropy for torch tensors. When the logits need a gradient the forward pass runs
-    the fused loss+gradient kernel and backward only scales that gradient."""
-    target, soft, weight, ignore_index, reduction, eps, z, _, backend = _ce_check(
-        logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, 1.0, backend
-    )
-    args = (weight, ignore_index, reduction, eps, z, bool(validate), backend)
-    if torch.is_grad_enabled() and logits.requires_grad:
-        loss, _ = _cross_entropy_with_grad_op(logits, target, *args, 1.0)
-        return loss
-    return _cross_entropy_op(logits, target, *args)
+# ----------------------------------------------------------------------------------------------
+# fused linear + cross-entropy (softmax_kernels._linear does the work)
 
 
-def cross_entropy_with_grad(
-    logits,
-    target,
-    *,
-    weight=None,
-    ignore_index=-100,
-    reduction="mean",
-    label_smoothing=0.0,
-    z_loss=0.0,
-    validate=False,
-    grad_scale=1.0,
-    inplace=False,
-    backend=None,
-):
-    """sk.cross_entropy_with_grad for torch tensors: plain tensors, no autograd graph.
+def linear_cross_entropy_entry(x, linear_weight, target, *, want_grad, **kw):
+    from . import _linear
 
-    With ``inplace=True`` the gradient overwrites ``logits`` through an op that declares the
-    mutation, so the logits' version counter is bumped: a backward pass that saved the old
-    logits raises torch's "modified by an inplace operation" error instead of using the
-    gradient as if it were the logits. ``dlogits`` is then ``logits`` itself, or, when
-    ``logits`` requires grad, a detached alias of the same memory."""
-    target, soft, weight, ignore_index, reduction, eps, z, grad_scale, backend = _ce_check(
-        logits,
-        target,
-        weight,
-        ignore_index,
-        reduction,
-        label_smoothing,
-        z_loss,
-        grad_scale,
-        backend,
-    )
-    args = (weight, ignore_index, reduction, eps, z, bool(validate), backend, grad_scale)
-    with torch.no_grad():
-        if inplace:
-            loss = _cross_entropy_with_grad_inplace_op(logits, target, *args)
-            dlogits = logits.detach() if logits.requires_grad else logits
-        else:
-            loss, dlogits = _cross_entropy_with_grad_op(logits, target, *args)
-    return loss, dlogits
+    return _linear.torch_entry(x, linear_weight, target, want_grad=want_grad, **kw)

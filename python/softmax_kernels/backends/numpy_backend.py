@@ -112,6 +112,8 @@ def _torch_views(*arrays):
     torch = sys.modules.get("torch")
     if torch is None or any(s < 0 for a in arrays for s in a.strides):
         return None
+    if not all(a.flags.writeable for a in arrays):
+        return None  # torch.from_numpy warns about read-only memory (e.g. np.broadcast_to)
     return [torch.from_numpy(a) for a in arrays]
 
 
@@ -180,6 +182,27 @@ def _scratch(dst: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return dst if dst.dtype == dtype else _tmp(0, dst.shape, dtype)
 
 
+def _private(dst: np.ndarray, dtype: np.dtype, *inputs: np.ndarray) -> np.ndarray:
+    """Like _scratch, but never memory an input of the block lives in: an ``out=`` that names an
+    input (``softmax_backward(dy, y, out=y)``) must not be overwritten before it is read."""
+    if dst.dtype == dtype and not any(np.may_share_memory(dst, a) for a in inputs):
+        return dst
+    return _tmp(0, dst.shape, dtype)
+
+
+def _row_sum(a: np.ndarray, cdt: np.dtype) -> np.ndarray:
+    """Row sums accumulated in float64 (float32 data too): a row whose terms nearly cancel
+    (sum(dy) of a zero-mean dy) would otherwise keep an error of ~eps * sqrt(n) * |dy|, which
+    exp(y) ~ 1 carries straight into dx, above the float32 bound from a few thousand columns."""
+    return np.add.reduce(a, axis=1, dtype=np.float64, keepdims=True).astype(cdt, copy=False)
+
+
+def _row_dot(a: np.ndarray, b: np.ndarray, cdt: np.dtype) -> np.ndarray:
+    """dot(a_i, b_i) per row, accumulated in float64, without writing a * b out."""
+    s = np.einsum("ij,ij->i", a, b, dtype=np.float64, casting="safe")
+    return s[:, None].astype(cdt, copy=False)
+
+
 # ----------------------------------------------------------------------------------------------
 # softmax / log_softmax forward
 
@@ -197,7 +220,7 @@ def softmax_fwd(x, out, *, scale: float, mask, is_log: bool) -> None:
             dst = on[r0:r1]
             buf = _scratch(dst, cdt)
             xc = xn[r0:r1]
-            empty = None
+            keep = empty = None
             if mn is None and xc.dtype == cdt:
                 # one pass fewer: m = max(s*x) is s*max(x) for s >= 0 and s*min(x) for s < 0,
                 # exactly, since rounding is monotonic. NaN propagates: a NaN row stays NaN.
@@ -228,8 +251,10 @@ def softmax_fwd(x, out, *, scale: float, mask, is_log: bool) -> None:
                 np.exp(buf, out=buf)
                 buf /= buf.sum(axis=1, keepdims=True)  # a division: exact to half an ulp
                 fill = 0.0
-            if empty is not None and empty.any():
-                buf[empty] = fill
+            if keep is not None:
+                # masked entries are 0 / -inf whatever the rest of the row holds (a NaN there
+                # makes the kept entries NaN, not the masked ones), and so is a fully masked row
+                np.copyto(buf, fill, where=~keep)
             if buf is not dst:
                 _store(dst, buf)
 
@@ -244,6 +269,7 @@ def softmax_fwd(x, out, *, scale: float, mask, is_log: bool) -> None:
 def softmax_bwd(dy, y, out, *, scale: float, is_log: bool) -> None:
     # softmax:     dx = s * y * (dy - dot(dy, y))     reads 2 x n, writes n
     # log_softmax: dx = s * (dy - exp(y) * sum(dy))   reads 2 x n, writes n
+    # The row sums are accumulated in float64 (see _row_sum). out may be dy's or y's memory.
     dyn, yn, o = _np_in(dy), _np_in(y), _OutRows(out)
     on = o.np
     cdt = _compute_dtype(yn)
@@ -252,16 +278,15 @@ def softmax_bwd(dy, y, out, *, scale: float, is_log: bool) -> None:
     def work(r0, r1):
         with np.errstate(all="ignore"):
             dst = on[r0:r1]
-            buf = _scratch(dst, cdt)
             d, yy = _widened(1, dyn[r0:r1], cdt), _widened(2, yn[r0:r1], cdt)
+            buf = _private(dst, cdt, d, yy)
             if is_log:
-                s = d.sum(axis=1, keepdims=True)
+                s = _row_sum(d, cdt)
                 np.exp(yy, out=buf)
                 buf *= s
                 np.subtract(d, buf, out=buf)
             else:
-                # the row dot product without writing dy * y out (einsum fuses the two)
-                s = np.einsum("ij,ij->i", d, yy)[:, None]
+                s = _row_dot(d, yy, cdt)
                 np.subtract(d, s, out=buf)
                 buf *= yy
             if scale != 1.0:
@@ -274,100 +299,299 @@ def softmax_bwd(dy, y, out, *, scale: float, is_log: bool) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# cross-entropy forward (+ gradient)
+# cross-entropy: the maths of dispatch.py's docstring, here in NumPy. Every function works on
+# blocks of rows; per-row results land in full-length arrays and are reduced at the end in one
+# fixed order, so the result does not depend on the blocking or the threads.
+
+
+def _softcapped(buf: np.ndarray, softcap, slot: int):
+    """z = c tanh(x / c) in place (softcap = c), returning tanh(x / c) for the chain rule
+    dz/dx = 1 - tanh^2 (None without a softcap)."""
+    if softcap is None:
+        return None
+    t = _tmp(slot, buf.shape, buf.dtype)
+    np.multiply(buf, 1.0 / softcap, out=t)
+    np.tanh(t, out=t)
+    np.multiply(t, softcap, out=buf)
+    return t
+
+
+def _chain(g: np.ndarray, t) -> None:
+    """g *= 1 - t^2, the softcap's dz/dx (t = tanh(x / c))."""
+    if t is not None:
+        np.multiply(t, t, out=t)
+        np.subtract(1.0, t, out=t)
+        g *= t
+
+
+def _class_targets(tn: np.ndarray, r0: int, r1: int, ignore_index: int, lo: int, n_cols: int):
+    """(local target or 0, counted, owned-and-in-range, bad) for a block of class targets, with
+    lo = vocab_start (the first class this array holds)."""
+    t = tn[r0:r1].astype(np.int64, copy=False) - lo
+    valid = tn[r0:r1] != ignore_index
+    in_range = (t >= 0) & (t < n_cols)
+    ts = np.where(in_range, t, 0)
+    return ts, valid, in_range, valid & ~in_range
+
+
+def _denominator(tn, wn, *, soft: bool, ignore_index: int, n_cols: int, cdt) -> tuple:
+    """(denom, counted rows) of reduction "mean": the summed w_t of the counted rows (their
+    count without a weight; the row count for soft targets). A bad target adds NaN."""
+    n = tn.shape[0]
+    if soft:
+        return cdt.type(n), n
+    ts, valid, in_range, bad = _class_targets(tn, 0, n, ignore_index, 0, n_cols)
+    w_t = wn[ts] if wn is not None else np.ones(n, cdt)
+    per_row = np.where(valid, np.where(in_range, w_t, np.nan), 0.0).astype(cdt, copy=False)
+    return per_row.sum(dtype=cdt), int(valid.sum())
 
 
 def cross_entropy_fwd(
     logits,
     target,
+    *,
     loss,
     grad,
-    *,
+    lse,
     soft: bool,
     weight,
     ignore_index: int,
     label_smoothing: float,
     z_loss: float,
+    softcap,
     grad_scale: float,
+    reduction: str,
     denom,
 ) -> None:
-    # With p = softmax(x), lse = logsumexp(x), eps = label_smoothing, w = weight (or ones):
-    #   integer target t: loss = (1-eps) w_t (lse - x_t) + eps/C sum_c w_c (lse - x_c)
-    #                     grad = [(1-eps) w_t + eps/C W] p - (1-eps) w_t onehot_t - eps/C w
-    #   soft target q:    q' = (1-eps) q + eps/C,  loss = sum_c w_c q'_c (lse - x_c)
-    #                     grad = sum(w q') p - w q'
-    #   z-loss:           loss += z lse^2,  grad += 2 z lse p
-    # then grad *= grad_scale (/ denom for mean). Ignored rows: loss 0, grad 0.
-    # Reads the logits once (and the soft targets), writes the loss and the gradient once.
-    xn, tn, wn, o = _np_in(logits), _np_in(target), _np_in(weight), _OutRows(loss)
-    ln = o.np
-    g = _OutRows(grad) if grad is not None else None
-    gn = g.np if g is not None else None
+    # Reads the logits once (and the soft targets), writes the loss (and lse) and the gradient
+    # once. Maths: dispatch.py's docstring; lse - z_c is computed as log_s - zs_c (no
+    # cancellation), the target's 1 - p_t as -expm1(zs_t - log_s).
+    xn, tn, wn = _np_in(logits), _np_in(target), _np_in(weight)
+    lo, go = _OutRows(loss), (_OutRows(grad) if grad is not None else None)
+    eo = _OutRows(lse) if lse is not None else None
+    gn = go.np if go is not None else None
     cdt = _compute_dtype(xn)
     n_rows, n_cols = xn.shape
     eps = float(label_smoothing)
-    with np.errstate(divide="ignore", invalid="ignore"):  # denom 0: every row is ignored
-        row_scale = grad_scale if denom is None else grad_scale / np.asarray(_np_in(denom), cdt)
-    if wn is not None:
-        w_total = wn.sum(dtype=cdt)
+    keep_c, eps_c = cdt.type(1.0 - eps), cdt.type(eps / n_cols)
+    w_total = wn.sum(dtype=cdt) if wn is not None else cdt.type(n_cols)
+    count = None
+    if reduction == "mean":
+        if denom is None:
+            d, count = _denominator(tn, wn, soft=soft, ignore_index=ignore_index,
+                                    n_cols=n_cols, cdt=cdt)  # fmt: skip
+        else:
+            d = np.asarray(_np_in(denom), cdt)[()]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            row_scale = cdt.type(grad_scale) / d
     else:
-        w_total = cdt.type(n_cols)
+        d, row_scale = None, cdt.type(grad_scale)
+    row_loss = np.empty(n_rows, cdt)
+    row_lse = eo.np if eo is not None else None
 
     def work(r0, r1):
         with np.errstate(all="ignore"):
-            buf = _tmp(0, (r1 - r0, n_cols), cdt)
+            nr = r1 - r0
+            buf = _tmp(0, (nr, n_cols), cdt)
             _load(buf, xn[r0:r1])
+            th = _softcapped(buf, softcap, 3)
             m = buf.max(axis=1, keepdims=True)
-            buf -= m  # xs = x - m
+            m[~np.isfinite(m) & (m < 0)] = 0.0  # an all -inf row: exp(-inf - 0) = 0, s = 0
+            buf -= m  # zs = z - m
             e = np.exp(buf, out=_tmp(1, buf.shape, cdt))
             s = e.sum(axis=1, keepdims=True)
-            log_s = np.log(s)  # lse - m, so lse - x_c = log_s - xs_c without cancellation
-            lse = m[:, 0] + log_s[:, 0]
-            rows = np.arange(r1 - r0)
+            log_s = np.log(s)  # lse - m, so lse - z_c = log_s - zs_c without cancellation
+            lse_r = m[:, 0] + log_s[:, 0]
+            if row_lse is not None:
+                row_lse[r0:r1] = lse_r
+            rows = np.arange(nr)
             if soft:
                 q = _widened(2, tn[r0:r1], cdt)
                 if eps:
-                    q = q * (1.0 - eps) + eps / n_cols
+                    q = q * keep_c + eps_c  # q' = (1-eps) q + eps/C
                 wq = q * wn if wn is not None else q
-                swq = wq.sum(axis=1)
-                row_loss = log_s[:, 0] * swq - np.einsum("ij,ij->i", wq, buf)
-                valid = None
+                a = wq.sum(axis=1)
+                rl = log_s[:, 0] * a - np.einsum("ij,ij->i", wq, buf)
+                valid = bad = None
             else:
-                t = tn[r0:r1].astype(np.int64, copy=False)
-                valid = t != ignore_index
-                ts = np.where(valid, t, 0)
-                wt = wn[ts] if wn is not None else np.ones(r1 - r0, cdt)
-                row_loss = (1.0 - eps) * wt * (log_s[:, 0] - buf[rows, ts])
+                ts, valid, in_range, bad = _class_targets(tn, r0, r1, ignore_index, 0, n_cols)
+                wt = wn[ts] if wn is not None else np.ones(nr, cdt)
+                kwt = keep_c * wt
+                zs_t = buf[rows, ts]
+                rl = kwt * (log_s[:, 0] - zs_t)
+                a = kwt.copy()
                 if eps:
-                    dot_wx = buf @ wn if wn is not None else buf.sum(axis=1)
-                    row_loss += (eps / n_cols) * (w_total * log_s[:, 0] - dot_wx)
+                    dot_wz = buf @ wn if wn is not None else buf.sum(axis=1)
+                    rl += eps_c * (w_total * log_s[:, 0] - dot_wz)
+                    a += eps_c * w_total
             if z_loss:
-                row_loss += z_loss * lse * lse
+                rl += z_loss * lse_r * lse_r
+                a += cdt.type(2.0 * z_loss) * lse_r
             if valid is not None:
-                row_loss = np.where(valid, row_loss, 0.0)
-            ln[r0:r1] = row_loss
+                rl = np.where(valid, rl, 0.0)
+                rl[bad] = np.nan
+            row_loss[r0:r1] = rl
             if gn is None:
                 return
             e /= s  # p
-            if soft:
-                a = swq
-            else:
-                a = (1.0 - eps) * wt + (eps / n_cols) * w_total
-            if z_loss:
-                a = a + 2.0 * z_loss * lse
+            p_t = None if soft else e[rows, ts].copy()
             e *= a[:, None]
             if soft:
                 e -= wq
             else:
                 if eps:
-                    e -= (eps / n_cols) * (wn if wn is not None else 1.0)
-                e[rows, ts] -= (1.0 - eps) * wt
+                    e -= eps_c * (wn if wn is not None else 1.0)
+                # the target entry from the shifted logit: (a - k w_t) p_t - k w_t (1 - p_t)
+                q_t = -np.expm1(zs_t - log_s[:, 0])
+                g_t = (a - kwt) * p_t - kwt * q_t
+                if eps:
+                    g_t -= eps_c * (wn[ts] if wn is not None else 1.0)
+                e[rows, ts] = g_t
             e *= row_scale
+            _chain(e, th)
+            if valid is not None:
+                e[~valid] = 0.0
+                e[bad] = np.nan
+            _store(gn[r0:r1], e)
+
+    _for_row_blocks(n_rows, n_cols, work)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if reduction == "none":
+            lo.np[...] = row_loss
+        else:
+            total = row_loss.sum(dtype=cdt)
+            if reduction == "sum":
+                lo.np[()] = total
+            else:
+                nothing = (count == 0) if count is not None else (d == 0)
+                lo.np[()] = 0.0 if nothing else total / d
+    lo.finish()
+    if go is not None:
+        go.finish()
+    if eo is not None:
+        eo.finish()
+
+
+def cross_entropy_stats(
+    logits,
+    target,
+    stats,
+    *,
+    soft: bool,
+    weight,
+    ignore_index: int,
+    vocab_start: int,
+    label_smoothing: float,
+    softcap,
+) -> None:
+    # Per row, the local statistics one rank contributes to a vocabulary-parallel loss
+    # (dispatch.py): [m, s, z_t, (w_t), (sum w z)] or soft [m, s, sum w q, sum w q z, (sum w z)].
+    # Reads the logits (and soft targets) once.
+    xn, tn, wn, so = _np_in(logits), _np_in(target), _np_in(weight), _OutRows(stats)
+    sn = so.np
+    cdt = _compute_dtype(xn)
+    n_rows, n_cols = xn.shape
+    smooth = float(label_smoothing) != 0.0
+
+    def work(r0, r1):
+        with np.errstate(all="ignore"):
+            nr = r1 - r0
+            buf = _tmp(0, (nr, n_cols), cdt)
+            _load(buf, xn[r0:r1])
+            _softcapped(buf, softcap, 3)
+            m = buf.max(axis=1, keepdims=True)
+            buf -= np.where(np.isneginf(m), 0.0, m)  # every sum relative to m (-inf: 0)
+            e = np.exp(buf, out=_tmp(1, buf.shape, cdt))
+            out = sn[r0:r1]
+            out[:, 0] = m[:, 0]
+            out[:, 1] = e.sum(axis=1)
+            k = 2
+            if soft:
+                q = _widened(2, tn[r0:r1], cdt)
+                wq = q * wn if wn is not None else q
+                out[:, 2] = wq.sum(axis=1)
+                out[:, 3] = np.einsum("ij,ij->i", wq, buf)
+                k = 4
+            else:
+                ts, _valid, owned, _bad = _class_targets(tn, r0, r1, ignore_index, vocab_start,
+                                                         n_cols)  # fmt: skip
+                rows = np.arange(nr)
+                out[:, 2] = np.where(owned, buf[rows, ts], 0.0)
+                k = 3
+                if wn is not None:
+                    out[:, 3] = np.where(owned, wn[ts], 0.0)
+                    k = 4
+            if smooth:
+                out[:, k] = buf @ wn if wn is not None else buf.sum(axis=1)
+
+    _for_row_blocks(n_rows, n_cols, work)
+    so.finish()
+
+
+def cross_entropy_grad(
+    logits,
+    target,
+    grad,
+    *,
+    row_lse,
+    row_coef,
+    row_scale,
+    soft: bool,
+    weight,
+    ignore_index: int,
+    vocab_start: int,
+    keep: float,
+    eps_c: float,
+    softcap,
+    grad_scale: float,
+) -> None:
+    # grad = (coef p - keep w_t onehot - eps_c w) * grad_scale * row_scale (soft: coef p -
+    # w (keep q + eps_c)), p = exp(z - lse), times the softcap chain rule. Reads the logits
+    # (and soft targets) once, writes the gradient once.
+    xn, tn, wn, go = _np_in(logits), _np_in(target), _np_in(weight), _OutRows(grad)
+    ln, cn = _np_in(row_lse), _np_in(row_coef)
+    gn = go.np
+    cdt = _compute_dtype(xn)
+    n_rows, n_cols = xn.shape
+    keep_c, eps_cc = cdt.type(keep), cdt.type(eps_c)
+    scale = cdt.type(grad_scale) * np.asarray(_np_in(row_scale), cdt)[()]
+
+    def work(r0, r1):
+        with np.errstate(all="ignore"):
+            nr = r1 - r0
+            buf = _tmp(0, (nr, n_cols), cdt)
+            _load(buf, xn[r0:r1])
+            th = _softcapped(buf, softcap, 3)
+            lse_r = ln[r0:r1].astype(cdt, copy=False)
+            a = cn[r0:r1].astype(cdt, copy=False)
+            buf -= lse_r[:, None]  # z - lse
+            e = np.exp(buf, out=_tmp(1, buf.shape, cdt))  # p
+            rows = np.arange(nr)
+            if soft:
+                q = _widened(2, tn[r0:r1], cdt)
+                w = wn if wn is not None else 1.0
+                e *= a[:, None]
+                e -= (q * keep_c + eps_cc) * w
+                valid = None
+            else:
+                ts, valid, owned, _bad = _class_targets(tn, r0, r1, ignore_index, vocab_start,
+                                                        n_cols)  # fmt: skip
+                wt = wn[ts] if wn is not None else np.ones(nr, cdt)
+                kwt = keep_c * wt
+                p_t = e[rows, ts].copy()
+                q_t = -np.expm1(buf[rows, ts])
+                e *= a[:, None]
+                if eps_c:
+                    e -= eps_cc * (wn if wn is not None else 1.0)
+                g_t = (a - kwt) * p_t - kwt * q_t
+                if eps_c:
+                    g_t -= eps_cc * (wn[ts] if wn is not None else 1.0)
+                e[rows, ts] = np.where(owned, g_t, e[rows, ts])
+            e *= scale
+            _chain(e, th)
             if valid is not None:
                 e[~valid] = 0.0
             _store(gn[r0:r1], e)
 
     _for_row_blocks(n_rows, n_cols, work)
-    o.finish()
-    if g is not None:
-        g.finish()
+    go.finish()
