@@ -115,16 +115,22 @@ def ref_cross_entropy(
     label_smoothing=0.0,
     z_loss=0.0,
     grad_scale=1.0,
+    softcap=None,
+    return_lse=False,
 ):
     """(loss, dlogits) in float64 from torch.nn.functional.cross_entropy on (-1, C) rows, plus
     z_loss * lse**2 per counted row; mean divides by the summed weight of the counted rows (the
-    row count for probability targets), and is 0 when every row is ignored."""
+    row count for probability targets), and is 0 when every row is ignored. ``softcap`` c
+    applies c * tanh(x / c) first (autograd gives the chain rule); ``return_lse`` adds the
+    per-row logsumexp (of the softcapped logits) as a third item."""
     import torch
     import torch.nn.functional as F
 
     x = torch.tensor(np.asarray(logits, dtype=np.float64), requires_grad=True)
     c = x.shape[-1]
     x2 = x.reshape(-1, c)
+    if softcap is not None:
+        x2 = softcap * torch.tanh(x2 / softcap)
     t = np.asarray(target)
     soft = t.dtype.kind == "f"
     if soft:
@@ -154,6 +160,9 @@ def ref_cross_entropy(
             denom = (w[torch.where(counted, t2, 0)] * counted).sum()
         loss = total = rows.sum() / denom if bool(counted.any()) else rows.sum() * 0.0
     (grad_scale * total).backward()
+    if return_lse:
+        lse = torch.logsumexp(x2.detach(), dim=-1).reshape(x.shape[:-1])
+        return loss.detach().numpy(), x.grad.numpy(), lse.numpy()
     return loss.detach().numpy(), x.grad.numpy()
 
 

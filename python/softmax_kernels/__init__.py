@@ -1,5 +1,5 @@
-"""softmax_kernels: fused softmax, log-softmax, their backward passes and softmax +
-cross-entropy, on CUDA C (CuPy), Triton and NumPy backends behind one API.
+"""softmax_kernels: fused softmax, log-softmax, their backward passes, softmax + cross-entropy
+and linear + cross-entropy, on CUDA C (CuPy), Triton and NumPy backends behind one API.
 
 >>> import numpy as np, softmax_kernels as sk
 >>> y = sk.softmax(np.random.default_rng(0).standard_normal((4, 10)))
@@ -11,6 +11,8 @@ from ._version import __version__
 from .api import (
     cross_entropy,
     cross_entropy_with_grad,
+    linear_cross_entropy,
+    linear_cross_entropy_with_grad,
     log_softmax,
     log_softmax_backward,
     softmax,
@@ -26,9 +28,10 @@ __all__ = [
     "available_backends",
     "cross_entropy",
     "cross_entropy_with_grad",
+    "linear_cross_entropy",
+    "linear_cross_entropy_with_grad",
     "log_softmax",
     "log_softmax_backward",
-    "nn",
     "softmax",
     "softmax_backward",
     "softmax_jacobian",
@@ -36,7 +39,8 @@ __all__ = [
 
 
 def __getattr__(name):
-    # sk.nn needs torch: import it on first use so the package imports without torch.
+    # sk.nn needs torch: import it on first use so the package imports without torch. (It is
+    # not in __all__, so `from softmax_kernels import *` works without torch too.)
     if name == "nn":
         import importlib
 

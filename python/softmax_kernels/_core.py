@@ -443,6 +443,46 @@ def ce_problem(logits, target, weight, axis=-1) -> CEProblem:
     return CEProblem(logits, moved, perm, target, x2, t2, soft, weight, layout, ops, dn, cdt)
 
 
+@dataclass
+class CETargets:
+    """The targets of a cross-entropy whose logits are never held whole (linear
+    cross-entropy): class indices as the kernels take them, or probability rows."""
+
+    target: Any  # as passed (for messages)
+    t2: Any  # (n_rows,) int32/int64, or (n_rows, C) probabilities in x's dtype
+    soft: bool
+    weight: Any  # (C,) compute dtype, or None
+    n_rows: int
+
+
+def ce_targets(target, x, lead: tuple[int, ...], n_cols: int, weight, dn: str) -> CETargets:
+    """Check targets (class indices of shape ``lead``, or probabilities ``lead + (C,)``) and
+    class weights against logits that are computed chunk by chunk from ``x``."""
+    ops = ops_for(x)
+    target = same_place(target, x, "target", "x")
+    tn = _arrays.dtype_name(target)
+    soft = tn in _arrays.FLOAT_NAMES
+    want = lead + (n_cols,) if soft else lead
+    if tuple(target.shape) != want:
+        kind = "probability" if soft else "class-index"
+        raise ValueError(
+            f"{kind} target has shape {tuple(target.shape)}, expected {want} ({n_cols} classes)"
+        )
+    if not soft and (tn == "bool" or not (tn.startswith("int") or tn.startswith("uint"))):
+        raise TypeError(
+            f"target has dtype {tn}; expected integer class indices or floating probabilities"
+        )
+    weight = check_weight(weight, x, n_cols)
+    if weight is not None:
+        weight = ops.contiguous(ops.astype(weight, compute_dtype_name(dn)))
+    n_rows = math.prod(int(s) for s in lead)
+    if soft:
+        t2 = ops.contiguous(ops.astype(target, dn).reshape((n_rows, n_cols)))
+    else:
+        t2 = class_targets(target, n_rows, ops)
+    return CETargets(target, t2, soft, weight, n_rows)
+
+
 def _as_result_scalar(a, ops):
     """A reduced loss as the caller's kind returns scalars: a NumPy scalar (as np.sum does),
     a 0-d CuPy array, a 0-d torch tensor."""

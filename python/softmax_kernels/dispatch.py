@@ -84,8 +84,10 @@ ignore_index, vocab_start, keep, eps_c, softcap, grad_scale)``
     ``cross_entropy_fwd`` (``1 - p_t = -expm1(z_t - row_lse)``). ``row_lse``, ``row_coef``:
     ``(n_rows,)`` compute dtype (the global lse, NaN for a row with a bad target, and ``a``);
     ``row_scale``: 0-d compute-dtype device array (1 / denom for "mean", else 1);
-    ``keep = 1 - eps``, ``eps_c = eps / C_global`` (host floats). Ignored rows: 0. ``grad`` may be
-    the logits' memory. Reads the logits (and soft targets) once, writes the gradient once.
+    ``keep = 1 - eps`` (a host float); ``eps_c = eps / C_global``: a 0-d compute-dtype device
+    array like ``row_scale`` (the global class count is known only on the device, after the
+    gather), read by the kernel. Ignored rows: 0. ``grad`` may be the logits' memory. Reads the
+    logits (and soft targets) once, writes the gradient once.
 """
 
 from __future__ import annotations

@@ -667,11 +667,9 @@ def cross_entropy_entry(
 
     want_lse = bool(return_lse)
     if process_group is not None:
-        from . import _parallel
-
-        loss, dlogits, lse = _parallel.torch_entry(
+        loss, dlogits, lse = _vocab_parallel_entry(
             logits, target, weight, o, bool(validate), want_lse, backend, want_grad=want_grad,
-            inplace=inplace, process_group=process_group, vocab_start=vocab_start,
+            inplace=inplace, orig=orig, process_group=process_group, vocab_start=vocab_start,
         )  # fmt: skip
         if want_grad:
             dlogits = orig if inplace else restore(dlogits)
@@ -772,10 +770,335 @@ def write_out(name, out, inputs, compute):
 
 
 # ----------------------------------------------------------------------------------------------
-# fused linear + cross-entropy (softmax_kernels._linear does the work)
+# fused linear + cross-entropy (the chunked algorithm is softmax_kernels._linear's)
+
+_LINEAR_SCHEMA = (
+    "(Tensor x, Tensor linear_weight, Tensor target, Tensor? linear_bias, Tensor? weight, "
+    "int ignore_index, str reduction, float label_smoothing, float z_loss, float? softcap, "
+    "int chunk_size, float grad_scale, bool want_grad, Tensor? row_grad, str group, "
+    "int vocab_start, str backend) -> (Tensor, Tensor, Tensor, Tensor)"
+)
 
 
-def linear_cross_entropy_entry(x, linear_weight, target, *, want_grad, **kw):
+def _linear_outputs_like(x, w, b, reduction, want_grad):
+    """Empty (loss, dx, dweight, dbias) as the op returns them ((0,) where not computed)."""
     from . import _linear
 
-    return _linear.torch_entry(x, linear_weight, target, want_grad=want_grad, **kw)
+    c = _compute_dtype(x)
+    loss = x.new_empty(tuple(x.shape[:-1]) if reduction == "none" else (), dtype=c)
+    if not want_grad:
+        return loss, x.new_empty((0,)), x.new_empty((0,)), x.new_empty((0,))
+    dw = _linear.dweight_like(w, w.dtype, _arrays.ops_for(w), w)
+    db = x.new_empty((w.shape[0],)) if b is not None else x.new_empty((0,))
+    return loss, x.new_empty(x.shape), dw, db
+
+
+@torch.library.custom_op(f"{_NS}::linear_cross_entropy", mutates_args=(), schema=_LINEAR_SCHEMA)
+def _linear_ce_op(x, w, target, b, weight, ignore_index, reduction, eps, z, softcap, chunk_size,
+                  grad_scale, want_grad, row_grad, group, vocab_start, backend):  # fmt: skip
+    options = _core.CEOptions(ignore_index, reduction, eps, z, softcap, grad_scale)
+    if group:
+        from . import _parallel
+
+        loss, dx, dw, db = _parallel.linear_cross_entropy(
+            x, w, target, b, weight, options, chunk_size or None, _backend_opt(backend),
+            want_grad=want_grad, process_group=_resolve_group(group),
+            vocab_start=None if vocab_start < 0 else vocab_start, row_grad=row_grad,
+        )  # fmt: skip
+    else:
+        from . import _linear
+
+        loss, dx, dw, db = _linear.compute(
+            x, w, target, linear_bias=b, weight=weight, options=options,
+            chunk_size=chunk_size or None, backend=_backend_opt(backend), want_grad=want_grad,
+            row_grad=row_grad,
+        )  # fmt: skip
+    outs = [x.new_empty((0,)) if a is None else a for a in (dx, dw, db)]  # (no aliases)
+    return loss, *outs
+
+
+@_linear_ce_op.register_fake
+def _linear_ce_fake(x, w, target, b, weight, ignore_index, reduction, *rest):
+    return _linear_outputs_like(x, w, b, reduction, rest[5])  # (rest[5]: want_grad)
+
+
+def _linear_setup(ctx, inputs, output):
+    (x, w, target, b, weight, ignore_index, reduction, eps, z, softcap, chunk_size, grad_scale,
+     want_grad, row_grad, group, vocab_start, backend) = inputs  # fmt: skip
+    ctx.set_materialize_grads(False)
+    _loss, dx, dw, db = output
+    ctx.mark_non_differentiable(dx, dw, db)
+    ctx.reduction = reduction
+    ctx.has_bias = b is not None
+    ctx.args = (ignore_index, reduction, eps, z, softcap, chunk_size, group, vocab_start, backend)
+    ctx.fused = want_grad and grad_scale == 1.0 and row_grad is None and reduction != "none"
+    if ctx.fused:
+        ctx.save_for_backward(dx, dw, db if b is not None else None)
+    else:  # "none": the gradient depends on every row's incoming gradient: recompute
+        ctx.save_for_backward(x, w, target, b, weight)
+
+
+def _linear_vjp(ctx, g_loss, *_rest):
+    if torch.is_grad_enabled():
+        raise NotImplementedError(
+            "softmax_kernels.linear_cross_entropy has no second derivative (backward with "
+            "create_graph=True)"
+        )
+    grads = [None] * 17
+    if g_loss is None:
+        return tuple(grads)
+    if ctx.fused:
+        dx, dw, db = ctx.saved_tensors
+        c = g_loss.dtype
+        grads[0] = (dx.to(c) * g_loss).to(dx.dtype)
+        grads[1] = (dw.to(c) * g_loss).to(dw.dtype)
+        if db is not None:
+            grads[3] = (db.to(c) * g_loss).to(db.dtype)
+        return tuple(grads)
+    # reduction "none" (every other forward that builds a graph is fused): the gradient of
+    # sum_r g_r loss_r, recomputed chunk by chunk with each row's dZ scaled by its g_r
+    x, w, target, b, weight = ctx.saved_tensors
+    ignore_index, reduction, eps, z, softcap, chunk_size, group, start, backend = ctx.args
+    _, dx, dw, db = _linear_ce_op(
+        x, w, target, b, weight, ignore_index, reduction, eps, z, softcap, chunk_size, 1.0,
+        True, g_loss.reshape(-1), group, start, backend,
+    )  # fmt: skip
+    grads[0], grads[1] = dx, dw
+    if b is not None:
+        grads[3] = db
+    return tuple(grads)
+
+
+_linear_ce_op.register_autograd(_linear_vjp, setup_context=_linear_setup)
+
+
+def linear_cross_entropy_entry(
+    x,
+    linear_weight,
+    target,
+    *,
+    want_grad,
+    linear_bias=None,
+    weight=None,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    z_loss=0.0,
+    softcap=None,
+    chunk_size=None,
+    grad_scale=1.0,
+    process_group=None,
+    vocab_start=None,
+    backend=None,
+):
+    """sk.linear_cross_entropy[_with_grad] for torch tensors: the custom op, with autograd for
+    x, linear_weight and linear_bias when they require grad (and want_grad is False)."""
+    from . import _linear
+
+    for name, a in (("x", x), ("linear_weight", linear_weight), ("target", target)):
+        if _arrays.kind_of(a) != _arrays.TORCH:
+            if process_group is not None:
+                raise TypeError(
+                    "process_group= needs torch tensors (torch.distributed: NCCL for CUDA "
+                    f"tensors, gloo for CPU tensors); {name} is a "
+                    f"{_arrays.kind_of(a) or type(a).__name__} array"
+                )
+            break
+    opts = _core.check_ce_options(
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        grad_scale=grad_scale,
+    )
+    chunk = _linear._check_chunk_size(chunk_size) or 0
+    backend = _backend_arg(backend)
+    grad_on = torch.is_grad_enabled()
+    for name, a in (("weight", weight), ("target", target)):
+        if isinstance(a, torch.Tensor) and a.requires_grad and grad_on and not want_grad:
+            raise NotImplementedError(
+                f"softmax_kernels.linear_cross_entropy gives no gradient with respect to {name}; "
+                f"pass {name}.detach()"
+            )
+    group, start = _group_args(process_group, vocab_start)
+    args = (x, linear_weight, target, linear_bias, weight, opts.ignore_index, opts.reduction,
+            opts.label_smoothing, opts.z_loss, opts.softcap, chunk)  # fmt: skip
+    if want_grad:
+        with torch.no_grad():
+            loss, dx, dw, db = _linear_ce_op(
+                *args, opts.grad_scale, True, None, group, start, backend
+            )
+        return loss, dx, dw, (db if linear_bias is not None else None)
+    needs = grad_on and any(
+        isinstance(a, torch.Tensor) and a.requires_grad for a in (x, linear_weight, linear_bias)
+    )
+    fused = needs and opts.reduction != "none"
+    return _linear_ce_op(*args, 1.0, fused, None, group, start, backend)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# vocabulary-parallel cross-entropy (softmax_kernels._parallel does the work; the collective
+# runs inside the op, so torch.compile sees one opaque node and never reorders around it)
+
+
+def _group_args(process_group, vocab_start):
+    """(group name, vocab_start or -1) as the ops take them; ("", -1) without a group."""
+    if process_group is None:
+        if vocab_start is not None:
+            raise ValueError("vocab_start is only meaningful with a process_group")
+        return "", -1
+    name = getattr(process_group, "group_name", None)
+    if not name:
+        raise TypeError(
+            f"process_group must be a torch.distributed ProcessGroup, got "
+            f"{type(process_group).__name__}"
+        )
+    return name, (-1 if vocab_start is None else _core.int_arg(vocab_start, "vocab_start"))
+
+
+def _resolve_group(name: str):
+    import torch.distributed as dist
+
+    return dist.distributed_c10d._resolve_process_group(name)
+
+
+_VP_ARGS = (
+    "Tensor? weight, int ignore_index, str reduction, float label_smoothing, float z_loss, "
+    "float? softcap, bool validate, bool want_lse, str group, int vocab_start, float grad_scale, "
+    "bool want_grad, str backend"
+)
+
+
+def _vp_impl(logits, target, weight, ignore_index, reduction, eps, z, softcap, validate,
+             want_lse, group, vocab_start, grad_scale, want_grad, backend, inplace):  # fmt: skip
+    from . import _parallel
+
+    options = _core.CEOptions(ignore_index, reduction, eps, z, softcap, grad_scale)
+    loss, dlogits, lse = _parallel.cross_entropy(
+        logits, target, weight, options, validate, want_lse, backend, want_grad=want_grad,
+        inplace=inplace, process_group=_resolve_group(group),
+        vocab_start=None if vocab_start < 0 else vocab_start,
+    )  # fmt: skip
+    if dlogits is None or inplace:
+        dlogits = logits.new_empty((0,))
+    if lse is None:
+        lse = logits.new_empty((0,), dtype=_compute_dtype(logits))
+    return loss, dlogits, lse
+
+
+@torch.library.custom_op(
+    f"{_NS}::vocab_parallel_cross_entropy",
+    mutates_args=(),
+    schema=f"(Tensor logits, Tensor target, {_VP_ARGS}) -> (Tensor, Tensor, Tensor)",
+)
+def _vp_op(logits, target, *args):
+    return _vp_impl(logits, target, *args, inplace=False)
+
+
+@torch.library.custom_op(
+    f"{_NS}::vocab_parallel_cross_entropy_",
+    mutates_args=("logits",),
+    schema=f"(Tensor(a!) logits, Tensor target, {_VP_ARGS}) -> (Tensor, Tensor)",
+)
+def _vp_inplace_op(logits, target, *args):
+    loss, _, lse = _vp_impl(logits, target, *args, inplace=True)
+    return loss, lse
+
+
+@_vp_op.register_fake
+def _vp_fake(logits, target, weight, ignore_index, reduction, eps, z, softcap, validate,
+             want_lse, group, vocab_start, grad_scale, want_grad, backend):  # fmt: skip
+    grad = _like_rows(logits, [logits.dim() - 1]) if want_grad else logits.new_empty((0,))
+    return _loss_like(logits, reduction), grad, _lse_like(logits, want_lse)
+
+
+@_vp_inplace_op.register_fake
+def _vp_inplace_fake(logits, target, weight, ignore_index, reduction, eps, z, softcap, *rest):
+    return _loss_like(logits, reduction), _lse_like(logits, rest[1])
+
+
+def _vp_setup(ctx, inputs, output):
+    (logits, target, weight, ignore_index, reduction, eps, z, softcap, validate, want_lse,
+     group, vocab_start, grad_scale, want_grad, backend) = inputs  # fmt: skip
+    ctx.set_materialize_grads(False)
+    _loss, dlogits, lse = output
+    ctx.mark_non_differentiable(dlogits)
+    ctx.reduction, ctx.eps, ctx.softcap = reduction, eps, softcap
+    ctx.n_inputs = len(inputs)
+    ctx.target_dtype = target.dtype
+    ctx.fused = want_grad and grad_scale == 1.0
+    need_t = ctx.needs_input_grad[1]
+    ctx.save_for_backward(
+        dlogits if ctx.fused else None,
+        logits if (want_lse or need_t) else None,
+        lse if (want_lse or need_t) else None,
+        weight,
+    )
+
+
+def _vp_vjp(ctx, g_loss, _g_dlogits, g_lse):
+    if torch.is_grad_enabled():
+        raise NotImplementedError(
+            "vocabulary-parallel cross-entropy has no second derivative (create_graph=True)"
+        )
+    dlogits, logits, lse, weight = ctx.saved_tensors
+    grads = [None] * ctx.n_inputs
+    per_row = ctx.reduction == "none"
+    if ctx.needs_input_grad[0]:
+        gx = None
+        if g_loss is not None:
+            if dlogits is None:
+                raise RuntimeError(
+                    "internal error: the vocabulary-parallel forward kept no gradient"
+                )
+            g = g_loss.unsqueeze(-1) if per_row else g_loss
+            gx = dlogits.to(g.dtype) * g
+        if g_lse is not None and lse is not None and lse.numel():
+            # d lse / d z = p = exp(z - L) with the global L (this rank's slice of it)
+            c = lse.dtype
+            zc, chain = _softcapped(logits, ctx.softcap, c)
+            p = torch.exp(zc - lse.unsqueeze(-1))
+            extra = g_lse.to(c).unsqueeze(-1) * (p if chain is None else p * chain)
+            gx = extra if gx is None else gx.to(c) + extra
+        if gx is not None:
+            grads[0] = gx.to(logits.dtype if logits is not None else dlogits.dtype)
+    if ctx.needs_input_grad[1] and g_loss is not None:
+        # soft targets: d loss / d q_c = (1 - eps) w_c (L - z_c), this rank's classes
+        c = lse.dtype
+        zc, _ = _softcapped(logits, ctx.softcap, c)
+        gt = (lse.unsqueeze(-1) - zc) * (1.0 - ctx.eps)
+        if weight is not None:
+            gt = gt * weight.to(c)
+        if ctx.reduction == "mean":
+            gt = gt / max(logits.numel() // max(logits.shape[-1], 1), 1)
+        g = g_loss.unsqueeze(-1) if per_row else g_loss
+        grads[1] = (gt * g).to(ctx.target_dtype)
+    return tuple(grads)
+
+
+_vp_op.register_autograd(_vp_vjp, setup_context=_vp_setup)
+
+
+def _vocab_parallel_entry(logits, target, weight, o, validate, want_lse, backend, *, want_grad,
+                          inplace, orig, process_group, vocab_start):  # fmt: skip
+    """The vocabulary-parallel cross-entropy for torch tensors (class axis already last)."""
+    group, start = _group_args(process_group, vocab_start)
+    args = (weight, o.ignore_index, o.reduction, o.label_smoothing, o.z_loss, o.softcap,
+            validate, want_lse, group, start)  # fmt: skip
+    if want_grad:
+        with torch.no_grad():
+            if inplace:
+                if orig.requires_grad and orig.is_leaf:
+                    raise RuntimeError(
+                        "a leaf Variable that requires grad is being used in an in-place "
+                        "operation (cross_entropy_with_grad(..., inplace=True) would write the "
+                        "gradient over it); pass logits.detach() or inplace=False"
+                    )
+                loss, lse = _vp_inplace_op(logits, target, *args, o.grad_scale, True, backend)
+                return loss, None, (lse if want_lse else None)
+            loss, dlogits, lse = _vp_op(logits, target, *args, o.grad_scale, True, backend)
+            return loss, dlogits, (lse if want_lse else None)
+    needs = torch.is_grad_enabled() and (logits.requires_grad or target.requires_grad)
+    loss, _, lse = _vp_op(logits, target, *args, 1.0, bool(needs), backend)
+    return loss, None, (lse if want_lse else None)

@@ -553,7 +553,7 @@ def cross_entropy_grad(
     gn = go.np
     cdt = _compute_dtype(xn)
     n_rows, n_cols = xn.shape
-    keep_c, eps_cc = cdt.type(keep), cdt.type(eps_c)
+    keep_c, eps_cc = cdt.type(keep), np.asarray(_np_in(eps_c), cdt)[()]
     scale = cdt.type(grad_scale) * np.asarray(_np_in(row_scale), cdt)[()]
 
     def work(r0, r1):
@@ -581,10 +581,10 @@ def cross_entropy_grad(
                 p_t = e[rows, ts].copy()
                 q_t = -np.expm1(buf[rows, ts])
                 e *= a[:, None]
-                if eps_c:
+                if eps_cc:
                     e -= eps_cc * (wn if wn is not None else 1.0)
                 g_t = (a - kwt) * p_t - kwt * q_t
-                if eps_c:
+                if eps_cc:
                     g_t -= eps_cc * (wn[ts] if wn is not None else 1.0)
                 e[rows, ts] = np.where(owned, g_t, e[rows, ts])
             e *= scale
