@@ -5,8 +5,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import platform
 import sys
+
+_ENV_HELP = {
+    "SOFTMAX_KERNELS_BACKEND": "(the backend used when backend=None; empty: automatic)",
+    "TRITON_INTERPRET": "(1: Triton kernels run through the interpreter on CPU tensors)",
+    "SOFTMAX_KERNELS_CPU_JIT": "(0: the NumPy backend never uses its compiled CPU kernels)",
+}
 
 
 def _version(mod: str) -> str:
@@ -51,6 +58,9 @@ def info() -> str:
     lines.append("libraries:")
     for mod in ("numpy", "scipy", "torch", "triton", "cupy"):
         lines.append(f"  {mod:7s} {_version(mod)}")
+    lines.append("environment:")
+    for var in ("SOFTMAX_KERNELS_BACKEND", "TRITON_INTERPRET", "SOFTMAX_KERNELS_CPU_JIT"):
+        lines.append(f"  {var}={os.environ.get(var, '')!s:<8} " + _ENV_HELP[var])
     lines.append(f"GPU: {_gpu()}")
     return "\n".join(lines)
 

@@ -42,9 +42,11 @@ def kind_of(x: Any) -> str | None:
     return None
 
 
-def as_supported_array(x: Any, name: str) -> Any:
+def as_supported_array(x: Any, name: str, *, native: bool = True) -> Any:
     """Return ``x`` if it is an array kind we serve; import a ``__dlpack__`` GPU array as a torch
-    tensor (or a CuPy array when torch is missing), zero-copy; otherwise raise TypeError."""
+    tensor (or a CuPy array when torch is missing), zero-copy; otherwise raise TypeError. A
+    NumPy array of non-native byte order is converted once (``native=False``: kept, for outputs
+    written through NumPy's casting copies)."""
     if isinstance(x, np.ndarray):
         if isinstance(x, np.ma.MaskedArray):
             raise TypeError(
@@ -57,7 +59,7 @@ def as_supported_array(x: Any, name: str) -> Any:
                 f"{name} is a numpy.matrix (always 2-D, with matrix semantics); pass "
                 f"np.asarray({name})"
             )
-        if not x.dtype.isnative:
+        if native and not x.dtype.isnative:
             # big-endian (or other non-native) data: converted once to native byte order
             return x.astype(x.dtype.newbyteorder("="))
         return x

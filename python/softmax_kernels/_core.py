@@ -48,9 +48,9 @@ def finite_float(value: Any, name: str) -> float:
     return f
 
 
-def same_place(a: Any, x: Any, name: str, xname: str = "x") -> Any:
+def same_place(a: Any, x: Any, name: str, xname: str = "x", *, native: bool = True) -> Any:
     """Check that a (an array argument) is the same array kind and on the same device as x."""
-    a = _arrays.as_supported_array(a, name)
+    a = _arrays.as_supported_array(a, name, native=native)
     ka, kx = _arrays.kind_of(a), _arrays.kind_of(x)
     if ka != kx:
         raise TypeError(
@@ -66,7 +66,7 @@ def same_place(a: Any, x: Any, name: str, xname: str = "x") -> Any:
 def check_out(out: Any, x: Any, name: str = "out") -> Any:
     if out is None:
         return None
-    out = same_place(out, x, name)
+    out = same_place(out, x, name, native=False)  # written in place, whatever its byte order
     if tuple(out.shape) != tuple(x.shape):
         raise ValueError(f"{name} has shape {tuple(out.shape)}, expected {tuple(x.shape)}")
     if _arrays.dtype_name(out) != _arrays.dtype_name(x):
@@ -315,11 +315,12 @@ def class_targets(t, n_rows: int, ops):
 def _value_at(target, first: int) -> int:
     """The target value the caller passed, at flat position first (uint64 read as unsigned)."""
     flat = target.reshape((-1,))
-    v = flat[first]
     if _arrays.dtype_name(target) == "uint64" and _arrays.kind_of(target) == _arrays.TORCH:
-        iv = int(v)
+        import torch
+
+        iv = int(flat.view(torch.int64)[first])  # torch cannot read a uint64 >= 2**63 as int
         return iv + 2**64 if iv < 0 else iv
-    return int(v)
+    return int(flat[first])
 
 
 def validate_target(t_rows, target, n_cols, ignore_index, ops):
@@ -506,6 +507,11 @@ def cross_entropy(
 ):
     """(loss, dlogits or None, lse or None) for any array kind; the one implementation of
     sk.cross_entropy and sk.cross_entropy_with_grad (torch: called inside the custom ops)."""
+    if inplace and isinstance(logits, np.ndarray) and not logits.dtype.isnative:
+        raise TypeError(
+            f"inplace=True needs logits in native byte order, got dtype {logits.dtype.str}; "
+            "convert them first (logits.astype(logits.dtype.newbyteorder('=')))"
+        )
     pb = ce_problem(logits, target, weight, axis)
     mod = select(backend, pb.logits)
     ops, o = pb.ops, options

@@ -133,14 +133,17 @@ def available_backends() -> list[str]:
     return [name for name, reason in backend_status().items() if reason is None]
 
 
-def _explicit(name: str, x: Any) -> ModuleType:
+def _explicit(name: str, x: Any, source: str) -> ModuleType:
+    """The backend named by the caller (source: how it was named, for the message). The array
+    kind is checked first: installing a package or finding a GPU would not make a backend serve
+    an array kind it never takes."""
     mod = _module(check_name(name))
-    reason = mod.unavailable_reason() or mod.serve_reason(x)
+    reason = mod.serve_reason(x) or mod.unavailable_reason()
     if reason is not None:
         kind = _arrays.kind_of(x)
         raise BackendUnavailableError(
             f"backend {name!r} cannot serve this input ({kind} array on "
-            f"{_arrays.device_str(x)}): {reason}"
+            f"{_arrays.device_str(x)}; {source}): {reason}"
         )
     return mod
 
@@ -152,10 +155,11 @@ def select(backend: str | None, x: Any) -> ModuleType:
     able to serve ``x``, else BackendUnavailableError. Otherwise: CPU arrays go to NumPy, CUDA
     arrays to the first usable GPU backend in ``_GPU_PREFERENCE``.
     """
-    if backend is None:
-        backend = os.environ.get(ENV_VAR) or None
     if backend is not None:
-        return _explicit(backend, x)
+        return _explicit(backend, x, "named by backend=")
+    env = os.environ.get(ENV_VAR) or None
+    if env is not None:
+        return _explicit(env, x, f"named by {ENV_VAR}={env} in the environment")
     if not _arrays.is_cuda(x):
         return _module("numpy")
     reasons = []

@@ -117,6 +117,9 @@ def _kernels(interpret: bool) -> types.SimpleNamespace:
             softmax_fwd=sm.softmax_fwd_kernel,
             softmax_bwd=sm.softmax_bwd_kernel,
             cross_entropy_fwd=ce.cross_entropy_fwd_kernel,
+            cross_entropy_denom=ce.cross_entropy_denom_kernel,
+            cross_entropy_stats=ce.cross_entropy_stats_kernel,
+            cross_entropy_grad=ce.cross_entropy_grad_kernel,
         )
 
     ks = load(_KERNEL_PACKAGE)
@@ -169,13 +172,20 @@ _SINGLE_PASS_VALUES = {
     "softmax_bwd": 2,
     "cross_entropy": 2,
     "cross_entropy_soft": 3,
+    "cross_entropy_grad": 2,
+    "cross_entropy_grad_soft": 3,
 }
 # Per-lane vectors the online kernels carry through their chunk loop: the chunk and the running
 # sum (forward), dy, y and the sum (backward, dy and y die quickly), and for cross-entropy the
 # chunk, exp sums, the coefficient sums and the weighted-logit sums.
-_ONLINE_VALUES = {"softmax_fwd": 2, "softmax_bwd": 2, "cross_entropy": 4, "cross_entropy_soft": 4}
+_ONLINE_VALUES = {"softmax_fwd": 2, "softmax_bwd": 2, "cross_entropy": 4, "cross_entropy_soft": 4,
+                  "cross_entropy_grad": 4, "cross_entropy_grad_soft": 4}  # fmt: skip
 # Input arrays streamed per element (for the shared memory a pipelined tile needs).
-_INPUTS = {"softmax_fwd": 1, "softmax_bwd": 2, "cross_entropy": 1, "cross_entropy_soft": 2}
+_INPUTS = {"softmax_fwd": 1, "softmax_bwd": 2, "cross_entropy": 1, "cross_entropy_soft": 2,
+           "cross_entropy_grad": 1, "cross_entropy_grad_soft": 2}  # fmt: skip
+# The mean denominator kernel: blocks of up to 4096 targets per program (32 KB of int64), 8
+# warps; one program per block up to the SM count, so that the blocks are read in parallel.
+_DENOM_ROWS = 4096
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 
 # A single pass keeps the whole tile in registers. A program of 16 warps (512 threads) may use
@@ -235,6 +245,11 @@ def _launch_config(
       max/sum merged per chunk, then a second pass (forward: 2 reads + 1 write).
     """
     n_rows, n_cols = max(int(n_rows), 1), max(int(n_cols), 1)
+    if op == "cross_entropy_denom":
+        block = min(_DENOM_ROWS, _pow2_at_least(n_rows))
+        n_blocks = -(-n_rows // block)
+        grid = min(n_blocks, n_sm if n_sm is not None else _INTERPRETER_PROGRAMS)
+        return LaunchConfig("rows", block, block, max(1, min(8, block // 256)), 1, grid)
     words = 2 if dtype == "float64" else 1  # 32-bit registers per computed value
     block_n = _pow2_at_least(n_cols)
     per_elem = words * _SINGLE_PASS_VALUES[op]
@@ -381,45 +396,222 @@ def softmax_bwd(dy, y, out, *, scale: float, is_log: bool, config: LaunchConfig 
         )  # fmt: skip
 
 
+# Cross-entropy. reduction and "mean" denominator codes of cross_entropy_fwd_kernel (REDUCE,
+# DENOM; see kernels/triton/cross_entropy.py).
+_REDUCE = {"none": 0, "sum": 1, "mean": 2}
+_DENOM_NONE, _DENOM_GIVEN, _DENOM_KERNEL, _DENOM_IN_PASS, _DENOM_ROWS = range(5)
+
+# One int32 ticket counter per (device, stream), for the kernels' last-program reductions. It is
+# zeroed once, when created; every kernel that takes tickets leaves it at 0 again (its last
+# program resets it), so no call needs a memset. Per stream, because kernels on different
+# streams may run at the same time; on one stream they run one after another.
+_TICKETS: dict[tuple, Any] = {}
+
+
+def _ticket_counter(t):
+    """The ticket counter for t's device and the current stream (call inside _launch_context)."""
+    import torch
+
+    if t.is_cuda:
+        key = (t.device.index, torch.cuda.current_stream(t.device).cuda_stream)
+    else:
+        key = ("cpu",)
+    counter = _TICKETS.get(key)
+    if counter is None:
+        counter = _TICKETS[key] = torch.zeros(1, dtype=torch.int32, device=t.device)
+    return counter
+
+
+@contextlib.contextmanager
+def _tickets_reset_on_error(counter):
+    """A launch that raises (the interpreter runs kernels on the host; a bug or an interrupt
+    stops it between programs) may leave the counter non-zero: zero it then, so that the next
+    call's last-program test is not off."""
+    try:
+        yield
+    except BaseException:
+        counter.zero_()
+        raise
+
+
+def _int64_or_never(v: int) -> int:
+    """An ignore_index as an int64: one outside the int64 range can equal no int64 target, and
+    any value outside [0, C) behaves the same."""
+    v = int(v)
+    return v if -(2**63) <= v < 2**63 else -(2**63)
+
+
+def _softcap_arg(softcap) -> tuple[bool, float]:
+    return (softcap is not None), (float(softcap) if softcap is not None else 0.0)
+
+
+def _ce_op(soft: bool, kind: str = "") -> str:
+    return "cross_entropy" + kind + ("_soft" if soft else "")
+
+
 def cross_entropy_fwd(
     logits,
     target,
+    *,
     loss,
     grad,
-    *,
+    lse,
     soft: bool,
     weight,
     ignore_index: int,
     label_smoothing: float,
     z_loss: float,
+    softcap,
     grad_scale: float,
+    reduction: str,
     denom,
     config: LaunchConfig | None = None,
 ) -> None:
-    """Per-row loss into ``loss`` and, when ``grad`` is not None, the gradient in the same
-    pass (``grad`` may be the logits memory); maths in kernels/triton/cross_entropy.py."""
+    """Loss (per row, or reduced to 0-d), log-sum-exp and gradient in one pass; see dispatch.
+    At most 2 launches: with reduction "mean", a gradient, class targets and no ``denom``,
+    cross_entropy_denom_kernel first computes the denominator the gradient is scaled by; every
+    other case is one launch of cross_entropy_fwd_kernel, which also reduces the loss. Besides
+    the launches only allocations (torch.empty) are issued. ``config`` overrides
+    :func:`_launch_config` for the main kernel (tests use it to reach every strategy)."""
+    import torch
+
     xt, tt, lt, gt = _tensor(logits), _tensor(target), _tensor(loss), _tensor(grad)
-    wt, dt = _tensor(weight), _tensor(denom)
+    et, wt, dt = _tensor(lse), _tensor(weight), _tensor(denom)
+    n_rows, n_cols = xt.shape
+    red = _REDUCE[reduction]
+    if n_rows == 0 or n_cols == 0:
+        if red:
+            lt.zero_()  # no rows: sum 0, and mean 0 (nothing counted)
+        return
+    n_sm = _n_sm(xt)
+    cfg = config or _launch_config(n_rows, n_cols, _dtype(xt), _ce_op(soft), n_sm)
+    if red != _REDUCE["mean"]:
+        dmode = _DENOM_NONE
+    elif dt is not None:
+        dmode = _DENOM_GIVEN
+    elif soft:
+        dmode = _DENOM_ROWS
+    elif gt is not None:
+        dmode = _DENOM_KERNEL
+    else:
+        dmode = _DENOM_IN_PASS
+    has_cap, cap = _softcap_arg(softcap)
+    ignore_index = _int64_or_never(ignore_index)
+    ks = _kernels(_interpret())
+    with _launch_context(logits, xt):
+        tickets = _ticket_counter(xt)
+        scratch = part = None
+        dcfg = None
+        if red:
+            # float64 scratch: [denominator, counted rows], the denominator kernel's partials
+            # [2, its grid], this kernel's partials [3, grid]
+            n_den = 0
+            if dmode == _DENOM_KERNEL:
+                dcfg = _launch_config(n_rows, 1, "int64", "cross_entropy_denom", n_sm)
+                n_den = dcfg.num_programs
+            scratch = torch.empty(2 + 2 * n_den + 3 * cfg.num_programs, dtype=torch.float64,
+                                  device=xt.device)  # fmt: skip
+            part = scratch[2 + 2 * n_den :]
+        with _tickets_reset_on_error(tickets):
+            if dcfg is not None:
+                ks.cross_entropy_denom[(dcfg.num_programs,)](
+                    tt, wt if wt is not None else xt, scratch, scratch[2:], tickets,
+                    n_rows, n_cols, ignore_index,
+                    HAS_WEIGHT=wt is not None, BLOCK_R=dcfg.block_n, num_warps=dcfg.num_warps,
+                )  # fmt: skip
+            denom_arg = scratch if dmode == _DENOM_KERNEL else dt
+            ks.cross_entropy_fwd[(cfg.num_programs,)](
+                xt, tt, wt if wt is not None else xt, lt, gt if gt is not None else xt,
+                et if et is not None else lt, denom_arg if denom_arg is not None else lt,
+                part if part is not None else lt, tickets,
+                n_rows, n_cols, _row_stride(xt), _row_stride(tt) if soft else 1,
+                _row_stride(gt) if gt is not None else n_cols,
+                ignore_index, float(label_smoothing), float(z_loss), cap, float(grad_scale),
+                SOFT=bool(soft), HAS_WEIGHT=wt is not None, HAS_GRAD=gt is not None,
+                HAS_LSE=et is not None, HAS_SMOOTHING=float(label_smoothing) != 0.0,
+                HAS_Z=float(z_loss) != 0.0, SOFTCAP=has_cap, IS_FP64=_dtype(xt) == "float64",
+                REDUCE=red, DENOM=dmode,
+                ONLINE=cfg.strategy == "online", ROWS=cfg.rows, BLOCK_N=cfg.block_n,
+                NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
+            )  # fmt: skip
+
+
+def cross_entropy_stats(
+    logits,
+    target,
+    stats,
+    *,
+    soft: bool,
+    weight,
+    ignore_index: int,
+    vocab_start: int,
+    label_smoothing: float,
+    softcap,
+    config: LaunchConfig | None = None,
+) -> None:
+    """Per row, this rank's statistics of a vocabulary-parallel cross-entropy into ``stats``
+    ((n_rows, K)); see dispatch. One launch; reads the logits (and soft targets) once."""
+    xt, tt, st, wt = _tensor(logits), _tensor(target), _tensor(stats), _tensor(weight)
     n_rows, n_cols = xt.shape
     if n_rows == 0 or n_cols == 0:
         return
-    op = "cross_entropy_soft" if soft else "cross_entropy"
-    cfg = config or _launch_config(n_rows, n_cols, _dtype(xt), op, _n_sm(xt))
-    ignore_index = int(ignore_index)
-    if not -(2**63) <= ignore_index < 2**63:
-        # no int64 target can equal it; any value outside [0, C) behaves the same
-        ignore_index = -(2**63)
-    kernel = _kernels(_interpret()).cross_entropy_fwd
+    cfg = config or _launch_config(n_rows, n_cols, _dtype(xt), _ce_op(soft), _n_sm(xt))
+    has_cap, cap = _softcap_arg(softcap)
+    kernel = _kernels(_interpret()).cross_entropy_stats
     with _launch_context(logits, xt):
         kernel[(cfg.num_programs,)](
-            xt, tt, wt if wt is not None else xt, lt, gt if gt is not None else xt,
-            dt if dt is not None else lt,
-            n_rows, n_cols, _row_stride(xt), _row_stride(tt) if soft else 1,
-            _row_stride(gt) if gt is not None else n_cols,
-            ignore_index, float(label_smoothing), float(z_loss), float(grad_scale),
-            SOFT=bool(soft), HAS_WEIGHT=wt is not None, HAS_GRAD=gt is not None,
-            HAS_DENOM=dt is not None, HAS_SMOOTHING=float(label_smoothing) != 0.0,
-            HAS_Z=float(z_loss) != 0.0, IS_FP64=_dtype(xt) == "float64",
+            xt, tt, wt if wt is not None else xt, st,
+            n_rows, n_cols, _row_stride(xt), _row_stride(tt) if soft else 1, _row_stride(st),
+            _int64_or_never(ignore_index), int(vocab_start), cap,
+            SOFT=bool(soft), HAS_WEIGHT=wt is not None,
+            HAS_SMOOTHING=float(label_smoothing) != 0.0, SOFTCAP=has_cap,
+            IS_FP64=_dtype(xt) == "float64",
+            ONLINE=cfg.strategy == "online", ROWS=cfg.rows, BLOCK_N=cfg.block_n,
+            NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
+        )  # fmt: skip
+
+
+def _same_memory(a, b) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def cross_entropy_grad(
+    logits,
+    target,
+    grad,
+    *,
+    row_lse,
+    row_coef,
+    row_scale,
+    soft: bool,
+    weight,
+    ignore_index: int,
+    vocab_start: int,
+    keep: float,
+    eps_c: float,
+    softcap,
+    grad_scale: float,
+    config: LaunchConfig | None = None,
+) -> None:
+    """The vocabulary-parallel gradient from the merged row statistics; see dispatch. One
+    launch; reads the logits (and soft targets) once, writes the gradient once (``grad`` may
+    be the logits' memory)."""
+    xt, tt, gt, wt = _tensor(logits), _tensor(target), _tensor(grad), _tensor(weight)
+    lt, ct, rt = _tensor(row_lse), _tensor(row_coef), _tensor(row_scale)
+    n_rows, n_cols = xt.shape
+    if n_rows == 0 or n_cols == 0:
+        return
+    cfg = config or _launch_config(n_rows, n_cols, _dtype(xt), _ce_op(soft, "_grad"), _n_sm(xt))
+    has_cap, cap = _softcap_arg(softcap)
+    kernel = _kernels(_interpret()).cross_entropy_grad
+    with _launch_context(logits, xt):
+        kernel[(cfg.num_programs,)](
+            xt, tt, wt if wt is not None else xt, gt, lt, ct, rt,
+            n_rows, n_cols, _row_stride(xt), _row_stride(tt) if soft else 1, _row_stride(gt),
+            _int64_or_never(ignore_index), int(vocab_start), float(keep), float(eps_c), cap,
+            float(grad_scale),
+            SOFT=bool(soft), HAS_WEIGHT=wt is not None, HAS_SMOOTHING=float(eps_c) != 0.0,
+            SOFTCAP=has_cap, IS_FP64=_dtype(xt) == "float64", INPLACE=_same_memory(xt, gt),
             ONLINE=cfg.strategy == "online", ROWS=cfg.rows, BLOCK_N=cfg.block_n,
             NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
         )  # fmt: skip
@@ -429,6 +621,8 @@ __all__ = [
     "NAME",
     "LaunchConfig",
     "cross_entropy_fwd",
+    "cross_entropy_grad",
+    "cross_entropy_stats",
     "serve_reason",
     "softmax_bwd",
     "softmax_fwd",
