@@ -1,44 +1,19 @@
 #!/usr/bin/env bash
-# What to run on a lent H100/H200 (the workplace's device tool runs a command in the repo root,
-# 10 minutes per call, with torch, triton, cupy and nvcc installed but no package registry).
-# Two calls, each packing its outputs into one archive under $OUT (the tool returns at most 8
-# files):
+# The one-call GPU session on a lent H100/H200 (see bench/gpu_session.py for the steps):
 #
-#   bash bench/gpu_session.sh tests   # GPU tests (make test-gpu), then compute-sanitizer
-#                                     # memcheck on the CuPy backend's tests
-#   bash bench/gpu_session.sh bench   # python -m bench (default plan, ~7 min on an H100)
+#   bash bench/gpu_session.sh                # main call, ~7 min of command time: probe, GPU tests
+#                                            # in parallel shards, compute-sanitizer memcheck /
+#                                            # racecheck / synccheck, python -m bench --quick
+#   bash bench/gpu_session.sh second [FILE]  # optional, ~4 min: FILE's failing test ids (the
+#                                            # main call's failed-tests.txt) with
+#                                            # CUDA_LAUNCH_BLOCKING=1, then the QuACK grid
+#   bash bench/gpu_session.sh --dry-run      # each step with its limit, and the total
 #
-# Then unpack the archive here, commit bench/results/ and fill in bench/NOTES.md's outcomes.
+# Everything lands in $OUT (at most 8 files: summary.txt, gpu-<mode>-logs.tgz,
+# failed-tests.txt, the bench JSON/CSV/MD/PNG), kept current while the steps run, so a call cut
+# off at its limit still returns what was done. Needs no install: runs from the checkout with
+# PYTHONPATH=python on the machine's python3 (PYTHON overrides it).
 set -uo pipefail
-mode=${1:?usage: bash bench/gpu_session.sh tests|bench}
-export PYTHONPATH=python PYTHONUNBUFFERED=1
-out=${OUT:-/tmp/gpu-session}
-work=$(mktemp -d)
-mkdir -p "$out"
-nvidia-smi > "$work/nvidia-smi.txt" 2>&1
-python3 -m softmax_kernels info > "$work/info.txt" 2>&1
-cat "$work/info.txt"
-rc=0
-case "$mode" in
-tests)
-    timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tee "$work/test-gpu.log"
-    rc=${PIPESTATUS[0]}
-    if command -v compute-sanitizer >/dev/null 2>&1; then
-        timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
-            python3 -m pytest -q -m gpu -x -p no:cacheprovider tests/test_cupy_backend.py \
-            -k "softmax or cross_entropy" 2>&1 | tail -n 200 > "$work/memcheck.log"
-        echo "memcheck exit ${PIPESTATUS[0]}" | tee -a "$work/memcheck.log"
-    fi
-    ;;
-bench)
-    timeout 560 python3 -m bench --out "$work/results" 2>&1 | tee "$work/bench.log"
-    rc=${PIPESTATUS[0]}
-    ;;
-*)
-    echo "unknown mode $mode (tests or bench)"
-    exit 2
-    ;;
-esac
-tar czf "$out/gpu-$mode.tgz" -C "$work" .
-echo "wrote $out/gpu-$mode.tgz (exit $rc)"
-exit "$rc"
+cd "$(dirname "$0")/.." || exit 2
+export PYTHONPATH="$PWD/python:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+exec "${PYTHON:-python3}" bench/gpu_session.py "$@"
