@@ -52,3 +52,31 @@ def test_unpacked_wheel_imports_and_runs(wheel, tmp_path):
                        text=True, env=env, cwd=tmp_path, timeout=120)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "softmax-kernels" in r.stdout and "numpy   available" in r.stdout
+
+
+def test_wheel_has_license_and_types(wheel):
+    z = zipfile.ZipFile(wheel)
+    names = set(z.namelist())
+    assert "softmax_kernels/py.typed" in names
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    meta = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert "License-Expression: Apache-2.0" in meta
+    assert "Project-URL: Documentation" in meta
+
+
+def test_sdist_carries_the_package_not_the_tests(tmp_path):
+    import tarfile
+
+    code = (
+        "import sys; from setuptools import build_meta\n"
+        f"print(build_meta.build_sdist({str(tmp_path)!r}))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    (sdist,) = tmp_path.glob("softmax_kernels-*.tar.gz")
+    names = {n.split("/", 1)[1] for n in tarfile.open(sdist).getnames() if "/" in n}
+    for need in ("LICENSE", "README.md", "pyproject.toml", "docs/api.md",
+                 "kernels/cuda/softmax.cu", "python/softmax_kernels/py.typed"):  # fmt: skip
+        assert need in names, need
+    assert not any(n.startswith(("tests/", "bench/")) for n in names)
