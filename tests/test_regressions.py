@@ -165,6 +165,14 @@ def test_forward_mode_and_functorch():
     gl = torch.func.grad(lambda a: sk.cross_entropy(a, tgt))(x)
     gr = torch.func.grad(lambda a: torch.nn.functional.cross_entropy(a, tgt))(x)
     torch.testing.assert_close(gl, gr, atol=1e-12, rtol=1e-12)
+    # vmap over cross-entropy: each slice its own mean
+    xb = torch.randn(4, 3, 5, dtype=torch.float64, generator=g)
+    tb = torch.randint(0, 5, (4, 3), generator=g)
+    vb = torch.func.vmap(lambda a, b: sk.cross_entropy(a, b, label_smoothing=0.1))(xb, tb)
+    want = torch.stack(
+        [torch.nn.functional.cross_entropy(xb[i], tb[i], label_smoothing=0.1) for i in range(4)]
+    )
+    torch.testing.assert_close(vb, want, atol=1e-12, rtol=1e-12)
 
 
 # 7. masked entries in a row holding a NaN ------------------------------------------------------

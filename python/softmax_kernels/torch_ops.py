@@ -597,6 +597,19 @@ class _CrossEntropyFn(torch.autograd.Function):
         t_loss = prod.sum(-1) if ctx.reduction == "none" else prod.sum()
         return t_loss, None, None
 
+    @staticmethod
+    def vmap(info, in_dims, logits, target, weight, *rest):
+        # one call per slice: each slice is its own cross-entropy ("mean" over its own rows)
+        def pick(a, d, i):
+            return a if d is None or a is None else a.select(d, i)
+
+        outs = [
+            _CrossEntropyFn.apply(pick(logits, in_dims[0], i), pick(target, in_dims[1], i),
+                                  pick(weight, in_dims[2], i), *rest)
+            for i in range(info.batch_size)
+        ]  # fmt: skip
+        return tuple(torch.stack(o) for o in zip(*outs, strict=True)), (0, 0, 0)
+
 
 def _ce_check(logits, target, weight, axis, ignore_index, reduction, label_smoothing, z_loss,
               softcap, grad_scale, backend):  # fmt: skip
