@@ -1,11 +1,14 @@
 """Where the benchmark runs: the input data, the copy reference, the float64 reference results and
 the memory check, for the CPU (NumPy arrays) and for a CUDA GPU (torch tensors).
 
-The reference is ours: the softmax_kernels API on a float64 copy of the inputs (the NumPy
-backend on the CPU; on a GPU the first available GPU backend, else -- while none is built --
-torch in float64, which the results then name). Every provider's output, ours included, is
-compared with it under the contract's tolerance for the provider's dtype. On a GPU the reference
-is computed and compared in row blocks, so it needs no more than a few hundred MiB at any size.
+The float64 reference is independent of the GPU kernels under test: on the CPU the NumPy
+backend on a float64 copy of the inputs (the test oracle; no GPU provider shares its code); on a
+GPU torch in float64 on the GPU (torch's own softmax / log_softmax, the backward formulas and
+the CE loss and gradient written out in torch), never one of our GPU backends, so a bug that
+our Triton or CUDA kernels share in every precision cannot pass its own check. Every provider's
+output, ours included, is compared with it under the contract's tolerance for the provider's
+dtype. On a GPU the reference is computed and compared in row blocks, so it needs no more than
+a few hundred MiB at any size.
 """
 
 from __future__ import annotations
@@ -305,10 +308,10 @@ def _mem_available() -> int | None:
 
 
 class CudaEnv(_EnvBase):
-    """torch CUDA tensors; reference: ours in float64 on the GPU (or torch float64 until a GPU
-    backend of ours is available)."""
+    """torch CUDA tensors; reference: torch in float64 on the GPU (independent of ours)."""
 
     kind = "cuda"
+    reference_name = "torch float64 on the GPU (independent of softmax_kernels)"
 
     def __init__(self, device: str = "cuda"):
         import torch
@@ -316,14 +319,6 @@ class CudaEnv(_EnvBase):
         self.torch = torch
         self.device = device  # tests use "cpu" to run this path without a GPU
         self.xp = torch
-        from .providers import sk_available
-
-        avail = sk_available()[0]
-        self.sk_backend = next((b for b in ("triton", "cupy") if b in avail), None)
-        if self.sk_backend:
-            self.reference_name = f"softmax_kernels {self.sk_backend} backend, float64"
-        else:
-            self.reference_name = "torch float64 (no softmax_kernels GPU backend available)"
 
     def make(self, name: str, inp: Inputs):
         torch = self.torch
@@ -350,26 +345,10 @@ class CudaEnv(_EnvBase):
         return a.detach().to(torch.float64)
 
     def ref_rows(self, op: str, rows: dict[str, Any]):
+        """torch float64: softmax / log_softmax, the backward formulas
+        dx = y (dy - sum(dy y)) and dx = dy - exp(y) sum(dy), CE loss -log p_t summed and its
+        gradient p - onehot(t)."""
         torch = self.torch
-        if self.sk_backend:
-            import softmax_kernels as sk
-
-            b = self.sk_backend
-            if op == "softmax_fwd":
-                return sk.softmax(rows["x"], backend=b), 0.0
-            if op == "log_softmax_fwd":
-                return sk.log_softmax(rows["x"], backend=b), 0.0
-            if op == "softmax_bwd":
-                return sk.softmax_backward(rows["dy"], rows["y"], backend=b), 0.0
-            if op == "log_softmax_bwd":
-                return sk.log_softmax_backward(rows["dy"], rows["y"], backend=b), 0.0
-            if op == "ce_fwd":
-                loss = sk.cross_entropy(rows["x"], rows["t"], reduction="sum", backend=b)
-                return None, float(loss)
-            loss, grad = sk.cross_entropy_with_grad(
-                rows["x"], rows["t"], reduction="sum", backend=b
-            )
-            return grad, float(loss)
         if op == "softmax_fwd":
             return torch.softmax(rows["x"], -1), 0.0
         if op == "log_softmax_fwd":

@@ -10,7 +10,14 @@ CPU tensors for bfloat16, which NumPy lacks). Anything a provider needs to conve
 is done when it is built, outside the timed call. Optional libraries are imported when a
 provider is asked whether it can run, never at import time.
 
-``ours-*`` call the public softmax_kernels API with an explicit backend. The peers:
+``ours-*`` call the public softmax_kernels API with an explicit backend; each result, like the
+outputs it allocates, is fresh ("as called"). ``ours-numpy-out`` is the same backend *kernel
+only*: outputs allocated once when it is built -- ``out=`` for softmax, log_softmax and the
+backward passes (the public API, which then allocates nothing), and for cross-entropy, which has
+no ``out=``, the backend's own ``cross_entropy_fwd`` with a preallocated loss and gradient
+(skipping only the API's argument checks and dispatch, microseconds). ``torch-out`` is torch
+the same way (``torch.ops.aten._softmax.out`` and friends); torch has no ``out=`` for
+cross-entropy, so there its as-called row is the comparison. The peers:
 
 - ``torch``: torch.softmax / log_softmax, torch._softmax_backward_data /
   _log_softmax_backward_data, F.cross_entropy, and autograd (torch.autograd.grad) for the CE
@@ -57,6 +64,8 @@ class Provider:
     mutates_input: bool = False
     # torch.compile: reset dynamo's caches before each build (one compiled shape at a time)
     compiles: bool = False
+    # outputs preallocated once (the "kernel only" figure), not allocated by every call
+    kernel_only: bool = False
 
 
 def _has(mod: str) -> bool:
@@ -152,6 +161,89 @@ def _ours(backend: str, devices: tuple[str, ...]) -> Provider:
     )
 
 
+def _empty_like(a):
+    import numpy as np
+
+    return np.empty_like(a) if isinstance(a, np.ndarray) else a.new_empty(a.shape)
+
+
+def _loss_buffer(x, shape):
+    """A loss buffer of the compute dtype (float64 for float64 logits, else float32), of x's
+    kind."""
+    import numpy as np
+
+    if isinstance(x, np.ndarray):
+        return np.empty(shape, np.float64 if x.dtype == np.float64 else np.float32)
+    torch = _torch()
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.empty(shape, dtype=dt, device=x.device)
+
+
+def _ce_kernel_only(backend: str, op: str, d):
+    """The backend's cross_entropy_fwd on preallocated loss (and gradient) buffers: mean loss
+    over all rows, gradient (softmax - onehot) / n_rows, as every CE provider computes."""
+    import inspect
+
+    mod = importlib.import_module(f"softmax_kernels.backends.{backend}_backend")
+    fn = mod.cross_entropy_fwd
+    params = inspect.signature(fn).parameters
+    x, t = d["x"], d["t"]
+    n = int(x.shape[0])
+    grad = _empty_like(x) if op == "ce_fwd_grad" else None
+    kw = {"grad": grad, "lse": None, "soft": False, "weight": None, "ignore_index": -100,
+          "label_smoothing": 0.0, "z_loss": 0.0, "softcap": None, "denom": None}  # fmt: skip
+    if "reduction" in params:  # the backend reduces: a 0-d loss, the gradient divided by n
+        loss = _loss_buffer(x, ())
+        kw.update(loss=loss, reduction="mean", grad_scale=1.0)
+    else:  # older interface: per-row losses, the mean (O(rows)) taken here
+        loss = _loss_buffer(x, (n,))
+        kw.update(loss=loss, grad_scale=1.0 / n)
+    kw = {k: v for k, v in kw.items() if k in params}
+
+    def run():
+        fn(x, t, **kw)
+        out = loss if "reduction" in params else loss.mean()
+        return out if grad is None else (out, grad)
+
+    return run
+
+
+def _ours_out(backend: str, devices: tuple[str, ...]) -> Provider:
+    base = _ours(backend, devices)
+
+    def build(op, d, device):
+        import softmax_kernels as sk
+
+        b = backend
+        if op in FWD_OPS:
+            x = d["x"]
+            out = _empty_like(x)
+            f = sk.softmax if op == "softmax_fwd" else sk.log_softmax
+            return lambda: f(x, out=out, backend=b)
+        if op in BWD_OPS:
+            dy, y = d["dy"], d["y"]
+            out = _empty_like(y)
+            f = sk.softmax_backward if op == "softmax_bwd" else sk.log_softmax_backward
+            return lambda: f(dy, y, out=out, backend=b)
+        return _ce_kernel_only(backend, op, d)
+
+    def impl(op):
+        if op in CE_OPS:
+            return f"softmax_kernels.backends.{backend}_backend.cross_entropy_fwd(preallocated)"
+        return f"{_SK_IMPL[op]}(out=preallocated, backend={backend!r})"
+
+    return Provider(
+        name=f"ours-{backend}-out",
+        label=f"ours ({backend}, kernel only)",
+        devices=devices,
+        ours=True,
+        can_run=base.can_run,
+        build=build,
+        impl=impl,
+        kernel_only=True,
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # torch eager and torch.compile
 
@@ -233,6 +325,37 @@ def _torch_build(compiled: bool):
         return fwd_grad
 
     return build
+
+
+_TORCH_OUT_IMPL = {
+    "softmax_fwd": "aten._softmax.out",
+    "log_softmax_fwd": "aten._log_softmax.out",
+    "softmax_bwd": "aten._softmax_backward_data.out",
+    "log_softmax_bwd": "aten._log_softmax_backward_data.out",
+}
+
+
+def _torch_out_can_run(op, dtype, device):
+    r = _torch_can_run(op, dtype, device)
+    if r is not None:
+        return r
+    if op in CE_OPS:
+        return ("unsupported", "torch has no out= for cross_entropy (its as-called row compares)")
+    return None
+
+
+def _torch_out_build(op, d, device):
+    aten = _torch().ops.aten
+    if op in FWD_OPS:
+        x = _as_torch(d["x"])
+        out = x.new_empty(x.shape)
+        f = aten._softmax.out if op == "softmax_fwd" else aten._log_softmax.out
+        return lambda: f(x, -1, False, out=out)
+    dy, y = _as_torch(d["dy"]), _as_torch(d["y"])
+    out = y.new_empty(y.shape)
+    if op == "softmax_bwd":
+        return lambda: aten._softmax_backward_data.out(dy, y, -1, y.dtype, grad_input=out)
+    return lambda: aten._log_softmax_backward_data.out(dy, y, -1, y.dtype, out=out)
 
 
 def _compile_can_run(op, dtype, device):
@@ -409,11 +532,16 @@ def _default_providers() -> dict[str, Provider]:
     torch_impl = _TORCH_IMPL.__getitem__
     ps = [
         _ours("numpy", ("cpu",)),
+        _ours_out("numpy", ("cpu",)),
         _ours("triton", ("cuda",)),
         _ours("cupy", ("cuda",)),
         Provider(
             "torch", "torch", ("cpu", "cuda"), False, _torch_can_run, _torch_build(False),
             torch_impl,
+        ),
+        Provider(
+            "torch-out", "torch (kernel only)", ("cpu",), False, _torch_out_can_run,
+            _torch_out_build, lambda op: _TORCH_OUT_IMPL.get(op, "n/a"), kernel_only=True,
         ),
         Provider(
             "torch.compile", "torch.compile", ("cuda",), False, _compile_can_run,

@@ -22,11 +22,14 @@ if __package__ in (None, ""):  # run as a script: python bench/run.py
 from bench import grids as G  # noqa: E402
 from bench import report  # noqa: E402
 
-DEFAULT_OUT = Path("bench") / "results"
+# Absolute: `python -m bench` (or `python bench/run.py`) writes to the clone's bench/results
+# whatever the current folder.
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 # Wall-clock budgets of a default run: past them the remaining measurements are skipped (and
 # recorded as such), so a slow machine cannot overrun its slot.
-BUDGET_S = {("cuda", False): 480.0, ("cuda", True): 90.0, ("cpu", False): 165.0,
-            ("cpu", True): 22.0}  # fmt: skip
+# CPU: five providers per point (ours and torch, each as called and kernel only, and SciPy).
+BUDGET_S = {("cuda", False): 480.0, ("cuda", True): 90.0, ("cpu", False): 240.0,
+            ("cpu", True): 30.0}  # fmt: skip
 
 
 def _ensure_paths() -> None:
@@ -53,12 +56,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=(
             "Benchmark softmax_kernels against its peers. On a CUDA GPU: ours (triton, cupy) "
             "vs torch, torch.compile, Liger-Kernel, cupyx; on the CPU: ours (numpy) vs SciPy "
-            "and torch. Checks every result against a float64 reference before timing it."
+            "and torch, each of ours and torch as called (fresh outputs) and kernel only "
+            "(outputs preallocated). Checks every result against a float64 reference before "
+            "timing it."
         ),
         epilog=(
             f"GPU grids: {gpu_grids}. CPU grids: {cpu_grids}. Without --grid/--shapes each op "
             "runs on its default grids (bench/grids.py; the GPU default takes ~6-8 min on an "
-            "H100, the CPU default ~1-2 min on 2 cores). Outputs: OUT/<device>-<date>.json, "
+            "H100, the CPU default ~3 min on 2 cores). Outputs: OUT/<device>-<date>.json, "
             ".csv, .md and one PNG per grid."
         ),
     )
@@ -66,8 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtypes", help=f"comma list of dtypes: {', '.join(G.DTYPES)}")
     p.add_argument(
         "--providers",
-        help="comma list: ours, ours-numpy, ours-triton, ours-cupy, torch, torch.compile, "
-        "liger, cupyx, scipy, or all (default: all that apply to the device)",
+        help="comma list: ours, ours-numpy, ours-numpy-out, ours-triton, ours-cupy, torch, "
+        "torch-out, torch.compile, liger, cupyx, scipy, or all (default: all that apply to "
+        "the device; 'ours' is every ours-* of the device, kernel-only ones included)",
     )
     p.add_argument("--grid", help="comma list of grids to run (replaces the default choice)")
     p.add_argument(
@@ -76,7 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "adds to --grid)",
     )
     p.add_argument("--quick", action="store_true", help="small subset (CPU < 30 s, GPU ~1 min)")
-    p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default: %(default)s)")
+    p.add_argument("--out", default=str(DEFAULT_OUT),
+                   help="output folder (default: the clone's bench/results)")  # fmt: skip
     p.add_argument("--name", help="file name stem (default: <device>-<date>[-quick])")
     p.add_argument(
         "--device",
@@ -88,7 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--budget-s",
         type=float,
         help="stop measuring after this many seconds, recording the rest as skipped (default: "
-        "480 GPU, 165 CPU; quick: 90 / 22)",
+        "480 GPU, 240 CPU; quick: 90 / 30)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -130,10 +137,12 @@ def detect_device(choice: str) -> tuple[str, str | None]:
 
 
 class Progress:
-    """tqdm when installed, else a one-line bar on stderr."""
+    """tqdm when installed (its bar shows the time left), else a one-line bar on stderr with the
+    elapsed time and an ETA: the time model's estimate at the start, then the measured pace."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, estimate_s: float | None = None):
         self.total, self.n, self.t0 = total, 0, time.time()
+        self.estimate_s = estimate_s
         self.tty = sys.stderr.isatty()
         self._last_pct = -1
         try:
@@ -142,6 +151,15 @@ class Progress:
             self.bar = tqdm(total=total, file=sys.stderr, unit="run", dynamic_ncols=True)
         except ImportError:
             self.bar = None
+
+    def eta(self) -> float | None:
+        """Seconds left: the measured pace once a tenth is done, the estimate before."""
+        elapsed = time.time() - self.t0
+        if self.n >= max(1, self.total // 10):
+            return elapsed / self.n * (self.total - self.n)
+        if self.estimate_s is not None:
+            return max(0.0, self.estimate_s - elapsed)
+        return None
 
     def step(self, desc: str) -> None:
         self.n += 1
@@ -155,9 +173,11 @@ class Progress:
             return  # not a terminal: a line per 10%
         self._last_pct = pct
         done = int(30 * frac)
+        eta = self.eta()
+        eta_s = "" if eta is None or self.n == self.total else f" ETA {_mmss(eta)}"
         line = (
             f"[{'#' * done}{'.' * (30 - done)}] {self.n}/{self.total} "
-            f"{time.time() - self.t0:5.0f}s {desc[:48]}"
+            f"{_mmss(time.time() - self.t0)}{eta_s} {desc[:48]}"
         )
         sys.stderr.write(("\r" + line.ljust(100)) if self.tty else line + "\n")
         sys.stderr.flush()
@@ -167,6 +187,11 @@ class Progress:
             self.bar.close()
         elif self.tty:
             sys.stderr.write("\n")
+
+
+def _mmss(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 60}:{seconds % 60:02d}"
 
 
 def _short(e: BaseException) -> str:
@@ -446,6 +471,16 @@ def main(argv=None) -> int:
     for n, info in ptable.items():
         if info["status"] != "ok" or info.get("warning"):
             print(f"  {n}: {info.get('warning') or info['status']}", file=sys.stderr)
+    gpu_grids = [g for g in grid_table if g in G.GPU_GRIDS]
+    if device == "cpu" and gpu_grids:
+        print(
+            f"warning: {', '.join(gpu_grids)}: "
+            f"{'a GPU grid' if len(gpu_grids) == 1 else 'GPU grids'}, and this run is on the "
+            f"CPU: estimated {est / 60:.1f} min for {len(points)} points, against a budget of "
+            f"{budget / 60:.1f} min (the rest is recorded as "
+            "skipped); CPU grids: " + ", ".join(G.CPU_GRIDS),
+            file=sys.stderr,
+        )
     if args.list:
         for op, entry in plan.items():
             for g, dts in entry.items():
@@ -469,7 +504,7 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     n_shapes = len({(p.dtype, p.n_rows, p.n_cols) for p in points})
-    progress = Progress(len(points) * len(names) + n_shapes)
+    progress = Progress(len(points) * len(names) + n_shapes, est)
     load_before = _load()
     cpu_before = _cpu_times()
     t0 = time.time()
@@ -526,7 +561,8 @@ def main(argv=None) -> int:
         "points": rows,
     }
     if device == "cpu":
-        record["issue2_target"] = report.target_check(rows)
+        record["cpu_target"] = report.target_check(rows)
+        record["as_called_vs_kernel"] = report.as_called_vs_kernel(rows)
     md = report.summary_markdown(record)
     report.write_json(out_dir / f"{name}.json", record)
     report.write_csv(out_dir / f"{name}.csv", rows)

@@ -90,7 +90,7 @@ def test_tiny_grid_writes_every_output_and_catches_a_wrong_provider(tmp_path, wr
     pytest.importorskip("scipy")
     rc = R.main(
         ["--device", "cpu", "--quick", "--shapes", "16x33,3x7", "--ops", OPS,
-         "--dtypes", "fp32,fp64", "--providers", "ours,torch,scipy,wrong",
+         "--dtypes", "fp32,fp64", "--providers", "ours,torch,torch-out,scipy,wrong",
          "--out", str(tmp_path), "--name", "t"]
     )  # fmt: skip
     assert rc == 0
@@ -106,7 +106,8 @@ def test_tiny_grid_writes_every_output_and_catches_a_wrong_provider(tmp_path, wr
     assert rec["versions"]["numpy"] == np.__version__
     assert rec["grid"]["grids"]["custom"] == [[16, 33], [3, 7]]
     points = rec["points"]
-    assert len(points) == 6 * 2 * 2 * (4 if _has("torch") else 3)
+    # ours-numpy, ours-numpy-out (kernel only), torch, torch-out, scipy, wrong
+    assert len(points) == 6 * 2 * 2 * (6 if _has("torch") else 4)
     assert all(c["gbps"] and c["gbps"] > 0 for c in rec["copies"])
 
     by = {(p["provider"], p["op"], p["dtype"], p["n_rows"]): p for p in points}
@@ -119,19 +120,31 @@ def test_tiny_grid_writes_every_output_and_catches_a_wrong_provider(tmp_path, wr
             # the same provider is right (and timed) where it is right
             assert by[("wrong", "log_softmax_fwd", dt, n)]["status"] == "ok"
             for op in OPS.split(","):
-                ours = by[("ours-numpy", op, dt, n)]
-                assert ours["status"] == "ok", ours
-                assert ours["ms"] > 0 and ours["gbps"] > 0 and ours["pct_copy"] > 0
-                assert ours["err_ratio"] <= 1.0
+                # as called and kernel only (preallocated outputs), both checked and timed
+                for prov in ("ours-numpy", "ours-numpy-out"):
+                    ours = by[(prov, op, dt, n)]
+                    assert ours["status"] == "ok", ours
+                    assert ours["ms"] > 0 and ours["gbps"] > 0 and ours["pct_copy"] > 0
+                    assert ours["err_ratio"] <= 1.0
                 if _has("torch"):
                     assert by[("torch", op, dt, n)]["status"] == "ok"
+                    want = "unsupported" if op.startswith("ce") else "ok"  # no out= for CE
+                    assert by[("torch-out", op, dt, n)]["status"] == want
 
     csv_rows = _rows(tmp_path / "t.csv")
     assert len(csv_rows) == len(points)
     assert {r["status"] for r in csv_rows if r["provider"] == "wrong"} == {"ok", "mismatch"}
     md = (tmp_path / "t.md").read_text()
     assert "| softmax_fwd | fp32 | custom | ours-numpy |" in md
+    assert "| softmax_fwd | fp32 | custom | ours-numpy-out |" in md
     assert "wrong softmax_fwd fp32 16x33: mismatch" in md
+    if _has("torch"):  # both figures against torch, per op and over all ops
+        assert "### As called and kernel only (CPU)" in md
+        ak = {(e["op"], e["dtype"]): e for e in rec["as_called_vs_kernel"]}
+        assert ak[("all ops", "fp32")]["as called sizes"] == 6 * 2
+        assert ak[("ce_fwd_grad", "fp64")]["kernel only vs"] == "torch"
+        assert ak[("softmax_bwd", "fp64")]["kernel only vs"] == "torch-out"
+        assert all(e["as called"] > 0 and e["kernel only"] > 0 for e in ak.values())
 
 
 def _has(mod: str) -> bool:
@@ -153,11 +166,11 @@ def test_plan_defaults_and_estimates():
                                  shapes=None)  # fmt: skip
     cpts = G.plan_points(cplan, cgrids)
     assert ("softmax_fwd", "fp32", 4096, 4096) in {(p.op, p.dtype, *p.shape) for p in cpts}
-    cpu_providers = {op: ["ours-numpy", "torch", "scipy"] for op in G.OPS}
-    assert G.estimate_seconds(cpts, cpu_providers, "cpu") < 3 * 60
+    cpu_providers = {op: P.default_names("cpu") for op in G.OPS}
+    assert G.estimate_seconds(cpts, cpu_providers, "cpu") < R.BUDGET_S[("cpu", False)]
     qplan, qgrids = G.build_plan("cpu", quick=True, ops=None, dtypes=None, grids=None,
                                  shapes=None)  # fmt: skip
-    assert G.estimate_seconds(G.plan_points(qplan, qgrids), cpu_providers, "cpu", True) < 25
+    assert G.estimate_seconds(G.plan_points(qplan, qgrids), cpu_providers, "cpu", True) < 30
     # tritonbench: 256..12672 step 128 plus the five odd sizes
     cols = [c for _, c in G.GPU_GRIDS["tritonbench"]]
     assert len(cols) == 98 + 5 and {1000, 1025, 2045, 2049, 3000, 12672} <= set(cols)
@@ -222,10 +235,7 @@ class _CudaPathOnCpu:
             def after_point(self):
                 pass
 
-        env = Env(device="cpu")
-        env.sk_backend = None  # the torch float64 reference, as while no GPU backend is built
-        env.reference_name = "torch float64"
-        return env
+        return Env(device="cpu")
 
 
 def test_gpu_path_check_and_report_on_cpu_tensors(tmp_path, wrong, monkeypatch):
@@ -298,9 +308,9 @@ def test_gpu_path_check_and_report_on_cpu_tensors(tmp_path, wrong, monkeypatch):
         assert [f.name for f in files] == ["gpu-quack.png"]
 
 
-def test_gpu_path_with_our_triton_backend_as_provider_and_reference(monkeypatch):
-    """Under the Triton interpreter (make test), the GPU path with ours-triton as a provider and
-    as the float64 reference, on CPU tensors."""
+def test_gpu_path_with_our_triton_backend_as_provider(monkeypatch):
+    """Under the Triton interpreter (make test), the GPU path with ours-triton as a provider on
+    CPU tensors, checked against the torch float64 reference."""
     import os
 
     if os.environ.get("TRITON_INTERPRET") != "1" or "triton" not in P.sk_available()[0]:
@@ -309,7 +319,6 @@ def test_gpu_path_with_our_triton_backend_as_provider_and_reference(monkeypatch)
     from bench.timing import CpuTimer
 
     env = _CudaPathOnCpu.make()
-    env.sk_backend = "triton"
     monkeypatch.setattr(E, "REF_BLOCK_ELEMS", 100)  # 3 rows of 33 per reference block
     points = [G.Point(op, dt, 7, 33, ("custom",)) for dt in ("bf16", "fp32") for op in G.OPS]
     cpu_timer = CpuTimer(quick=True)
@@ -317,6 +326,94 @@ def test_gpu_path_with_our_triton_backend_as_provider_and_reference(monkeypatch)
     rows, _ = R.run_points(env, lambda fn: cpu_timer(fn), points, ["ours-triton"], prog, 1e18)
     prog.close()
     assert [r["status"] for r in rows] == ["ok"] * len(points), rows
+
+
+def test_gpu_reference_is_independent_of_our_kernels(monkeypatch):
+    """A bug our kernels have in every precision, float64 included, must not pass the GPU
+    path's check: its reference is torch in float64, never softmax_kernels."""
+    torch = pytest.importorskip("torch")
+    import softmax_kernels as sk
+
+    def buggy(x, *a, **kw):  # wrong by 10% in the logits' scale, in every dtype
+        return torch.softmax(x * 1.1, -1)
+
+    monkeypatch.setattr(sk, "softmax", buggy)
+    env = _CudaPathOnCpu.make()
+    assert "torch float64" in env.reference_name and "independent" in env.reference_name
+    pt = G.Point("softmax_fwd", "fp32", 5, 40, ("custom",))
+    data = env.inputs("fp32", pt.shape, 0).data(pt.op)
+    got = P.PROVIDERS["ours-numpy"].build(pt.op, data, "cpu")()  # calls the planted sk.softmax
+    assert not env.check(pt, data, got).ok
+    assert env.check(pt, data, torch.softmax(data["x"], -1)).ok
+
+
+def test_cpu_target_is_a_measured_result():
+    def row(prov, op, ms, status="ok"):
+        return {"provider": prov, "op": op, "dtype": "fp32", "n_rows": 4096, "n_cols": 4096,
+                "status": status, "ms": ms}  # fmt: skip
+
+    rows = [row("ours-numpy", "softmax_fwd", 40.0), row("scipy", "softmax_fwd", 60.0),
+            row("torch", "softmax_fwd", 30.0), row("ours-numpy", "softmax_bwd", 50.0),
+            row("scipy", "softmax_bwd", 45.0), row("torch", "softmax_bwd", 30.0)]  # fmt: skip
+    tc = report.target_check(rows)
+    assert (tc["met"], tc["of"]) == (1, 2) and "1.5x torch" in tc["target"]
+    lines = "\n".join(report._target_lines({"cpu_target": tc}))
+    assert (
+        "Measured in this run: met for 1 of 2 ops; missed: softmax_bwd (1.67x torch's time, "
+        "slower than SciPy)." in lines
+    )
+    assert "| softmax_fwd | 40.00 | 60.00 | 30.00 | yes | 1.33 | yes |" in lines
+    # without torch there is no target to measure: no section at all
+    no_torch = [r for r in rows if r["provider"] != "torch"]
+    assert report.target_check(no_torch) is None
+    assert report._target_lines({"cpu_target": None}) == []
+
+
+def test_progress_eta_gpu_grid_warning_and_any_folder(tmp_path, capsys):
+    prog = R.Progress(100, estimate_s=50.0)
+    prog.bar = None
+    prog.t0 -= 5.0  # 5 s in, nothing done: the estimate's remainder
+    assert prog.eta() == pytest.approx(45.0, abs=1.0)
+    prog.n = 20  # a fifth done in 5 s: the measured pace
+    assert prog.eta() == pytest.approx(20.0, abs=1.0)
+    prog.tty = False
+    prog.n = 29
+    prog.step("x")
+    assert "ETA 0:" in capsys.readouterr().err
+    assert R._mmss(125) == "2:05"
+    # run from another folder: same outputs folder, GPU grid on the CPU warned with its estimate
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--list", "--device",
+                        "cpu", "--grid", "quack", "--ops", "softmax_fwd"], cwd=tmp_path,
+                       env=_env(), capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "warning: quack: a GPU grid, and this run is on the CPU: estimated" in r.stderr
+    assert R.DEFAULT_OUT == ROOT / "bench" / "results"
+    assert not list(tmp_path.iterdir())  # nothing written where it was started
+
+
+def test_plot_marks_skipped_points_and_names_shapes(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = []
+    for i, (r, c) in enumerate([(64, 100), (3, 7), (8, 5000)]):
+        for prov in ("ours-numpy", "torch"):
+            pt = G.Point("softmax_fwd", "fp32", r, c, ("custom",))
+            st = "skipped-budget" if (i, prov) == (2, "torch") else "ok"
+            if (i, prov) == (1, "torch"):
+                st = "mismatch"
+            kw = {"ms": 1.0, "gbps": 2.0 + i} if st == "ok" else {}
+            rows.append(R._row(pt, P.PROVIDERS[prov], status=st, **kw))
+    record = {
+        "created": "2026-01-02T03:04:05", "device": {"kind": "cpu", "name": "test CPU"},
+        "git": {"commit": "abcdef1234567890", "dirty": True},
+        "settings": {"busy_warning": "other processes used 50% of the CPUs"},
+        "copies": [{"dtype": "fp32", "n_rows": r, "n_cols": c, "gbps": 40.0}
+                   for r, c in [(64, 100), (3, 7), (8, 5000)]],
+        "points": rows,
+    }  # fmt: skip
+    assert report._shape_order([(64, 100), (3, 7), (8, 5000)]) == [(3, 7), (64, 100), (8, 5000)]
+    assert report._figure_note(record) == "2026-01-02 03:04, commit abcdef1234 (dirty)"
+    files = report.plot(record, tmp_path, "p")
+    assert [f.name for f in files] == ["p-custom.png"] and files[0].stat().st_size > 10_000
 
 
 def test_published_reference_is_carried_with_its_source():
