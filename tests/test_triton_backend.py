@@ -10,12 +10,14 @@ within the contract's tolerances.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
+import types
 
 import numpy as np
 import pytest
@@ -23,8 +25,12 @@ import pytest
 torch = pytest.importorskip("torch")
 triton = pytest.importorskip("triton")
 
+import triton.language as tl  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
 import softmax_kernels as sk  # noqa: E402
 from softmax_kernels.backends import triton_backend as tb  # noqa: E402
+from softmax_kernels.kernels.triton import common as kcommon  # noqa: E402
 
 from reference import (  # noqa: E402
     assert_close,
@@ -382,30 +388,22 @@ def test_edge_rows(device, strategy, dtype, rng):
         assert_close(out, ref_softmax(to_numpy64(x), is_log=is_log), dtype, f"edge log={is_log}")
     # cross-entropy on the same rows: NaN exactly where the reference has NaN
     t = np.array([0, 1, 2, 3, 5, 4, n_cols - 1])
-    logits, grad = torch.empty_like(x), torch.empty_like(x)
-    logits.copy_(x)
-    loss = torch.empty(x.shape[0], dtype=torch.float64 if dtype == "float64" else torch.float32,
-                       device=device)  # fmt: skip
-    tb.cross_entropy_fwd(
-        logits, _t(t, None, device), loss, grad, soft=False, weight=None, ignore_index=-100,
-        label_smoothing=0.0, z_loss=0.0, grad_scale=1.0, denom=None, config=cfg,
-    )  # fmt: skip
+    loss, grad, lse = _ce_fwd(x.clone(), _t(t, None, device), cfg=cfg, soft=False, reduction="none")
     # (row 5, +inf: torch's loss is inf with a partly NaN gradient, the NumPy backend's NaN;
     # the contract leaves it open, so it is not compared)
     rows = [0, 1, 2, 3, 4, 6]
-    ref_loss, ref_grad = ref_cross_entropy(to_numpy64(x)[rows], t[rows], reduction="none")
+    ref_loss, ref_grad, ref_lse = _ref_ce(to_numpy64(x)[rows], t[rows], reduction="none")
     assert_close(loss[rows], ref_loss, LOSS_DTYPE[dtype], "edge CE loss")
     assert_close(grad[rows], ref_grad, dtype, "edge CE grad")
+    assert_close(lse[rows], ref_lse, LOSS_DTYPE[dtype], "edge CE lse")
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_every_kernel_option_under_forced_strategies(device, strategy, rng):
-    # backward and every cross-entropy variant through each strategy on short rows
+def test_backward_under_forced_strategies(device, strategy, rng):
     n_rows, n_cols = 5, 300
     cfg = _forced_configs(n_rows, n_cols)[strategy]
-    x = _t(rng.standard_normal((n_rows, n_cols)) * 3, "float32", device)
-    x64 = to_numpy64(x)
+    x64 = rng.standard_normal((n_rows, n_cols)) * 3
     dy = _t(rng.standard_normal((n_rows, n_cols)), "float32", device)
     for is_log in (False, True):
         y = _t(ref_softmax(x64, is_log=is_log), "float32", device)
@@ -413,33 +411,495 @@ def test_every_kernel_option_under_forced_strategies(device, strategy, rng):
         tb.softmax_bwd(dy, y, out, scale=0.5, is_log=is_log, config=cfg)
         ref = ref_softmax_backward(to_numpy64(dy), to_numpy64(y), -1, 0.5, is_log=is_log)
         assert_close(out, ref, "float32", f"bwd log={is_log}")
-    w = _t(rng.random(n_cols) + 0.25, "float32", device)
-    hard = np.array([3, -100, 299, 0, 150])
-    soft = _t(rng.dirichlet(np.ones(n_cols), size=n_rows), "float32", device)
-    denom = _t(np.array(2.5), "float32", device)
-    for t, is_soft in ((_t(hard, None, device), False), (soft, True)):
-        for weight in (None, w):
-            for eps, z in ((0.0, 0.0), (0.2, 0.01)):
-                loss = torch.empty(n_rows, dtype=torch.float32, device=device)
-                grad = torch.empty_like(x)
-                tb.cross_entropy_fwd(
-                    x, t, loss, grad, soft=is_soft, weight=weight, ignore_index=-100,
-                    label_smoothing=eps, z_loss=z, grad_scale=0.75, denom=denom, config=cfg,
-                )  # fmt: skip
-                ref_loss, ref_grad = ref_cross_entropy(
-                    x64, to_numpy64(t) if is_soft else hard,
-                    weight=None if weight is None else to_numpy64(w), reduction="none",
-                    label_smoothing=eps, z_loss=z, grad_scale=0.75 / 2.5,
-                )  # fmt: skip
-                what = f"CE soft={is_soft} w={weight is not None} eps={eps} z={z}"
-                assert_close(loss, ref_loss, "float32", what + " loss")
+
+
+# ----------------------------------------------------------------------------------------------
+# cross-entropy through the backend interface (dispatch.py's docstring): every strategy, option,
+# reduction and mode, called directly with outputs allocated as softmax_kernels._core does. The
+# problems are 6 rows of 300 classes (row 1 ignored for class targets); the forced launch
+# configurations reach each kernel path: "rows" / "rows-pipelined" (several rows per tile,
+# persistent loop, software-pipelined), "row", "online" (chunks of 64: 5 chunks, the last
+# partial, per-lane running maxima, then the gradient pass last chunk first).
+
+CE_ROWS, CE_COLS = 6, 300
+
+
+def _dtype_name(t):
+    return str(t.dtype).replace("torch.", "")
+
+
+def _cdt(t):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _logsumexp(z):
+    with np.errstate(all="ignore"):
+        m = z.max(axis=-1, keepdims=True)
+        m = np.where(np.isfinite(m), m, 0.0)
+        return (m + np.log(np.exp(z - m).sum(axis=-1, keepdims=True)))[..., 0]
+
+
+def _ref_ce(x64, target, *, weight=None, softcap=None, denom=None, reduction="mean",
+            grad_scale=1.0, **opts):  # fmt: skip
+    """(loss, grad, lse) in float64: z = c tanh(x / c) with a softcap, tests/reference.py's
+    cross-entropy of z (torch's float64), the chain rule dz/dx = 1 - tanh^2, lse = logsumexp(z)
+    of every row. A given ``denom`` replaces the "mean" denominator (0.0 loss where it is 0)."""
+    z = x64 if softcap is None else softcap * np.tanh(x64 / softcap)
+    if reduction == "mean" and denom is not None:
+        gs = grad_scale / denom if denom else 0.0
+        loss, gz = ref_cross_entropy(z, target, weight=weight, reduction="sum", grad_scale=gs,
+                                     **opts)  # fmt: skip
+        loss = loss / denom if denom else loss * 0.0
+    else:
+        loss, gz = ref_cross_entropy(z, target, weight=weight, reduction=reduction,
+                                     grad_scale=grad_scale, **opts)  # fmt: skip
+    grad = gz if softcap is None else gz * (1.0 - np.tanh(x64 / softcap) ** 2)
+    return loss, grad, _logsumexp(z)
+
+
+def _ce_fwd(x, t, *, cfg=None, soft, weight=None, reduction="mean", want_grad=True,
+            want_lse=True, inplace=False, denom=None, ignore_index=-100, label_smoothing=0.0,
+            z_loss=0.0, softcap=None, grad_scale=1.0):  # fmt: skip
+    """tb.cross_entropy_fwd with its outputs allocated as _core does: (loss, grad, lse), grad
+    being x itself in place."""
+    n_rows = x.shape[0]
+    loss = torch.empty(() if reduction != "none" else (n_rows,), dtype=_cdt(x), device=x.device)
+    lse = torch.empty(n_rows, dtype=_cdt(x), device=x.device) if want_lse else None
+    grad = (x if inplace else torch.empty_like(x)) if want_grad else None
+    tb.cross_entropy_fwd(
+        x, t, loss=loss, grad=grad, lse=lse, soft=soft, weight=weight, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, grad_scale=grad_scale,
+        reduction=reduction, denom=denom, config=cfg,
+    )  # fmt: skip
+    return loss, grad, lse
+
+
+def _ce_case(rng, device, soft, weighted, dtype="float32", n_cols=CE_COLS):
+    """(x, t, w, x64, target64 for the reference, w64)."""
+    logits, target, weight = ce_problem(rng, CE_ROWS, n_cols, soft)
+    x = _t(logits, dtype, device)
+    t = _t(target, dtype if soft else None, device)
+    w = _t(weight, LOSS_DTYPE[dtype], device) if weighted else None
+    return x, t, w, to_numpy64(x), (to_numpy64(t) if soft else target), to_numpy64(w)
+
+
+CE_OPTIONS = [
+    dict(soft=soft, weighted=weighted, label_smoothing=eps, z_loss=z, softcap=cap)
+    for soft in (False, True)
+    for weighted in (False, True)
+    for eps in (0.0, 0.2)
+    for z in (0.0, 0.01)
+    for cap in (None, 4.0)  # logits * 3: |x| from ~0 (tanh's polynomial) to past 2 c
+]
+
+
+def _tickets_all_zero():
+    return all(int(c.sum()) == 0 for c in tb._TICKETS.values())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_ce_fwd_every_option(device, strategy, rng):
+    # every combination of target kind, weight, smoothing, z-loss and softcap; reduction, in
+    # place and the loss-only specialisation rotate so that each meets every option value.
+    cfg = _forced_configs(CE_ROWS, CE_COLS)[strategy]
+    for i, o in enumerate(CE_OPTIONS):
+        o = dict(o)
+        soft, weighted = o.pop("soft"), o.pop("weighted")
+        reduction, inplace = ("none", "sum", "mean")[i % 3], i % 2 == 1
+        x, t, w, x64, t64, w64 = _ce_case(rng, device, soft, weighted)
+        what = f"{strategy} {reduction} soft={soft} w={weighted} {o} inplace={inplace}"
+        wref = w64 if weighted else None
+        ref_loss, ref_grad, ref_lse = _ref_ce(
+            x64, t64, weight=wref, reduction=reduction, grad_scale=0.75, **o
+        )
+        xin = x.clone() if inplace else x
+        loss, grad, lse = _ce_fwd(xin, t, cfg=cfg, soft=soft, weight=w, reduction=reduction,
+                                  inplace=inplace, grad_scale=0.75, **o)  # fmt: skip
+        assert_close(loss, ref_loss, "float32", what + " loss")
+        assert_close(grad, ref_grad, "float32", what + " grad")
+        assert_close(lse, ref_lse, "float32", what + " lse (every row, ignored ones too)")
+        if inplace:
+            assert grad.data_ptr() == xin.data_ptr()
+        if i % 4 in (0, 3):  # the loss alone (no gradient, no lse: other specialisations)
+            loss2, _, _ = _ce_fwd(x, t, cfg=cfg, soft=soft, weight=w, reduction=reduction,
+                                  want_grad=False, want_lse=False, **o)  # fmt: skip
+            assert_close(loss2, ref_loss, "float32", what + " loss without the gradient")
+    assert _tickets_all_zero()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_ce_fwd_reductions_and_denominators(device, strategy, rng):
+    # every reduction with and without the gradient, the mean's denominator from the
+    # denominator kernel (class targets with a gradient), summed in the pass (without), n_rows
+    # (soft), or given (2.5, and 0: loss 0.0); weights and smoothing make it non-trivial.
+    cfg = _forced_configs(CE_ROWS, CE_COLS)[strategy]
+    cases = [(r, g, None) for r in ("none", "sum", "mean") for g in (True, False)]
+    cases += [("mean", True, 2.5), ("mean", False, 2.5), ("mean", False, 0.0)]
+    for soft in (False, True):
+        x, t, w, x64, t64, w64 = _ce_case(rng, device, soft, weighted=True)
+        for reduction, want_grad, given in cases:
+            what = f"{strategy} soft={soft} {reduction} grad={want_grad} denom={given}"
+            opts = dict(label_smoothing=0.1, z_loss=0.02)
+            ref_loss, ref_grad, _ = _ref_ce(
+                x64, t64, weight=w64, denom=given, reduction=reduction, grad_scale=1.5, **opts
+            )
+            denom = None if given is None else _t(np.array(given), "float32", device)
+            loss, grad, _ = _ce_fwd(x, t, cfg=cfg, soft=soft, weight=w, reduction=reduction,
+                                    want_grad=want_grad, want_lse=False, denom=denom,
+                                    grad_scale=1.5, **opts)  # fmt: skip
+            assert_close(loss, ref_loss, "float32", what + " loss")
+            if want_grad:
                 assert_close(grad, ref_grad, "float32", what + " grad")
-                loss2 = torch.empty_like(loss)
-                tb.cross_entropy_fwd(
-                    x, t, loss2, None, soft=is_soft, weight=weight, ignore_index=-100,
-                    label_smoothing=eps, z_loss=z, grad_scale=1.0, denom=None, config=cfg,
+            # bitwise deterministic (fixed-order partial sums)
+            again, _, _ = _ce_fwd(x, t, cfg=cfg, soft=soft, weight=w, reduction=reduction,
+                                  want_grad=want_grad, want_lse=False, denom=denom,
+                                  grad_scale=1.5, **opts)  # fmt: skip
+            assert torch.equal(loss, again), what
+    assert _tickets_all_zero(), "the last program leaves the ticket counter at 0"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_ce_fwd_bad_targets(device, strategy, rng):
+    # rows: fine, ignored, == C, negative (not ignore_index), huge, fine
+    c = CE_COLS
+    cfg = _forced_configs(CE_ROWS, c)[strategy]
+    for tdtype, huge in (("int64", 10**12), ("int32", 2**31 - 1)):
+        target = np.array([1, -100, c, -1, huge, c - 1], dtype=tdtype)
+        x = _t(rng.standard_normal((len(target), c)) * 2, "float32", device)
+        t = _t(target, None, device)
+        w = _t(rng.random(c) + 0.5, "float32", device)
+        x64 = to_numpy64(x)
+        is_bad = np.array([False, False, True, True, True, False])
+        ok = np.array([0, 5])
+        opts = dict(weight=w, label_smoothing=0.1, softcap=3.0)
+        for reduction, inplace in (("none", False), ("sum", True), ("mean", False), ("mean", True)):
+            what = f"{strategy} {tdtype} {reduction} inplace={inplace}"
+            loss, grad, lse = _ce_fwd(x.clone() if inplace else x, t, cfg=cfg, soft=False,
+                                      reduction=reduction, inplace=inplace, **opts)  # fmt: skip
+            loss, grad = to_numpy64(loss), to_numpy64(grad)
+            # the log-sum-exp of every row: bad rows are read, ignored ones too (lse asked)
+            assert_close(lse, _logsumexp(3.0 * np.tanh(x64 / 3.0)), "float32", what + " lse")
+            assert (grad[1] == 0.0).all(), what + ": ignored row, gradient exactly 0"
+            if reduction == "none":
+                assert np.isnan(loss[is_bad]).all() and np.isfinite(loss[~is_bad]).all(), what
+                assert loss[1] == 0.0
+            else:
+                assert np.isnan(loss), what + ": a bad row makes the reduced loss NaN"
+            # "mean": the denominator is NaN, so is every counted row's gradient
+            nan_rows = is_bad if reduction != "mean" else np.array([1, 0, 1, 1, 1, 1], bool)
+            assert np.isnan(grad[nan_rows]).all(), what
+            assert np.isfinite(grad[~nan_rows]).all(), what
+            if reduction != "mean":
+                ref_loss, ref_grad, _ = _ref_ce(
+                    x64[ok], target[ok].astype(np.int64), weight=to_numpy64(w), softcap=3.0,
+                    reduction="none", label_smoothing=0.1,
                 )  # fmt: skip
-                assert_close(loss2, ref_loss, "float32", what + " loss without the gradient")
+                assert_close(grad[ok], ref_grad, "float32", what + " good rows' grad")
+                if reduction == "none":
+                    assert_close(loss[ok], ref_loss, "float32", what + " good rows' loss")
+        loss, _, _ = _ce_fwd(x, t, cfg=cfg, soft=False, reduction="mean", want_grad=False, **opts)
+        assert np.isnan(float(loss)), "mean without the gradient: NaN too"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_ce_fwd_all_ignored(device, strategy, rng):
+    cfg = _forced_configs(CE_ROWS, CE_COLS)[strategy]
+    x = _t(rng.standard_normal((CE_ROWS, CE_COLS)), "float32", device)
+    t = _t(np.full(CE_ROWS, -100), None, device)
+    w = _t(rng.random(CE_COLS) + 0.5, "float32", device)
+    for reduction, want_grad in (("mean", True), ("mean", False), ("sum", True), ("none", True)):
+        loss, grad, lse = _ce_fwd(x, t, cfg=cfg, soft=False, weight=w, reduction=reduction,
+                                  want_grad=want_grad, label_smoothing=0.2, z_loss=0.1)  # fmt: skip
+        assert (to_numpy64(loss) == 0.0).all(), f"{reduction}: nothing counted gives 0.0"
+        if want_grad:
+            assert (to_numpy64(grad) == 0.0).all()
+        assert_close(lse, _logsumexp(to_numpy64(x)), "float32", "lse of ignored rows")
+    zero = _t(np.array(0.0), "float32", device)
+    loss, _, _ = _ce_fwd(x, t, cfg=cfg, soft=False, denom=zero, want_grad=False)
+    assert float(loss) == 0.0, "a given denominator of 0: 0.0"
+
+
+@triton.jit
+def _math_probe_kernel(u_ptr, e_ptr, t_ptr, N: tl.constexpr, IS_FP64: tl.constexpr):
+    i = tl.arange(0, N)
+    u = tl.load(u_ptr + i)
+    tl.store(e_ptr + i, kcommon.expm1_c(u, IS_FP64))
+    tl.store(t_ptr + i, kcommon.tanh_c(u, IS_FP64))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_expm1_and_tanh_helpers(device, dtype):
+    # the plain-operation expm1 / tanh the kernels use (libdevice's do not run in the
+    # interpreter) against NumPy's in float64, across both branches of each
+    mag = np.logspace(-9, 2, 510)
+    u = np.concatenate([-mag, [0.0], mag[:-10], [0.25, -0.25, 0.5, -0.5]])
+    u = np.concatenate([u, np.zeros(1024 - u.size)])
+    ut = _t(u, dtype, device)
+    e, th = torch.empty_like(ut), torch.empty_like(ut)
+    _math_probe_kernel[(1,)](ut, e, th, N=1024, IS_FP64=dtype == "float64")
+    u64 = to_numpy64(ut)
+    rtol = 1e-6 if dtype == "float32" else 1e-14
+    neg = u64 <= 0.5  # the kernels call expm1 on log p <= 0 only; exp(u) there is exp2-based
+    err_e = (
+        np.abs(to_numpy64(e) - np.expm1(u64))[neg] / np.maximum(np.abs(np.expm1(u64)), 1e-300)[neg]
+    )
+    assert err_e.max() < rtol, (err_e.max(), u64[neg][np.argmax(err_e)])
+    ref_t = np.tanh(u64)
+    err_t = np.abs(to_numpy64(th) - ref_t) / np.maximum(
+        np.abs(ref_t), 1e-300 if dtype == "float32" else 0.1
+    )
+    assert err_t.max() < rtol, (err_t.max(), u64[np.argmax(err_t)])
+
+
+# vocabulary-parallel modes: two shards of 120 and 180 classes (vocab_start 0 and 120), each a
+# strided view of the logits (and of the soft targets); the statistics merged here in float64
+# as softmax_kernels._parallel does, then each shard's gradient from the merged rows.
+SHARDS = [(0, 120), (120, CE_COLS)]
+
+
+def _ref_stats(z, target, w, lo, soft, eps):
+    with np.errstate(all="ignore"):
+        m = z.max(axis=1)
+        zs = z - np.where(np.isneginf(m), 0.0, m)[:, None]
+        cols = [m, np.exp(zs).sum(axis=1)]
+        w = np.ones(z.shape[1]) if w is None else w
+        if soft:
+            cols += [(w * target).sum(axis=1), (w * target * zs).sum(axis=1)]
+        else:
+            tl_ = target - lo
+            owned = (tl_ >= 0) & (tl_ < z.shape[1])
+            ts = np.where(owned, tl_, 0)
+            cols += [np.where(owned, zs[np.arange(len(ts)), ts], 0.0)]
+        return np.stack(cols, axis=1), w, (zs * w).sum(axis=1) if eps else None
+
+
+@np.errstate(all="ignore")  # (ignored rows' statistics are not used)
+def _merge(stats, widths, target, soft, weighted, eps, z_loss, n_cols):
+    # (class targets: shard k owns t when SHARDS[k][0] <= t < SHARDS[k][1])
+    """(row loss, lse, a) of the full vocabulary from the shards' statistics."""
+    m = np.stack([st[:, 0] for st in stats])
+    sh = np.where(np.isneginf(m), 0.0, m)
+    big = sh.max(axis=0)
+    s = sum(st[:, 1] * np.exp(sh[k] - big) for k, st in enumerate(stats))
+    log_s = np.log(s)
+    lse = big + log_s
+    w_tot = sum(widths)
+    keep, eps_c = 1 - eps, eps / n_cols
+    if soft:
+        a_ = sum(st[:, 2] for st in stats)
+        b_ = sum(st[:, 3] + st[:, 2] * (sh[k] - big) for k, st in enumerate(stats))
+        loss, a = keep * (a_ * log_s - b_), keep * a_
+        col = 4
+    else:
+        owned = [(target >= lo) & (target < hi) for lo, hi in SHARDS]
+        zt = sum(np.where(owned[k], st[:, 2] + sh[k] - big, 0.0) for k, st in enumerate(stats))
+        w_t = sum(st[:, 3] for st in stats) if weighted else np.ones(len(target))
+        loss, a = keep * w_t * (log_s - zt), keep * w_t
+        col = 3 + weighted
+    if eps:
+        d = sum(st[:, col] + widths[k] * (sh[k] - big) for k, st in enumerate(stats))
+        loss, a = loss + eps_c * (w_tot * log_s - d), a + eps_c * w_tot
+    loss, a = loss + z_loss * lse**2, a + 2 * z_loss * lse
+    if not soft:
+        loss = np.where(target != -100, loss, 0.0)
+    return loss, lse, a
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_ce_vocab_parallel_stats_and_grad(device, strategy, rng):
+    z_loss = 0.01
+    for soft in (False, True):
+        for weighted, eps, cap in ((False, 0.0, None), (True, 0.2, None), (False, 0.2, 4.0),
+                                   (True, 0.0, 4.0)):  # fmt: skip
+            what = f"{strategy} soft={soft} w={weighted} eps={eps} cap={cap}"
+            x, t, w, x64, t64, w64 = _ce_case(rng, device, soft, weighted)
+            if not soft:  # targets on both shards, and one on the boundary
+                t64[0], t64[2] = 119, 120
+                t = _t(t64, None, device)
+            opts = dict(label_smoothing=eps, z_loss=z_loss, softcap=cap)
+            wref = w64 if weighted else None
+            ref_rows, _, ref_lse = _ref_ce(x64, t64, weight=wref, reduction="none", **opts)
+            _, ref_grad, _ = _ref_ce(x64, t64, weight=wref, reduction="mean", grad_scale=0.5,
+                                     **opts)  # fmt: skip
+            counted = np.ones(CE_ROWS, bool) if soft else t64 != -100
+            z64 = x64 if cap is None else cap * np.tanh(x64 / cap)
+            stats, widths = [], []
+            for lo, hi in SHARDS:
+                cfg = _forced_configs(CE_ROWS, hi - lo)[strategy]
+                ws = w[lo:hi] if weighted else None
+                k = (4 if soft else 3 + weighted) + (eps != 0)
+                st = torch.empty((CE_ROWS, k), dtype=torch.float32, device=device)
+                tb.cross_entropy_stats(
+                    x[:, lo:hi], t[:, lo:hi] if soft else t, st, soft=soft, weight=ws,
+                    ignore_index=-100, vocab_start=lo, label_smoothing=eps, softcap=cap,
+                    config=cfg,
+                )  # fmt: skip
+                ref, wk, dot = _ref_stats(
+                    z64[:, lo:hi], t64[:, lo:hi] if soft else t64,
+                    w64[lo:hi] if weighted else None, lo, soft, eps,
+                )  # fmt: skip
+                got = to_numpy64(st)
+                assert_close(got[counted, : ref.shape[1]], ref[counted], "float32", what + " stats")
+                if weighted and not soft:
+                    own = (t64 >= lo) & (t64 < hi)
+                    w_t = np.where(own, w64[np.clip(t64, lo, hi - 1)], 0.0)
+                    assert_close(got[counted, 3], w_t[counted], "float32", what + " w_t")
+                if eps:
+                    assert_close(got[counted, -1], dot[counted], "float32", what + " sum w z")
+                stats.append(got)
+                widths.append(wk.sum())
+            loss, lse, a = _merge(stats, widths, t64, soft, weighted, eps, z_loss, CE_COLS)
+            assert_close(loss, ref_rows, "float32", what + " merged loss")
+            assert_close(lse[counted], ref_lse[counted], "float32", what + " merged lse")
+            if soft:
+                denom = float(CE_ROWS)
+            else:
+                wt = w64[np.where(counted, t64, 0)] if weighted else np.ones(CE_ROWS)
+                denom = float((wt * counted).sum())
+            lse[~counted] = 0.0
+            grads = []
+            for k, (lo, hi) in enumerate(SHARDS):
+                cfg = _forced_configs(CE_ROWS, hi - lo)[strategy]
+                inplace = k == 1  # the second shard's gradient over its (strided) logits
+                xk = x.clone()[:, lo:hi] if inplace else x[:, lo:hi]
+                g = xk if inplace else torch.empty_like(xk, memory_format=torch.contiguous_format)
+                tb.cross_entropy_grad(
+                    xk, t[:, lo:hi] if soft else t, g, row_lse=_t(lse, "float32", device),
+                    row_coef=_t(a, "float32", device),
+                    row_scale=_t(np.array(1.0 / denom), "float32", device), soft=soft,
+                    weight=w[lo:hi] if weighted else None, ignore_index=-100, vocab_start=lo,
+                    keep=1.0 - eps, eps_c=eps / CE_COLS, softcap=cap, grad_scale=0.5, config=cfg,
+                )  # fmt: skip
+                grads.append(to_numpy64(g))
+            assert_close(np.concatenate(grads, axis=1), ref_grad, "float32", what + " grad")
+    # a NaN row_lse (what the merge passes for a bad target) gives a NaN gradient row
+    lse_nan = _t(np.array([np.nan, 0.0, 1.0, 2.0, 3.0, 4.0]), "float32", device)
+    g = torch.empty_like(x[:, :120], memory_format=torch.contiguous_format)
+    tb.cross_entropy_grad(
+        x[:, :120], t[:, :120], g, row_lse=lse_nan, row_coef=lse_nan * 0 + 1,
+        row_scale=_t(np.array(1.0), "float32", device), soft=True, weight=None,
+        ignore_index=-100, vocab_start=0, keep=1.0, eps_c=0.0, softcap=None, grad_scale=1.0,
+        config=_forced_configs(CE_ROWS, 120)[strategy],
+    )  # fmt: skip
+    g = to_numpy64(g)
+    assert np.isnan(g[0]).all() and np.isfinite(g[1:]).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# launches per cross_entropy_fwd call: at most 2, and no torch operation but allocations
+
+
+class _OpCounter(TorchDispatchMode):
+    """Records every torch operation issued outside kernel launches, except allocations
+    (aten.empty*) and views."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.launches, self.paused = [], [], False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.paused and not func.is_view and not str(func).startswith("aten.empty"):
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class _CountingKernel:
+    """A kernel whose launches are recorded, and run (run=True, with the op counter paused: the
+    interpreter's own copies are not the call's operations) or skipped."""
+
+    def __init__(self, name, kernel, counter, run):
+        self.name, self.kernel, self.counter, self.run = name, kernel, counter, run
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.counter.launches.append(self.name)
+            if self.run:
+                self.counter.paused = True
+                try:
+                    self.kernel[grid](*args, **kwargs)
+                finally:
+                    self.counter.paused = False
+
+        return launch
+
+
+def _counting(monkeypatch, counter, run, real=tb._kernels):
+    """Makes the backend launch through _CountingKernel wrappers of its kernels."""
+    real = real(tb._interpret())
+    ns = types.SimpleNamespace(**{
+        name: _CountingKernel(name, k, counter, run) for name, k in vars(real).items()
+    })  # fmt: skip
+    monkeypatch.setattr(tb, "_kernels", lambda interpret: ns)
+
+
+LAUNCH_CASES = [
+    dict(soft=soft, weighted=weighted, label_smoothing=eps, z_loss=z, softcap=cap, lse=lse,
+         grad=grad, reduction=red, denom=den)
+    for soft, weighted, eps, z, cap, lse in itertools.product((False, True), repeat=6)
+    for grad in ("none", "out", "inplace")
+    for red in ("none", "sum", "mean")
+    for den in (None, 2.0)
+]  # fmt: skip
+
+
+def _launch_call(x, t, w, o):
+    _ce_fwd(x, t, soft=o["soft"], weight=w if o["weighted"] else None, reduction=o["reduction"],
+            want_grad=o["grad"] != "none", want_lse=o["lse"], inplace=o["grad"] == "inplace",
+            denom=None if o["denom"] is None else torch.tensor(o["denom"]),
+            label_smoothing=0.1 * o["label_smoothing"], z_loss=0.1 * o["z_loss"],
+            softcap=4.0 if o["softcap"] else None)  # fmt: skip
+
+
+@pytest.mark.skipif(not INTERP, reason="counts interpreter launches on torch CPU tensors")
+def test_ce_fwd_at_most_two_launches(monkeypatch, rng):
+    # Every option combination (1152): the backend's host code with the launches recorded but
+    # not run (it issues the same torch operations either way); then the 36 combinations that
+    # decide the launch plan (reduction, gradient, given denominator, target kind) with every
+    # option on, run for real. The ticket counter is created (zeroed) once per device and
+    # stream, before counting.
+    x = _t(rng.standard_normal((3, 5)), "float32", "cpu")
+    tc = _t(np.array([0, -100, 4]), None, "cpu")
+    tq = _t(rng.dirichlet(np.ones(5), size=3), "float32", "cpu")
+    w = _t(rng.random(5) + 0.5, "float32", "cpu")
+    tb._ticket_counter(x)
+    counter = _OpCounter()
+    every_option = ("weighted", "label_smoothing", "z_loss", "softcap", "lse")
+    real_cases = [c for c in LAUNCH_CASES if all(c[k] for k in every_option)]
+    assert len(LAUNCH_CASES) == 1152 and len(real_cases) == 36
+    for run, cases in ((False, LAUNCH_CASES), (True, real_cases)):
+        _counting(monkeypatch, counter, run=run)
+        for o in cases:
+            counter.ops.clear()
+            counter.launches.clear()
+            x_in = x.clone() if o["grad"] == "inplace" else x  # (outside the counter)
+            with counter:
+                _launch_call(x_in, tq if o["soft"] else tc, w, o)
+            expected = 2 if (o["reduction"] == "mean" and o["grad"] != "none" and not o["soft"]
+                             and o["denom"] is None) else 1  # fmt: skip
+            assert counter.launches == ["cross_entropy_denom", "cross_entropy_fwd"][-expected:], o
+            assert counter.ops == [], (o, counter.ops)
+    # the vocabulary-parallel modes: one launch each
+    st = torch.empty((3, 4))
+    for run in (False, True):
+        _counting(monkeypatch, counter, run=run)
+        counter.ops.clear()
+        counter.launches.clear()
+        g = torch.empty_like(x)
+        with counter:
+            tb.cross_entropy_stats(x, tc, st, soft=False, weight=w, ignore_index=-100,
+                                   vocab_start=2, label_smoothing=0.0, softcap=None)  # fmt: skip
+            tb.cross_entropy_grad(x, tc, g, row_lse=st[:, 0], row_coef=st[:, 1],
+                                  row_scale=st[0, 2], soft=False, weight=w, ignore_index=-100,
+                                  vocab_start=2, keep=0.9, eps_c=0.02, softcap=2.0,
+                                  grad_scale=1.0)  # fmt: skip
+        assert counter.launches == ["cross_entropy_stats", "cross_entropy_grad"], counter.launches
+        assert counter.ops == [], counter.ops
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -575,11 +1035,12 @@ def _compile_case(op, dtype, n_rows, n_cols, mask=False):
     else:
         fn = ks.cross_entropy_fwd
         args = dict(x_ptr=p, t_ptr=p if op == "ces" else "*i64", w_ptr=acc, loss_ptr=acc,
-                    g_ptr=p, denom_ptr=acc, n_rows=1, n_cols=1, row_stride=1, t_row_stride=1,
+                    g_ptr=p, lse_ptr=acc, denom_ptr="*fp64", part_ptr="*fp64",
+                    ticket_ptr="*i32", n_rows=1, n_cols=1, row_stride=1, t_row_stride=1,
                     g_row_stride=1, ignore_index="i64", label_smoothing=1.0, z_loss=1.0,
-                    grad_scale=1.0)  # fmt: skip
-        consts.update(SOFT=op == "ces", HAS_WEIGHT=True, HAS_GRAD=True, HAS_DENOM=True,
-                      HAS_SMOOTHING=True, HAS_Z=True)  # fmt: skip
+                    softcap=1.0, grad_scale=1.0)  # fmt: skip
+        consts.update(SOFT=op == "ces", HAS_WEIGHT=True, HAS_GRAD=True, HAS_LSE=True,
+                      HAS_SMOOTHING=True, HAS_Z=True, SOFTCAP=True, REDUCE=2, DENOM=2)  # fmt: skip
     sig = _sig(args)
     sig.update({k: "constexpr" for k in consts})
     from triton.backends.compiler import GPUTarget

@@ -70,3 +70,57 @@ def safe_shift(m):
     masked row or chunk) so that ``x - shift`` is never ``-inf - -inf = NaN``. A NaN maximum
     stays NaN, which is what makes a row holding a NaN come out all NaN."""
     return tl.where(m == NEG_INF, 0.0, m)
+
+
+@triton.jit
+def expm1_c(u, IS_FP64: tl.constexpr):
+    """exp(u) - 1 in the compute dtype, to a few ulp for every u (libdevice's expm1 does not run
+    in the interpreter, so this is written with plain operations and runs the same in both).
+    |u| < 1/2: the Taylor series u (1 + u/2 (1 + u/3 (1 + ...))) in Horner form, truncated
+    where the next term is below the dtype's rounding (0.5**10 / 11! = 2.5e-11 relative for
+    float32, 0.5**17 / 18! = 1.2e-21 for float64); else exp(u) - 1, where 1 - exp(u) >= 0.39
+    (u <= -1/2) or exp(u) - 1 >= 0.64 (u >= 1/2), so the subtraction loses under 2 bits."""
+    N_TERMS: tl.constexpr = 17 if IS_FP64 else 10
+    p = u * 0.0 + 1.0
+    for k in tl.static_range(N_TERMS, 1, -1):
+        p = p * (u * (1.0 / k)) + 1.0
+    return tl.where(tl.abs(u) < 0.5, u * p, exp_c(u, IS_FP64) - 1.0)
+
+
+@triton.jit
+def tanh_c(u, IS_FP64: tl.constexpr):
+    """tanh in the compute dtype (libdevice's does not run in the interpreter): sign(u) (1 - e) /
+    (1 + e) with e = exp(-2|u|), no overflow for any u. Its relative error is the exp's times
+    2e / (1 - e^2), which grows as |u| -> 0, so float32 takes the odd Taylor polynomial (through
+    u^9, truncation below 1e-8 relative) for |u| < 1/4, where that factor would pass 1.9; at
+    |u| >= 1/4 the factor is <= 1.9 and falls fast (0.28 at |u| = 1). float64 keeps the closed
+    form throughout: its exp is within 1 ulp, so tanh stays within ~1e-15 absolute."""
+    a = tl.abs(u)
+    e = exp_c(-2.0 * a, IS_FP64)
+    t = (1.0 - e) / (1.0 + e)
+    t = tl.where(u < 0, -t, t)
+    if not IS_FP64:
+        u2 = u * u
+        # tanh u = u (1 - u^2/3 + 2u^4/15 - 17u^6/315 + 62u^8/2835)
+        poly = u * (
+            1.0
+            + u2 * (-1.0 / 3.0 + u2 * (2.0 / 15.0 + u2 * (-17.0 / 315.0 + u2 * (62.0 / 2835.0))))
+        )
+        t = tl.where(a < 0.25, poly, t)
+    return t
+
+
+@triton.jit
+def lane_online_update(m, s, z, IS_FP64: tl.constexpr):
+    """One element per lane of the online (running max, sum) pair: with d = z - m, either the
+    maximum rises (d > 0: s <- s exp(-d) + 1, m <- z) or it does not (s <- s + exp(d)); both are
+    exp(-|d|), one exponential per element. A -inf element changes nothing (this also covers a
+    lane that has seen only -inf, where d = -inf - -inf would be NaN); a NaN element makes s
+    NaN (the row comes out NaN); m never takes a NaN. Returns (m, s, up, d)."""
+    d = z - m
+    up = d > 0
+    e = exp_c(-tl.abs(d), IS_FP64)
+    s_new = tl.where(up, s * e + 1.0, s + e)
+    s = tl.where(z == NEG_INF, s, s_new)
+    m = tl.where(up, z, m)
+    return m, s, up, d

@@ -1,153 +1,146 @@
-"""Cross-entropy forward (per-row loss) and, fused into the same pass, its gradient.
+"""Cross-entropy kernels: the forward (per-row or reduced loss, log-sum-exp, and the gradient
+fused into the same pass), the mean denominator, and the two vocabulary-parallel modes.
 
-With p = softmax(x), lse = logsumexp(x), eps = label_smoothing, w = weight (or ones), C classes:
+The maths is dispatch.py's (the backend interface): ``z = c tanh(x / c)`` with a softcap ``c``
+(else ``z = x``), ``m = max(z)``, ``zs = z - m``, ``s = sum(exp(zs))``, ``log_s = log(s)``,
+``lse = m + log_s``, ``p = exp(zs) / s``, ``keep = 1 - eps``, ``W = sum(w)``::
 
-    integer target t:  loss = (1-eps) w_t (lse - x_t) + eps/C sum_c w_c (lse - x_c)
-                       grad = [(1-eps) w_t + eps/C W] p - (1-eps) w_t onehot_t - eps/C w
-    soft target q:     q' = (1-eps) q + eps/C,  loss = sum_c w_c q'_c (lse - x_c)
-                       grad = sum(w q') p - w q'
-    z-loss:            loss += z lse^2,  grad += 2 z lse p
+    class target t:  loss = keep w_t (log_s - zs_t) + eps/C (W log_s - sum_c w_c zs_c)
+                     grad = a p - keep w_t onehot_t - eps/C w,   a = keep w_t + eps/C W
+                     target entry: (a - keep w_t) p_t - keep w_t (1 - p_t) - eps/C w_t,
+                     1 - p_t = -expm1(zs_t - log_s)  (never a rounded p_t - 1)
+    soft target q:   q' = keep q + eps/C,  loss = log_s sum(w q') - sum(w q' zs),
+                     grad = a p - w q',  a = sum(w q')
+    z-loss:          loss += z lse^2, a += 2 z lse;   softcap: grad *= 1 - (z / c)^2
 
-then grad *= grad_scale (/ denom, read on the device, for reduction="mean"). W = sum(w). Ignored
-rows (t == ignore_index): loss 0, grad 0, and their logits are never read. A target outside
-[0, C) that is not ignore_index: that row's loss and gradient are NaN, and every load through
-the target index (x_t, w_t) is masked by 0 <= t < C, so a bad target never reads out of bounds.
-(In a single pass x_t is picked out of the registers holding the row, so an in-place gradient
-store can never race with it.) This is the maths of the NumPy backend's
-``cross_entropy_fwd``; ``lse - x_c`` is computed as ``log(s) - (x_c - m)`` without cancellation.
+then ``grad *= grad_scale`` (``/ denom`` for "mean"). ``lse - z_c`` is always ``log_s - zs_c``,
+so no large logit cancels, and with non-negative weights and targets every term of a row loss
+is >= 0 (``log_s >= 0``, ``-zs >= 0``): the row sums cannot cancel either. Ignored rows
+(``t == ignore_index``): loss 0, gradient 0, logits not read (unless the log-sum-exp is asked
+for). A class target outside ``[0, C)`` that is not ignored: loss and gradient row NaN, and every
+load through it (``x_t``, ``w_t``) is masked, so it never reads out of bounds.
 
-Strategies as in ``softmax.py``: a tile of ``ROWS`` whole rows in one pass (reads the logits
-once, the soft targets once, writes the loss and the gradient once), or, for long rows, an
-online pass that merges the running max / sum chunk by chunk (reads n; the loss needs no second
-pass) followed, for the gradient only, by a second pass (reads n again, writes n).
-``grad`` may be the logits memory (in-place): each element is read before it is written.
+Strategies (``triton_backend._launch_config`` chooses): a tile of ``ROWS`` whole rows held on
+chip, one pass (reads the logits once, writes the gradient once; the target logit is picked out
+of the registers, so an in-place gradient cannot race with it); or, for long rows, ``ONLINE``:
+a first pass over ``BLOCK_N`` chunks keeping a running maximum and sum per lane (no block-wide
+reduction per chunk; one exponential per element, see ``common.lane_online_update``), merged
+once per row, then, for the gradient only, a second pass (reads the logits again, last chunk
+first, for L2 reuse, and writes the gradient).
+
+Reductions ("sum", "mean") are folded into the forward kernel: every program adds its rows'
+losses in a fixed order into one float64 partial, stores it, and takes a ticket from a counter
+(``tl.atomic_add``, acq_rel); the last program to arrive adds the partials in program order,
+writes the 0-d loss and resets the counter to 0 for the next call. Results are therefore
+bitwise deterministic for a given grid. ``DENOM`` says where the "mean" denominator comes
+from: 0 none (no mean), 1 a given device scalar, 2 ``cross_entropy_denom_kernel`` (launched
+first, when a gradient must be scaled by it; it writes [denominator, counted rows]), 3 summed
+in this kernel like the loss (mean without a gradient), 4 ``n_rows`` (soft targets).
 """
 
 import triton
 import triton.language as tl
 
-from .common import NEG_INF, exp_c, f64_scalar, full_scalar, full_vec, safe_shift, to_compute
+from .common import (
+    NEG_INF,
+    exp_c,
+    expm1_c,
+    f64_scalar,
+    full_vec,
+    lane_online_update,
+    safe_shift,
+    tanh_c,
+    to_compute,
+)
+
+# ----------------------------------------------------------------------------------------------
+# shared pieces
 
 
 @triton.jit
-def _ce_tile(
-    x_ptr,
-    t_ptr,
-    w_ptr,
-    loss_ptr,
-    g_ptr,
-    tile,
-    n_rows,
-    n_cols,
-    row_stride,
-    t_row_stride,
-    g_row_stride,
-    ignore_index,
+def _load_z(ptrs, mask, cap_c, inv_cap_c, SOFTCAP: tl.constexpr, IS_FP64: tl.constexpr):
+    """(z, tanh(x / c)) for the logits at ``ptrs``, -inf where ``mask`` is False. Without a
+    softcap z = x (and the second value is unused)."""
+    x = to_compute(tl.load(ptrs, mask=mask, other=NEG_INF), IS_FP64)
+    if SOFTCAP:
+        th = tanh_c(x * inv_cap_c, IS_FP64)
+        z = tl.where(mask, cap_c * th, NEG_INF)  # c tanh(-inf) = -c: re-mask the padding
+    else:
+        th = x
+        z = x
+    return z, th
+
+
+@triton.jit
+def last_program(ticket_ptr):
+    """True in the last program of the grid to get here. Every program's partial stores come
+    before its ticket (CTA barrier, then a release); the last one's loads of them come after
+    its acquire."""
+    tl.debug_barrier()
+    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+    return ticket == tl.num_programs(0) - 1
+
+
+@triton.jit
+def sum_partials(ptr, n):
+    """sum(ptr[0:n]) of float64 partials in a fixed order (lane-wise in blocks, then one tree),
+    read through L2 (.cg: they were written by other SMs)."""
+    BLOCK: tl.constexpr = 1024
+    acc = tl.zeros([BLOCK], tl.float64)
+    for start in range(0, n, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        acc += tl.load(ptr + i, mask=i < n, other=0.0, cache_modifier=".cg")
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _row_terms(
+    log_s,
+    lse,
+    zs_t,
+    w_t,
+    dot,
+    coef_sum,
     keep_c,
     eps_c,
     z_c,
-    row_scale,
-    w_vec,
-    w_total,
     SOFT: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_GRAD: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     HAS_Z: tl.constexpr,
-    IS_FP64: tl.constexpr,
-    ROWS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
 ):
-    # reads the logits once (+ the soft targets once), writes the loss (+ the gradient) once.
-    # row indices in int64: row * row_stride can pass 2**31, and so can the last tile's rows
-    r64 = tl.cast(tile, tl.int64) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_N)
-    row_ok = r64 < n_rows
-    col_ok = cols < n_cols
-    ok = row_ok[:, None] & col_ok[None, :]
+    """(loss, a, a - keep w_t, keep w_t) of rows, from their statistics. ``dot``: sum w q' zs
+    (soft) or sum w zs (smoothing); ``coef_sum``: sum w q' (soft) or W."""
     if SOFT:
-        load_rows = row_ok
+        loss = log_s * coef_sum - dot
+        a_rest = coef_sum
+        kw_t = log_s * 0.0
     else:
-        t = tl.load(t_ptr + r64, mask=row_ok, other=0).to(tl.int64)
-        valid = t != ignore_index
-        in_range = (t >= 0) & (t < n_cols)
-        bad = valid & (in_range == 0)
-        load_rows = row_ok & valid  # ignored rows: no logits traffic at all
-    x = tl.load(
-        x_ptr + r64[:, None] * row_stride + cols[None, :],
-        mask=load_rows[:, None] & col_ok[None, :],
-        other=NEG_INF,
-    )
-    x = to_compute(x, IS_FP64)
-    m = tl.max(x, axis=1)  # a NaN dropped here still poisons s below
-    xs = x - m[:, None]  # x - m: lse - x_c = log(s) - xs_c, no cancellation
-    e = tl.where(ok, exp_c(xs, IS_FP64), 0.0)
-    s = tl.sum(e, axis=1)
-    log_s = tl.log(s)
-    lse = m + log_s
-    if SOFT:
-        q = tl.load(t_ptr + r64[:, None] * t_row_stride + cols[None, :], mask=ok, other=0.0)
-        q = to_compute(q, IS_FP64)
+        kw_t = keep_c * w_t
+        loss = kw_t * (log_s - zs_t)
+        a_rest = kw_t * 0.0
         if HAS_SMOOTHING:
-            q = tl.where(ok, q * keep_c + eps_c, 0.0)  # q' = (1-eps) q + eps/C
-        if HAS_WEIGHT:
-            wq = q * w_vec[None, :]
-        else:
-            wq = q
-        swq = tl.sum(wq, axis=1)
-        loss = log_s * swq - tl.sum(tl.where(ok, wq * xs, 0.0), axis=1)
-        a = swq  # grad = a p - w q'
-    else:
-        onehot = cols[None, :] == t[:, None]
-        xs_t = tl.sum(tl.where(onehot, xs, 0.0), axis=1)  # picked out of registers
-        if HAS_WEIGHT:
-            w_t = to_compute(
-                tl.load(w_ptr + tl.where(in_range, t, 0), mask=row_ok & in_range, other=0.0),
-                IS_FP64,
-            )
-        else:
-            w_t = to_compute(tl.where(in_range, 1, 0), IS_FP64)
-        kw_t = keep_c * w_t  # (1-eps) w_t
-        loss = kw_t * (log_s - xs_t)
-        a = kw_t
-        if HAS_SMOOTHING:
-            if HAS_WEIGHT:
-                dot = tl.sum(tl.where(ok, xs * w_vec[None, :], 0.0), axis=1)
-            else:
-                dot = tl.sum(tl.where(ok, xs, 0.0), axis=1)
-            loss += eps_c * (w_total * log_s - dot)
-            a += eps_c * w_total
+            loss += eps_c * (coef_sum * log_s - dot)
+            a_rest += eps_c * coef_sum
     if HAS_Z:
         loss += z_c * lse * lse
-        a += 2.0 * z_c * lse
-    if not SOFT:
-        loss = tl.where(valid, loss, 0.0)
-        loss = tl.where(bad, float("nan"), loss)
-    tl.store(loss_ptr + r64, loss.to(loss_ptr.dtype.element_ty), mask=row_ok)
-    if HAS_GRAD:
-        p = e * (1.0 / s)[:, None]
-        if SOFT:
-            g = a[:, None] * p - wq
-        else:
-            g = a[:, None] * p - tl.where(onehot, kw_t[:, None], 0.0)
-            if HAS_SMOOTHING:
-                if HAS_WEIGHT:
-                    g -= eps_c * w_vec[None, :]
-                else:
-                    g -= eps_c
-        g = g * row_scale
-        if not SOFT:
-            g = tl.where(valid[:, None], g, 0.0)  # ignored rows: exactly 0
-            g = tl.where(bad[:, None], float("nan"), g)
-        tl.store(
-            g_ptr + r64[:, None] * g_row_stride + cols[None, :],
-            g.to(g_ptr.dtype.element_ty),
-            mask=ok,
-        )
+        a_rest += 2.0 * z_c * lse
+    return loss, a_rest + kw_t, a_rest, kw_t
 
 
 @triton.jit
-def _ce_coef_chunk(
+def _target_grad(zs_t, log_s, inv_s, a_rest, kw_t, w_t, eps_c, HAS_SMOOTHING: tl.constexpr,
+                 IS_FP64: tl.constexpr):  # fmt: skip
+    """The target entry of the gradient: (a - keep w_t) p_t - keep w_t (1 - p_t) - eps/C w_t,
+    1 - p_t = -expm1(zs_t - log_s). p_t is computed as the other entries' p (exp(zs) / s)."""
+    p_t = exp_c(zs_t, IS_FP64) * inv_s
+    g_t = a_rest * p_t + kw_t * expm1_c(zs_t - log_s, IS_FP64)
+    if HAS_SMOOTHING:
+        g_t -= eps_c * w_t
+    return g_t
+
+
+@triton.jit
+def _coef_chunk(
     t_row,
     w_ptr,
     c,
@@ -159,8 +152,8 @@ def _ce_coef_chunk(
     HAS_SMOOTHING: tl.constexpr,
     IS_FP64: tl.constexpr,
 ):
-    """The per-class coefficient of (lse - x_c) in the loss, for one chunk (0 past the row):
-    soft: w_c q'_c; integer targets with smoothing: w_c (times eps/C later)."""
+    """Per class, the coefficient of -zs_c in the loss for one chunk (0 past the row): soft
+    w_c q'_c; class targets with smoothing w_c (times eps/C later)."""
     if SOFT:
         q = to_compute(tl.load(t_row + c, mask=ok, other=0.0), IS_FP64)
         if HAS_SMOOTHING:
@@ -177,12 +170,256 @@ def _ce_coef_chunk(
 
 
 @triton.jit
-def _ce_online_row(
+def _rebase_add(acc, csum, coef, ok, rise, rel):
+    """acc = sum coef (z - m) and csum = sum coef per lane, after this lane's maximum rose by
+    ``rise`` and one more element with z - m_new = ``rel`` came in."""
+    acc = acc - csum * rise + tl.where(ok, coef * rel, 0.0)
+    return acc, csum + coef
+
+
+@triton.jit
+def _merge_sums(acc, csum, m, shift):
+    """sum over lanes of acc rebased from each lane's maximum m to the row's shift."""
+    return tl.sum(tl.where(m == NEG_INF, acc, acc - csum * (shift - m)), axis=0)
+
+
+@triton.jit
+def _online_pass(
+    x_row,
+    t_row,
+    w_ptr,
+    n_load,
+    n_cols,
+    keep_c,
+    eps_c,
+    cap_c,
+    inv_cap_c,
+    SUMS: tl.constexpr,
+    SUMS_W: tl.constexpr,
+    SOFT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    """One pass over a row's first ``n_load`` logits in BLOCK_N chunks: reads them once (and,
+    with SUMS, the soft targets / weights). Per lane: a running maximum m, s = sum exp(z - m)
+    and, with SUMS, acc = sum coef (z - m) and csum = sum coef for coef = ``_coef_chunk``'s
+    (w q' for soft targets, w with smoothing); with SUMS_W the same for coef = w (the soft
+    statistics with smoothing need both). When m rises by d, acc -= csum d. No block-wide
+    reduction until the row's end, where the lanes are merged once. Returns (max, shift, s,
+    acc, csum, acc_w, csum_w) of the row, the sums relative to shift = safe_shift(max)."""
+    cols = tl.arange(0, BLOCK_N)
+    m = full_vec(BLOCK_N, NEG_INF, IS_FP64)
+    s = full_vec(BLOCK_N, 0.0, IS_FP64)
+    acc = full_vec(BLOCK_N, 0.0, IS_FP64)
+    csum = full_vec(BLOCK_N, 0.0, IS_FP64)
+    acc_w = full_vec(BLOCK_N, 0.0, IS_FP64)
+    csum_w = full_vec(BLOCK_N, 0.0, IS_FP64)
+    for start in tl.range(0, n_load, BLOCK_N, num_stages=NUM_STAGES):
+        c = start + cols
+        ok = c < n_cols
+        z, _th = _load_z(x_row + c, ok, cap_c, inv_cap_c, SOFTCAP, IS_FP64)
+        m_old = m
+        m, s, up, d = lane_online_update(m, s, z, IS_FP64)
+        if SUMS or SUMS_W:
+            # rise: how far this lane's maximum moved (0 when it had seen nothing finite:
+            # then acc and csum hold only -inf entries' terms, which stay as they are);
+            # rel = z - m_new: 0 for a new maximum, -inf for a -inf entry (d would be NaN
+            # when the lane's maximum is -inf too)
+            rise = tl.where(up & (m_old != NEG_INF), d, 0.0)
+            rel = tl.where(up, 0.0, tl.where(z == NEG_INF, NEG_INF, d))
+            if SUMS:
+                coef = _coef_chunk(t_row, w_ptr, c, ok, keep_c, eps_c, SOFT, HAS_WEIGHT,
+                                   HAS_SMOOTHING, IS_FP64)  # fmt: skip
+                acc, csum = _rebase_add(acc, csum, coef, ok, rise, rel)
+            if SUMS_W:
+                coef_w = _coef_chunk(t_row, w_ptr, c, ok, keep_c, eps_c, False, HAS_WEIGHT,
+                                     False, IS_FP64)  # fmt: skip
+                acc_w, csum_w = _rebase_add(acc_w, csum_w, coef_w, ok, rise, rel)
+    row_max = tl.max(m, axis=0)
+    shift = safe_shift(row_max)
+    s_row = tl.sum(s * exp_c(m - shift, IS_FP64), axis=0)
+    acc_row = s_row * 0.0
+    csum_row = s_row * 0.0
+    acc_w_row = s_row * 0.0
+    csum_w_row = s_row * 0.0
+    if SUMS:
+        acc_row = _merge_sums(acc, csum, m, shift)
+        csum_row = tl.sum(csum, axis=0)
+    if SUMS_W:
+        acc_w_row = _merge_sums(acc_w, csum_w, m, shift)
+        csum_w_row = tl.sum(csum_w, axis=0)
+    return row_max, shift, s_row, acc_row, csum_row, acc_w_row, csum_w_row
+
+
+@triton.jit
+def _class_target(t_ptr, row, row_ok, ignore_index, lo, n_cols):
+    """(t - lo, counted, 0 <= t - lo < C, bad) of class targets; lo = vocab_start."""
+    t = tl.load(t_ptr + row, mask=row_ok, other=0).to(tl.int64)
+    valid = row_ok & (t != ignore_index)
+    t_local = t - lo
+    in_range = (t_local >= 0) & (t_local < n_cols)
+    bad = valid & (in_range == 0)
+    return t_local, valid, in_range, bad
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+
+
+@triton.jit
+def _fwd_tile(
     x_ptr,
     t_ptr,
     w_ptr,
     loss_ptr,
     g_ptr,
+    lse_ptr,
+    tile,
+    n_rows,
+    n_cols,
+    row_stride,
+    t_row_stride,
+    g_row_stride,
+    ignore_index,
+    keep_c,
+    eps_c,
+    z_c,
+    cap_c,
+    inv_cap_c,
+    row_scale,
+    w_vec,
+    w_total,
+    SOFT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_GRAD: tl.constexpr,
+    HAS_LSE: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    REDUCE: tl.constexpr,
+    DENOM: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # reads the logits once (+ the soft targets once), writes the loss / lse (+ the gradient)
+    # once. Returns this tile's (loss sum, denominator sum, counted rows) in float64.
+    # row indices in int64: row * row_stride can pass 2**31, and so can the last tile's rows
+    r64 = tl.cast(tile, tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_N)
+    row_ok = r64 < n_rows
+    col_ok = cols < n_cols
+    ok = row_ok[:, None] & col_ok[None, :]
+    if SOFT:
+        load_rows = row_ok
+    else:
+        t, valid, in_range, bad = _class_target(t_ptr, r64, row_ok, ignore_index, 0, n_cols)
+        if HAS_LSE:
+            load_rows = row_ok
+        else:
+            load_rows = valid  # ignored rows: no logits traffic
+    z, th = _load_z(
+        x_ptr + r64[:, None] * row_stride + cols[None, :],
+        load_rows[:, None] & col_ok[None, :],
+        cap_c,
+        inv_cap_c,
+        SOFTCAP,
+        IS_FP64,
+    )
+    # tl.max may drop a NaN (fmax); the row still comes out NaN through s. A row of -inf (or
+    # not loaded) gets shift 0: exp(-inf) = 0, s = 0.
+    shift = safe_shift(tl.max(z, axis=1))
+    zs = z - shift[:, None]
+    e = exp_c(zs, IS_FP64)
+    s = tl.sum(e, axis=1)
+    log_s = tl.log(s)
+    lse = shift + log_s
+    if SOFT:
+        q = tl.load(t_ptr + r64[:, None] * t_row_stride + cols[None, :], mask=ok, other=0.0)
+        q = to_compute(q, IS_FP64)
+        if HAS_SMOOTHING:
+            q = tl.where(ok, q * keep_c + eps_c, 0.0)  # q' = keep q + eps/C
+        if HAS_WEIGHT:
+            wq = q * w_vec[None, :]
+        else:
+            wq = q
+        coef_sum = tl.sum(wq, axis=1)
+        dot = tl.sum(tl.where(ok, wq * zs, 0.0), axis=1)
+        zs_t = log_s
+        w_t = log_s
+    else:
+        onehot = cols[None, :] == t[:, None]
+        zs_t = tl.sum(tl.where(onehot, zs, 0.0), axis=1)  # picked out of the registers
+        if HAS_WEIGHT:
+            w_t = tl.load(w_ptr + tl.where(in_range, t, 0), mask=row_ok & in_range, other=0.0)
+            w_t = to_compute(w_t, IS_FP64)
+        else:
+            w_t = to_compute(tl.where(in_range, 1, 0), IS_FP64)
+        coef_sum = w_total
+        dot = log_s
+        if HAS_SMOOTHING:
+            if HAS_WEIGHT:
+                dot = tl.sum(tl.where(ok, zs * w_vec[None, :], 0.0), axis=1)
+            else:
+                dot = tl.sum(tl.where(ok, zs, 0.0), axis=1)
+    loss, a, a_rest, kw_t = _row_terms(log_s, lse, zs_t, w_t, dot, coef_sum, keep_c, eps_c, z_c,
+                                       SOFT, HAS_SMOOTHING, HAS_Z)  # fmt: skip
+    if not SOFT:
+        loss = tl.where(valid, loss, 0.0)
+        loss = tl.where(bad, float("nan"), loss)
+    if REDUCE == 0:
+        tl.store(loss_ptr + r64, loss.to(loss_ptr.dtype.element_ty), mask=row_ok)
+    if HAS_LSE:
+        tl.store(lse_ptr + r64, lse.to(lse_ptr.dtype.element_ty), mask=row_ok)
+    if HAS_GRAD:
+        inv_s = 1.0 / s
+        p = e * inv_s[:, None]
+        if SOFT:
+            g = a[:, None] * p - wq
+        else:
+            g = a[:, None] * p
+            if HAS_SMOOTHING:
+                if HAS_WEIGHT:
+                    g -= eps_c * w_vec[None, :]
+                else:
+                    g -= eps_c
+            g_t = _target_grad(zs_t, log_s, inv_s, a_rest, kw_t, w_t, eps_c, HAS_SMOOTHING, IS_FP64)
+            g = tl.where(onehot, g_t[:, None], g)
+        g = g * row_scale
+        if SOFTCAP:
+            g = g * (1.0 - th * th)
+        if not SOFT:
+            g = tl.where(valid[:, None], g, 0.0)  # ignored rows: exactly 0
+            g = tl.where(bad[:, None], float("nan"), g)
+        tl.store(
+            g_ptr + r64[:, None] * g_row_stride + cols[None, :],
+            g.to(g_ptr.dtype.element_ty),
+            mask=ok,
+        )
+    part_loss = tl.zeros([], tl.float64)
+    part_den = tl.zeros([], tl.float64)
+    part_cnt = tl.zeros([], tl.float64)
+    if REDUCE > 0:
+        part_loss = tl.sum(tl.where(row_ok, loss, 0.0).to(tl.float64), axis=0)
+    if DENOM == 3:
+        den = tl.where(valid, tl.where(in_range, w_t, float("nan")), 0.0)
+        part_den = tl.sum(den.to(tl.float64), axis=0)
+        part_cnt = tl.sum(valid.to(tl.float64), axis=0)
+    return part_loss, part_den, part_cnt
+
+
+@triton.jit
+def _fwd_online_row(
+    x_ptr,
+    t_ptr,
+    w_ptr,
+    loss_ptr,
+    g_ptr,
+    lse_ptr,
     row,
     n_cols,
     row_stride,
@@ -192,17 +429,24 @@ def _ce_online_row(
     keep_c,
     eps_c,
     z_c,
+    cap_c,
+    inv_cap_c,
     row_scale,
     SOFT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_GRAD: tl.constexpr,
+    HAS_LSE: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     HAS_Z: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     IS_FP64: tl.constexpr,
+    REDUCE: tl.constexpr,
+    DENOM: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
-    # pass 1 (the loss): reads the logits (and soft targets) once; pass 2 (the gradient only):
-    # reads them again, last chunk first (L2 reuse), writes the gradient.
+    # pass 1 (loss, lse): reads the logits (and soft targets) once; pass 2 (the gradient
+    # only): reads them again, last chunk first (L2 reuse), writes the gradient.
     cols = tl.arange(0, BLOCK_N)
     r64 = tl.cast(row, tl.int64)
     x_row = x_ptr + r64 * row_stride
@@ -211,93 +455,74 @@ def _ce_online_row(
     if SOFT:
         n_load = n_cols
     else:
-        t = tl.load(t_ptr + row).to(tl.int64)
-        valid = t != ignore_index
-        in_range = (t >= 0) & (t < n_cols)
-        bad = valid & (in_range == 0)
-        n_load = tl.where(valid, n_cols, 0)  # ignored rows: no logits traffic
-        # x_t: one masked load (a bad target reads nothing). In-place safe: pass 1's block
-        # reductions (bar.sync) complete this load in every thread before any pass-2 store.
-        x_t = tl.load(x_row + tl.where(in_range, t, 0), mask=valid & in_range, other=0.0)
-        x_t = to_compute(x_t, IS_FP64)
-    # Running maximum m (scalar); per-lane accumulators relative to shift = shift(m):
-    #   s_vec   = sum exp(x - shift)
-    #   acc_vec = sum coef * (x - shift), coef_vec = sum coef   (soft targets / smoothing)
-    # When the shift grows by d, s_vec *= exp(-d) and acc_vec -= coef_vec * d.
-    m = full_scalar(NEG_INF, IS_FP64)
-    s_vec = full_vec(BLOCK_N, 0.0, IS_FP64)
-    acc_vec = full_vec(BLOCK_N, 0.0, IS_FP64)
-    coef_vec = full_vec(BLOCK_N, 0.0, IS_FP64)
-    for start in range(0, n_cols, BLOCK_N):
-        c = start + cols
-        ok = c < n_cols
-        x = to_compute(tl.load(x_row + c, mask=c < n_load, other=NEG_INF), IS_FP64)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        shift_old = safe_shift(m)
-        shift = safe_shift(m_new)
-        xs = x - shift
-        s_vec = s_vec * exp_c(shift_old - shift, IS_FP64) + exp_c(xs, IS_FP64)
-        if SOFT or HAS_SMOOTHING:
-            coef = _ce_coef_chunk(
-                t_row, w_ptr, c, ok, keep_c, eps_c, SOFT, HAS_WEIGHT, HAS_SMOOTHING, IS_FP64
-            )
-            acc_vec = acc_vec - coef_vec * (shift - shift_old) + tl.where(ok, coef * xs, 0.0)
-            coef_vec += coef
-        m = m_new
-    shift = safe_shift(m)
-    s = tl.sum(s_vec, axis=0)
+        t, valid, in_range, bad = _class_target(t_ptr, r64, True, ignore_index, 0, n_cols)
+        if HAS_LSE:
+            n_load = n_cols
+        else:
+            n_load = tl.where(valid, n_cols, 0)  # ignored rows: no logits traffic
+        t_safe = tl.where(in_range, t, 0)
+        # z_t: one masked load (a bad target reads nothing). In-place safe: the row merge
+        # after pass 1 (block reductions, bar.sync) orders it before every pass-2 store.
+        z_t, _th = _load_z(x_row + t_safe, valid & in_range, cap_c, inv_cap_c, SOFTCAP, IS_FP64)
+        if HAS_WEIGHT:
+            w_t = to_compute(tl.load(w_ptr + t_safe, mask=in_range, other=0.0), IS_FP64)
+        else:
+            w_t = to_compute(tl.where(in_range, 1, 0), IS_FP64)
+    _max, shift, s, dot, coef_sum, _aw, _cw = _online_pass(
+        x_row, t_row, w_ptr, n_load, n_cols, keep_c, eps_c, cap_c, inv_cap_c,
+        SOFT or HAS_SMOOTHING, False, SOFT, HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP, IS_FP64,
+        BLOCK_N, NUM_STAGES,
+    )  # fmt: skip
     log_s = tl.log(s)
     lse = shift + log_s
     if SOFT:
-        swq = tl.sum(coef_vec, axis=0)
-        loss = log_s * swq - tl.sum(acc_vec, axis=0)
-        a = swq
+        zs_t = log_s
+        w_t = log_s
     else:
-        xs_t = x_t - shift
-        if HAS_WEIGHT:
-            w_t = to_compute(
-                tl.load(w_ptr + tl.where(in_range, t, 0), mask=in_range, other=0.0), IS_FP64
-            )
-        else:
-            w_t = to_compute(tl.where(in_range, 1, 0), IS_FP64)
-        kw_t = keep_c * w_t
-        loss = kw_t * (log_s - xs_t)
-        a = kw_t
-        if HAS_SMOOTHING:
-            w_total = tl.sum(coef_vec, axis=0)
-            loss += eps_c * (w_total * log_s - tl.sum(acc_vec, axis=0))
-            a += eps_c * w_total
-    if HAS_Z:
-        loss += z_c * lse * lse
-        a += 2.0 * z_c * lse
+        zs_t = z_t - shift
+    loss, a, a_rest, kw_t = _row_terms(log_s, lse, zs_t, w_t, dot, coef_sum, keep_c, eps_c, z_c,
+                                       SOFT, HAS_SMOOTHING, HAS_Z)  # fmt: skip
     if not SOFT:
         loss = tl.where(valid, loss, 0.0)
         loss = tl.where(bad, float("nan"), loss)
-    tl.store(loss_ptr + row, loss.to(loss_ptr.dtype.element_ty))
+    if REDUCE == 0:
+        tl.store(loss_ptr + r64, loss.to(loss_ptr.dtype.element_ty))
+    if HAS_LSE:
+        tl.store(lse_ptr + r64, lse.to(lse_ptr.dtype.element_ty))
     if HAS_GRAD:
         inv_s = 1.0 / s
+        if not SOFT:
+            g_t = _target_grad(zs_t, log_s, inv_s, a_rest, kw_t, w_t, eps_c, HAS_SMOOTHING, IS_FP64)
         n_chunks = tl.cdiv(n_cols, BLOCK_N)
         for i in range(0, n_chunks):
             c = (n_chunks - 1 - i) * BLOCK_N + cols
             ok = c < n_cols
-            x = to_compute(tl.load(x_row + c, mask=c < n_load, other=NEG_INF), IS_FP64)
-            g = a * (exp_c(x - shift, IS_FP64) * inv_s)
+            z, th = _load_z(x_row + c, c < n_load, cap_c, inv_cap_c, SOFTCAP, IS_FP64)
+            g = a * (exp_c(z - shift, IS_FP64) * inv_s)
             if SOFT:
-                g -= _ce_coef_chunk(
-                    t_row, w_ptr, c, ok, keep_c, eps_c, SOFT, HAS_WEIGHT, HAS_SMOOTHING, IS_FP64
-                )
+                g -= _coef_chunk(t_row, w_ptr, c, ok, keep_c, eps_c, SOFT, HAS_WEIGHT,
+                                 HAS_SMOOTHING, IS_FP64)  # fmt: skip
             else:
-                g -= tl.where(c == t, kw_t, 0.0)
                 if HAS_SMOOTHING:
-                    g -= eps_c * _ce_coef_chunk(
-                        t_row, w_ptr, c, ok, keep_c, eps_c, SOFT, HAS_WEIGHT, HAS_SMOOTHING,
-                        IS_FP64,
-                    )  # fmt: skip
+                    g -= eps_c * _coef_chunk(t_row, w_ptr, c, ok, keep_c, eps_c, SOFT, HAS_WEIGHT,
+                                             HAS_SMOOTHING, IS_FP64)  # fmt: skip
+                g = tl.where(c == t, g_t, g)
             g = g * row_scale
+            if SOFTCAP:
+                g = g * (1.0 - th * th)
             if not SOFT:
                 g = tl.where(valid, g, 0.0)
                 g = tl.where(bad, float("nan"), g)
             tl.store(g_row + c, g.to(g_ptr.dtype.element_ty), mask=ok)
+    part_loss = tl.zeros([], tl.float64)
+    part_den = tl.zeros([], tl.float64)
+    part_cnt = tl.zeros([], tl.float64)
+    if REDUCE > 0:
+        part_loss = loss.to(tl.float64)
+    if DENOM == 3:
+        part_den = tl.where(valid, tl.where(in_range, w_t, float("nan")), 0.0).to(tl.float64)
+        part_cnt = valid.to(tl.float64)
+    return part_loss, part_den, part_cnt
 
 
 @triton.jit
@@ -307,7 +532,10 @@ def cross_entropy_fwd_kernel(
     w_ptr,
     loss_ptr,
     g_ptr,
+    lse_ptr,
     denom_ptr,
+    part_ptr,
+    ticket_ptr,
     n_rows,
     n_cols,
     row_stride,
@@ -316,23 +544,30 @@ def cross_entropy_fwd_kernel(
     ignore_index: tl.int64,
     label_smoothing: tl.float64,
     z_loss: tl.float64,
+    softcap: tl.float64,
     grad_scale: tl.float64,
     SOFT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_GRAD: tl.constexpr,
-    HAS_DENOM: tl.constexpr,
+    HAS_LSE: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     HAS_Z: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     IS_FP64: tl.constexpr,
+    REDUCE: tl.constexpr,
+    DENOM: tl.constexpr,
     ONLINE: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
-    """Per-row cross-entropy loss into ``loss_ptr`` and, with HAS_GRAD, its gradient into
-    ``g_ptr`` (which may be ``x_ptr``). Integer targets (``t_ptr``: int32/int64, one per row)
-    or, with SOFT, probability rows (``t_row_stride``). ``w_ptr``: per-class weights in the
-    compute dtype. ``denom_ptr``: a 0-d device scalar the gradient is divided by (HAS_DENOM)."""
+    """Cross-entropy of every row: the loss into ``loss_ptr`` (per row for REDUCE 0 "none";
+    the 0-d sum (1) or mean (2) otherwise), ``lse_ptr`` (HAS_LSE), the gradient into ``g_ptr``
+    (HAS_GRAD; may be ``x_ptr``). Class targets (``t_ptr``: int32/int64) or, SOFT, probability
+    rows (``t_row_stride``). ``w_ptr``: class weights, compute dtype. ``denom_ptr``: DENOM 1 a
+    0-d compute-dtype denominator, DENOM 2 float64 [denominator, counted rows]. ``part_ptr``:
+    float64 [3, n_programs] partials (REDUCE > 0); ``ticket_ptr``: int32 counter, 0 at entry,
+    left 0."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     # scalars in float64 from the host, rounded once to the compute dtype (as NumPy does)
@@ -340,40 +575,516 @@ def cross_entropy_fwd_kernel(
     keep_c = to_compute(1.0 - eps, IS_FP64)  # 1 - eps
     eps_c = to_compute(eps / n_cols, IS_FP64)  # eps / C
     z_c = to_compute(f64_scalar(z_loss), IS_FP64)
+    cap = f64_scalar(softcap)
+    cap_c = to_compute(cap, IS_FP64)
+    inv_cap_c = cap_c
+    if SOFTCAP:
+        inv_cap_c = to_compute(1.0 / cap, IS_FP64)
     row_scale = to_compute(f64_scalar(grad_scale), IS_FP64)
     if HAS_GRAD:
-        if HAS_DENOM:
+        if DENOM == 1 or DENOM == 2:
             row_scale = row_scale / to_compute(tl.load(denom_ptr), IS_FP64)
+        if DENOM == 4:
+            row_scale = row_scale / to_compute(n_rows, IS_FP64)
+    part_loss = tl.zeros([], tl.float64)
+    part_den = tl.zeros([], tl.float64)
+    part_cnt = tl.zeros([], tl.float64)
     if ONLINE:
         for row in range(pid, n_rows, n_prog):
-            _ce_online_row(
-                x_ptr, t_ptr, w_ptr, loss_ptr, g_ptr, row, n_cols, row_stride, t_row_stride,
-                g_row_stride, ignore_index, keep_c, eps_c, z_c, row_scale, SOFT, HAS_WEIGHT,
-                HAS_GRAD, HAS_SMOOTHING, HAS_Z, IS_FP64, BLOCK_N,
+            pl, pd, pc = _fwd_online_row(
+                x_ptr, t_ptr, w_ptr, loss_ptr, g_ptr, lse_ptr, row, n_cols, row_stride,
+                t_row_stride, g_row_stride, ignore_index, keep_c, eps_c, z_c, cap_c, inv_cap_c,
+                row_scale, SOFT, HAS_WEIGHT, HAS_GRAD, HAS_LSE, HAS_SMOOTHING, HAS_Z, SOFTCAP,
+                IS_FP64, REDUCE, DENOM, BLOCK_N, NUM_STAGES,
             )  # fmt: skip
+            part_loss += pl
+            part_den += pd
+            part_cnt += pc
     else:
         # the class weights (and their total W) are the same for every row: load them once
         cols = tl.arange(0, BLOCK_N)
-        if HAS_WEIGHT:
+        if HAS_WEIGHT and (SOFT or HAS_SMOOTHING):
             w_vec = to_compute(tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0), IS_FP64)
             w_total = tl.sum(w_vec, axis=0)
         else:
             w_vec = full_vec(BLOCK_N, 1.0, IS_FP64)
             w_total = to_compute(n_cols, IS_FP64)
         n_tiles = tl.cdiv(n_rows, ROWS)
-        if NUM_STAGES > 1:
-            for tile in tl.range(pid, n_tiles, n_prog, num_stages=NUM_STAGES):
-                _ce_tile(
-                    x_ptr, t_ptr, w_ptr, loss_ptr, g_ptr, tile, n_rows, n_cols, row_stride,
-                    t_row_stride, g_row_stride, ignore_index, keep_c, eps_c, z_c, row_scale,
-                    w_vec, w_total, SOFT, HAS_WEIGHT, HAS_GRAD, HAS_SMOOTHING, HAS_Z, IS_FP64,
-                    ROWS, BLOCK_N,
-                )  # fmt: skip
+        for tile in tl.range(pid, n_tiles, n_prog, num_stages=NUM_STAGES):
+            pl, pd, pc = _fwd_tile(
+                x_ptr, t_ptr, w_ptr, loss_ptr, g_ptr, lse_ptr, tile, n_rows, n_cols, row_stride,
+                t_row_stride, g_row_stride, ignore_index, keep_c, eps_c, z_c, cap_c, inv_cap_c,
+                row_scale, w_vec, w_total, SOFT, HAS_WEIGHT, HAS_GRAD, HAS_LSE, HAS_SMOOTHING,
+                HAS_Z, SOFTCAP, IS_FP64, REDUCE, DENOM, ROWS, BLOCK_N,
+            )  # fmt: skip
+            part_loss += pl
+            part_den += pd
+            part_cnt += pc
+    if REDUCE > 0:
+        tl.store(part_ptr + pid, part_loss)
+        if DENOM == 3:
+            tl.store(part_ptr + n_prog + pid, part_den)
+            tl.store(part_ptr + 2 * n_prog + pid, part_cnt)
+        if last_program(ticket_ptr):
+            total = sum_partials(part_ptr, n_prog)
+            if REDUCE == 1:
+                result = total
+            else:
+                if DENOM == 3:
+                    d = sum_partials(part_ptr + n_prog, n_prog)
+                    counted = sum_partials(part_ptr + 2 * n_prog, n_prog)
+                elif DENOM == 4:
+                    d = tl.zeros([], tl.float64) + n_rows
+                    counted = d
+                elif DENOM == 2:
+                    d = tl.load(denom_ptr, cache_modifier=".cg").to(tl.float64)
+                    counted = tl.load(denom_ptr + 1, cache_modifier=".cg").to(tl.float64)
+                else:
+                    d = tl.load(denom_ptr).to(tl.float64)
+                    counted = d
+                # nothing counted (every target ignored, or a given denominator of 0): 0.0
+                result = tl.where(counted == 0, 0.0, total / d)
+            tl.store(loss_ptr, result.to(loss_ptr.dtype.element_ty))
+            tl.store(ticket_ptr, 0)
+
+
+@triton.jit
+def cross_entropy_denom_kernel(
+    t_ptr,
+    w_ptr,
+    out_ptr,
+    part_ptr,
+    ticket_ptr,
+    n_rows,
+    n_cols,
+    ignore_index: tl.int64,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """The "mean" denominator of class targets, before the forward kernel scales a gradient by
+    it: ``out_ptr`` (float64) gets [sum of w_t over counted rows (a bad target adds NaN), counted
+    rows]. Reads the targets (and one weight per row). Partials per program in ``part_ptr``
+    (float64 [2, n_programs]), summed in program order by the last program."""
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    den = tl.zeros([BLOCK_R], tl.float64)
+    cnt = tl.zeros([BLOCK_R], tl.float64)
+    for start in range(pid * BLOCK_R, n_rows, n_prog * BLOCK_R):
+        r = tl.cast(start, tl.int64) + tl.arange(0, BLOCK_R)
+        t, valid, in_range, _bad = _class_target(t_ptr, r, r < n_rows, ignore_index, 0, n_cols)
+        if HAS_WEIGHT:
+            w_t = tl.load(w_ptr + tl.where(in_range, t, 0), mask=valid & in_range, other=0.0)
+            w_t = w_t.to(tl.float64)
         else:
-            for tile in range(pid, n_tiles, n_prog):
-                _ce_tile(
-                    x_ptr, t_ptr, w_ptr, loss_ptr, g_ptr, tile, n_rows, n_cols, row_stride,
-                    t_row_stride, g_row_stride, ignore_index, keep_c, eps_c, z_c, row_scale,
-                    w_vec, w_total, SOFT, HAS_WEIGHT, HAS_GRAD, HAS_SMOOTHING, HAS_Z, IS_FP64,
-                    ROWS, BLOCK_N,
+            w_t = tl.full([BLOCK_R], 1.0, tl.float64)
+        den += tl.where(valid, tl.where(in_range, w_t, float("nan")), 0.0)
+        cnt += valid.to(tl.float64)
+    tl.store(part_ptr + pid, tl.sum(den, axis=0))
+    tl.store(part_ptr + n_prog + pid, tl.sum(cnt, axis=0))
+    if last_program(ticket_ptr):
+        tl.store(out_ptr, sum_partials(part_ptr, n_prog))
+        tl.store(out_ptr + 1, sum_partials(part_ptr + n_prog, n_prog))
+        tl.store(ticket_ptr, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# vocabulary-parallel: per-rank statistics, and the gradient from the merged ones
+
+
+@triton.jit
+def _stats_store(st_row, col, v, ok=None):
+    tl.store(st_row + col, v.to(st_row.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _stats_tile(
+    x_ptr,
+    t_ptr,
+    w_ptr,
+    st_ptr,
+    tile,
+    n_rows,
+    n_cols,
+    row_stride,
+    t_row_stride,
+    st_row_stride,
+    ignore_index,
+    vocab_start,
+    cap_c,
+    inv_cap_c,
+    w_vec,
+    SOFT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # reads the logits (and soft targets) once, writes K values per row.
+    r64 = tl.cast(tile, tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_N)
+    row_ok = r64 < n_rows
+    col_ok = cols < n_cols
+    ok = row_ok[:, None] & col_ok[None, :]
+    if SOFT:
+        load_rows = row_ok
+    else:
+        t, valid, owned, _bad = _class_target(t_ptr, r64, row_ok, ignore_index, vocab_start,
+                                              n_cols)  # fmt: skip
+        load_rows = valid  # ignored rows: skipped (their stats are not used)
+    z, _th = _load_z(
+        x_ptr + r64[:, None] * row_stride + cols[None, :],
+        load_rows[:, None] & col_ok[None, :],
+        cap_c,
+        inv_cap_c,
+        SOFTCAP,
+        IS_FP64,
+    )
+    m = tl.max(z, axis=1)
+    zs = z - safe_shift(m)[:, None]  # every sum relative to m (0 for a row of -inf)
+    st_row = st_ptr + r64 * st_row_stride
+    _stats_store(st_row, 0, m, row_ok)
+    _stats_store(st_row, 1, tl.sum(exp_c(zs, IS_FP64), axis=1), row_ok)
+    if SOFT:
+        q = tl.load(t_ptr + r64[:, None] * t_row_stride + cols[None, :], mask=ok, other=0.0)
+        wq = to_compute(q, IS_FP64)
+        if HAS_WEIGHT:
+            wq = wq * w_vec[None, :]
+        _stats_store(st_row, 2, tl.sum(wq, axis=1), row_ok)
+        _stats_store(st_row, 3, tl.sum(tl.where(ok, wq * zs, 0.0), axis=1), row_ok)
+        k = 4
+    else:
+        onehot = (cols[None, :] == t[:, None]) & owned[:, None]  # (t_local may hit padding)
+        _stats_store(st_row, 2, tl.sum(tl.where(onehot, zs, 0.0), axis=1), row_ok)
+        k = 3
+        if HAS_WEIGHT:
+            w_t = tl.load(w_ptr + tl.where(owned, t, 0), mask=row_ok & owned, other=0.0)
+            _stats_store(st_row, 3, w_t, row_ok)
+            k = 4
+    if HAS_SMOOTHING:
+        if HAS_WEIGHT:
+            dot = tl.sum(tl.where(ok, zs * w_vec[None, :], 0.0), axis=1)
+        else:
+            dot = tl.sum(tl.where(ok, zs, 0.0), axis=1)
+        _stats_store(st_row, k, dot, row_ok)
+
+
+@triton.jit
+def _stats_online_row(
+    x_ptr,
+    t_ptr,
+    w_ptr,
+    st_ptr,
+    row,
+    n_cols,
+    row_stride,
+    t_row_stride,
+    st_row_stride,
+    ignore_index,
+    vocab_start,
+    cap_c,
+    inv_cap_c,
+    SOFT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    # one pass: reads the logits (and soft targets) once.
+    r64 = tl.cast(row, tl.int64)
+    x_row = x_ptr + r64 * row_stride
+    t_row = t_ptr + r64 * t_row_stride
+    st_row = st_ptr + r64 * st_row_stride
+    one = to_compute(1.0, IS_FP64)  # the raw q: keep and eps/C apply after the merge
+    if SOFT:
+        n_load = n_cols
+    else:
+        t, valid, owned, _bad = _class_target(t_ptr, r64, True, ignore_index, vocab_start, n_cols)
+        n_load = tl.where(valid, n_cols, 0)  # ignored rows: skipped
+        t_safe = tl.where(owned, t, 0)
+        z_t, _th = _load_z(x_row + t_safe, valid & owned, cap_c, inv_cap_c, SOFTCAP, IS_FP64)
+    # soft: SUMS gives sum w q (z - m) and sum w q, SUMS_W (smoothing) sum w (z - m);
+    # class targets with smoothing: SUMS gives sum w (z - m)
+    row_max, shift, s, acc, csum, acc_w, _csum_w = _online_pass(
+        x_row, t_row, w_ptr, n_load, n_cols, one, one * 0.0, cap_c, inv_cap_c,
+        SOFT or HAS_SMOOTHING, SOFT and HAS_SMOOTHING, SOFT, HAS_WEIGHT, False, SOFTCAP,
+        IS_FP64, BLOCK_N, NUM_STAGES,
+    )  # fmt: skip
+    _stats_store(st_row, 0, row_max)
+    _stats_store(st_row, 1, s)
+    if SOFT:
+        _stats_store(st_row, 2, csum)
+        _stats_store(st_row, 3, acc)
+        if HAS_SMOOTHING:
+            _stats_store(st_row, 4, acc_w)
+    else:
+        _stats_store(st_row, 2, tl.where(valid & owned, z_t - shift, 0.0))
+        k = 3
+        if HAS_WEIGHT:
+            _stats_store(st_row, 3, tl.load(w_ptr + t_safe, mask=owned, other=0.0))
+            k = 4
+        if HAS_SMOOTHING:
+            _stats_store(st_row, k, acc)
+
+
+@triton.jit
+def cross_entropy_stats_kernel(
+    x_ptr,
+    t_ptr,
+    w_ptr,
+    st_ptr,
+    n_rows,
+    n_cols,
+    row_stride,
+    t_row_stride,
+    st_row_stride,
+    ignore_index: tl.int64,
+    vocab_start: tl.int64,
+    softcap: tl.float64,
+    SOFT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    ONLINE: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    """Per row, one rank's statistics of a vocabulary-parallel cross-entropy (its logits hold
+    the classes [vocab_start, vocab_start + C)): class targets [m, s, z_t - m (0 unless owned),
+    (w_t if HAS_WEIGHT), (sum w (z - m) if HAS_SMOOTHING)], soft targets [m, s, sum w q,
+    sum w q (z - m), (sum w (z - m))]; every sum relative to m (0 for a row of -inf)."""
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    cap = f64_scalar(softcap)
+    cap_c = to_compute(cap, IS_FP64)
+    inv_cap_c = cap_c
+    if SOFTCAP:
+        inv_cap_c = to_compute(1.0 / cap, IS_FP64)
+    if ONLINE:
+        for row in range(pid, n_rows, n_prog):
+            _stats_online_row(
+                x_ptr, t_ptr, w_ptr, st_ptr, row, n_cols, row_stride, t_row_stride,
+                st_row_stride, ignore_index, vocab_start, cap_c, inv_cap_c, SOFT, HAS_WEIGHT,
+                HAS_SMOOTHING, SOFTCAP, IS_FP64, BLOCK_N, NUM_STAGES,
+            )  # fmt: skip
+    else:
+        cols = tl.arange(0, BLOCK_N)
+        if HAS_WEIGHT:
+            w_vec = to_compute(tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0), IS_FP64)
+        else:
+            w_vec = full_vec(BLOCK_N, 1.0, IS_FP64)
+        n_tiles = tl.cdiv(n_rows, ROWS)
+        for tile in tl.range(pid, n_tiles, n_prog, num_stages=NUM_STAGES):
+            _stats_tile(
+                x_ptr, t_ptr, w_ptr, st_ptr, tile, n_rows, n_cols, row_stride, t_row_stride,
+                st_row_stride, ignore_index, vocab_start, cap_c, inv_cap_c, w_vec, SOFT,
+                HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP, IS_FP64, ROWS, BLOCK_N,
+            )  # fmt: skip
+
+
+@triton.jit
+def _grad_rows(
+    x_ptr,
+    t_ptr,
+    w_ptr,
+    lse_ptr,
+    coef_ptr,
+    r64,
+    row_ok,
+    n_cols,
+    row_stride,
+    ignore_index,
+    vocab_start,
+    keep_c,
+    eps_c,
+    cap_c,
+    inv_cap_c,
+    SOFT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    INPLACE: tl.constexpr,
+):
+    """Per row (r64: a row index or a vector of them): (lse, a, t_local, counted, owned, the
+    owned target's gradient entry before scaling). Reads the owned target logit; with INPLACE a
+    CTA barrier then orders that read before any gradient store of the program."""
+    lse = to_compute(tl.load(lse_ptr + r64, mask=row_ok, other=0.0), IS_FP64)
+    a = to_compute(tl.load(coef_ptr + r64, mask=row_ok, other=0.0), IS_FP64)
+    if SOFT:
+        t = r64
+        valid = row_ok
+        owned = row_ok & False
+        g_t = lse
+    else:
+        t, valid, owned, _bad = _class_target(t_ptr, r64, row_ok, ignore_index, vocab_start,
+                                              n_cols)  # fmt: skip
+        owned = valid & owned
+        t_safe = tl.where(owned, t, 0)
+        z_t, _th = _load_z(x_ptr + r64 * row_stride + t_safe, owned, cap_c, inv_cap_c, SOFTCAP,
+                           IS_FP64)  # fmt: skip
+        if HAS_WEIGHT:
+            w_t = to_compute(tl.load(w_ptr + t_safe, mask=owned, other=0.0), IS_FP64)
+        else:
+            w_t = to_compute(tl.where(owned, 1, 0), IS_FP64)
+        kw_t = keep_c * w_t
+        # (a - keep w_t) p_t - keep w_t (1 - p_t) - eps_c w_t, p_t = exp(z_t - lse)
+        zl = z_t - lse
+        g_t = (a - kw_t) * exp_c(zl, IS_FP64) + kw_t * expm1_c(zl, IS_FP64)
+        if HAS_SMOOTHING:
+            g_t -= eps_c * w_t
+        if INPLACE:
+            tl.debug_barrier()
+    return lse, a, t, valid, owned, g_t
+
+
+@triton.jit
+def _grad_values(
+    z,
+    th,
+    q_ptrs,
+    w_ptrs,
+    ok,
+    lse,
+    a,
+    onehot,
+    g_t,
+    valid,
+    keep_c,
+    eps_c,
+    scale,
+    SOFT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    IS_FP64: tl.constexpr,
+):
+    """(a p - keep w_t onehot - eps_c w) * scale, or soft (a p - w (keep q + eps_c)) * scale,
+    times the softcap chain rule; 0 on rows not counted."""
+    g = a * exp_c(z - lse, IS_FP64)
+    if HAS_WEIGHT:
+        w = to_compute(tl.load(w_ptrs, mask=ok, other=0.0), IS_FP64)
+    if SOFT:
+        q = to_compute(tl.load(q_ptrs, mask=ok, other=0.0), IS_FP64)
+        if HAS_SMOOTHING:
+            q = q * keep_c + eps_c
+        if HAS_WEIGHT:
+            q = q * w
+        g -= q
+    else:
+        if HAS_SMOOTHING:
+            if HAS_WEIGHT:
+                g -= eps_c * w
+            else:
+                g -= eps_c
+        g = tl.where(onehot, g_t, g)
+    g = g * scale
+    if SOFTCAP:
+        g = g * (1.0 - th * th)
+    return tl.where(valid, g, 0.0)
+
+
+@triton.jit
+def cross_entropy_grad_kernel(
+    x_ptr,
+    t_ptr,
+    w_ptr,
+    g_ptr,
+    lse_ptr,
+    coef_ptr,
+    scale_ptr,
+    n_rows,
+    n_cols,
+    row_stride,
+    t_row_stride,
+    g_row_stride,
+    ignore_index: tl.int64,
+    vocab_start: tl.int64,
+    keep: tl.float64,
+    eps_c: tl.float64,
+    softcap: tl.float64,
+    grad_scale: tl.float64,
+    SOFT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    INPLACE: tl.constexpr,
+    ONLINE: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    """The gradient of a vocabulary-parallel cross-entropy from the merged row statistics:
+    ``grad = (a p - keep w_t onehot_{t - vocab_start} - eps_c w) * grad_scale * row_scale``
+    (soft: ``a p - w (keep q + eps_c)``), p = exp(z - lse), times the softcap chain rule;
+    ``lse_ptr``, ``coef_ptr``: per row (a NaN lse, a bad target's, gives a NaN row);
+    ``scale_ptr``: the 0-d row_scale. Ignored rows: 0. Reads the logits (and soft targets)
+    once, writes the gradient once; ``g_ptr`` may be ``x_ptr`` (INPLACE)."""
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    keep_c = to_compute(f64_scalar(keep), IS_FP64)
+    eps_cc = to_compute(f64_scalar(eps_c), IS_FP64)
+    scale = to_compute(f64_scalar(grad_scale), IS_FP64) * to_compute(tl.load(scale_ptr), IS_FP64)
+    cap = f64_scalar(softcap)
+    cap_c = to_compute(cap, IS_FP64)
+    inv_cap_c = cap_c
+    if SOFTCAP:
+        inv_cap_c = to_compute(1.0 / cap, IS_FP64)
+    cols = tl.arange(0, BLOCK_N)
+    if ONLINE:
+        # one row at a time in chunks: no reduction, so one pass
+        for row in range(pid, n_rows, n_prog):
+            r64 = tl.cast(row, tl.int64)
+            lse, a, t, valid, owned, g_t = _grad_rows(
+                x_ptr, t_ptr, w_ptr, lse_ptr, coef_ptr, r64, True, n_cols, row_stride,
+                ignore_index, vocab_start, keep_c, eps_cc, cap_c, inv_cap_c, SOFT, HAS_WEIGHT,
+                HAS_SMOOTHING, SOFTCAP, IS_FP64, INPLACE,
+            )  # fmt: skip
+            n_load = tl.where(valid, n_cols, 0)  # ignored rows: written, not read
+            for start in tl.range(0, n_cols, BLOCK_N, num_stages=NUM_STAGES):
+                c = start + cols
+                ok = c < n_cols
+                z, th = _load_z(x_ptr + r64 * row_stride + c, c < n_load, cap_c, inv_cap_c,
+                                SOFTCAP, IS_FP64)  # fmt: skip
+                g = _grad_values(
+                    z, th, t_ptr + r64 * t_row_stride + c, w_ptr + c, ok, lse, a,
+                    owned & (c == t), g_t, valid, keep_c, eps_cc, scale, SOFT, HAS_WEIGHT,
+                    HAS_SMOOTHING, SOFTCAP, IS_FP64,
                 )  # fmt: skip
+                tl.store(g_ptr + r64 * g_row_stride + c, g.to(g_ptr.dtype.element_ty), mask=ok)
+    else:
+        n_tiles = tl.cdiv(n_rows, ROWS)
+        for tile in tl.range(pid, n_tiles, n_prog, num_stages=NUM_STAGES):
+            r64 = tl.cast(tile, tl.int64) * ROWS + tl.arange(0, ROWS)
+            row_ok = r64 < n_rows
+            lse, a, t, valid, owned, g_t = _grad_rows(
+                x_ptr, t_ptr, w_ptr, lse_ptr, coef_ptr, r64, row_ok, n_cols, row_stride,
+                ignore_index, vocab_start, keep_c, eps_cc, cap_c, inv_cap_c, SOFT, HAS_WEIGHT,
+                HAS_SMOOTHING, SOFTCAP, IS_FP64, INPLACE,
+            )  # fmt: skip
+            ok = row_ok[:, None] & (cols < n_cols)[None, :]
+            z, th = _load_z(
+                x_ptr + r64[:, None] * row_stride + cols[None, :],
+                valid[:, None] & (cols < n_cols)[None, :],
+                cap_c,
+                inv_cap_c,
+                SOFTCAP,
+                IS_FP64,
+            )
+            g = _grad_values(
+                z, th, t_ptr + r64[:, None] * t_row_stride + cols[None, :], w_ptr + cols[None, :],
+                ok, lse[:, None], a[:, None], owned[:, None] & (cols[None, :] == t[:, None]),
+                g_t[:, None], valid[:, None], keep_c, eps_cc, scale, SOFT, HAS_WEIGHT,
+                HAS_SMOOTHING, SOFTCAP, IS_FP64,
+            )  # fmt: skip
+            tl.store(
+                g_ptr + r64[:, None] * g_row_stride + cols[None, :],
+                g.to(g_ptr.dtype.element_ty),
+                mask=ok,
+            )

@@ -4,7 +4,8 @@ It serves torch CUDA tensors, and CuPy arrays through ``torch.from_dlpack`` (zer
 kernels then run on CuPy's current stream). With ``TRITON_INTERPRET=1`` in the environment,
 read at every call, it also serves torch CPU tensors through the Triton interpreter, which is
 how CI tests the kernels on machines without a GPU. No function here synchronises with the host:
-the mean denominator of cross-entropy stays on the device and is read by the kernel.
+cross-entropy's "mean" denominator and its reduced loss are computed on the device, inside at
+most 2 kernel launches per call, with no other device operation than allocations.
 
 Launch settings come from one function, :func:`_launch_config`.
 """
