@@ -58,6 +58,9 @@ REPACK_EVERY_S = 20.0
 # The dtypes whose NVRTC module the warm-up compiles (cupy_backend: one module per dtype).
 WARM_DTYPES = ("float16", "bfloat16", "float32", "float64")
 STICKY_EXIT = 75  # gpu_shard: a shard stopped after a sticky CUDA error
+# Seconds per gpu test id measured by a previous session (its archive's b-durations.json,
+# committed here): the background shards balance by them instead of the compile-count model.
+TEST_SECONDS = ROOT / "bench" / "gpu_test_seconds.json"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,8 +436,16 @@ def warm_module(dtype: str) -> None:
     if why:
         print(f"WARM {dtype} unavailable: {why}")
         raise SystemExit(3)
-    if hasattr(cb, "_module"):
-        cb._module(0, dtype)
+    mod = cb._module(0, dtype) if hasattr(cb, "_module") else None
+    raw = getattr(mod, "raw", None)
+    names = cb.all_kernel_names(dtype) if hasattr(cb, "all_kernel_names") else []
+    if raw is not None and names:
+        # RawModule compiles on first use: fetching one kernel compiles (or loads from CuPy's
+        # disk cache) the whole module, every name expression of the dtype
+        import cupy
+
+        with cupy.cuda.Device(0):
+            raw.get_function(names[0])
     else:  # the module function was renamed: a small call compiles the dtype's module too
         import torch
 
@@ -477,7 +488,8 @@ def _pytest_base(session: Session, state: Path) -> list[str]:
         cmd.append(f"--shard-wait-file={session.warm_marker()}")
     if _has("pytest_timeout"):
         # a hung kernel ends its shard (which restarts with the rest) instead of the step
-        cmd += ["-p", "pytest_timeout", "--timeout=120", "--timeout-method=thread"]
+        # (`-p timeout`, its entry-point name: `-p pytest_timeout` registers it twice)
+        cmd += ["-p", "timeout", "--timeout=120", "--timeout-method=thread"]
     return cmd
 
 
@@ -490,8 +502,10 @@ def _shard_jobs(session: Session, state: Path, prefix: str, extra: list[str],
     if use_xdist:
         # --dist load: xdist replaces a worker that a sticky CUDA error ended (gpu_shard.py
         # says why not loadgroup)
-        cmd = base + ["-p", "xdist.plugin", "-n", str(n), "--dist", "load", f"--max-worker-restart={4 * n}",
-                      *cfg.test_paths]  # fmt: skip
+        # `-p xdist` (its entry-point name; `-p xdist.plugin` registers the module twice when
+        # plugins autoload) also loads it where autoloading is off
+        cmd = base + ["-p", "xdist", "-n", str(n), "--dist", "load",
+                      f"--max-worker-restart={4 * n}", *cfg.test_paths]  # fmt: skip
         return [Job(f"{prefix}-xdist", cmd, session.logs / f"{prefix}-xdist.log", env)], n, True
 
     def restart(job: Job, rc: int) -> list[str] | None:
@@ -500,6 +514,8 @@ def _shard_jobs(session: Session, state: Path, prefix: str, extra: list[str],
             return None
         return job.cmd + [f"--shard-skip={state / f'done-{job.shard}.txt'}"]
 
+    if TEST_SECONDS.is_file():  # measured seconds per test id balance better than the model
+        base = base + [f"--shard-weights={TEST_SECONDS}"]
     jobs = []
     for i in range(n):
         cmd = base + [f"--shard={i}/{n}", *cfg.test_paths]
