@@ -703,7 +703,7 @@ def parse_sanitizer_log(text: str) -> dict[str, object]:
 
 
 def _driver_reports(paths: list[Path]) -> dict[str, int]:
-    tot = {"cases": 0, "ran": 0, "mismatch": 0, "error": 0, "not_run": 0}
+    tot = {"cases": 0, "ran": 0, "mismatch": 0, "error": 0, "not_run": 0, "unavailable": 0}
     for p in paths:
         try:
             r = json.loads(p.read_text())
@@ -720,6 +720,8 @@ def _driver_note(rep: dict[str, int]) -> str:
         s += f", {rep['mismatch']} mismatch, {rep['error']} error"
     if rep["not_run"]:
         s += f", {rep['not_run']} not run (time)"
+    if rep["unavailable"]:
+        s += f", {rep['unavailable']} skipped (backend or CuPy unavailable)"
     return s
 
 
@@ -736,10 +738,11 @@ def step_driver(session: Session, step: Step) -> Result:
     the float64 reference and leaves its Triton kernels in Triton's cache for c1-c3."""
     py = session.cfg.python
     budget = max(5.0, step.limit_s - step.grace_s - 10.0)
+    stop_at = time.time() + budget
     reports = [session.logs / f"{step.key}-driver-{i}.json" for i in range(DRIVER_PARTS)]
     jobs = [
         Job(f"driver-{i}", [py, str(ROOT / "bench" / "sanitize_driver.py"), "--run",
-                            f"--part={i}/{DRIVER_PARTS}", f"--max-seconds={budget:.0f}",
+                            f"--part={i}/{DRIVER_PARTS}", f"--stop-at={stop_at:.0f}",
                             f"--report={reports[i]}", *_wait_arg(session)],
             session.logs / f"{step.key}-driver-{i}.log", session.env())
         for i in range(DRIVER_PARTS)
@@ -756,14 +759,15 @@ def step_sanitizer(tool: str) -> Callable[[Session, Step], Result]:
         py = session.cfg.python
         driver = str(ROOT / "bench" / "sanitize_driver.py")
         # the driver stops itself before the SIGINT, so that the sanitizer writes its summary
-        budget = max(5.0, step.limit_s - step.grace_s - 25.0)
+        budget = max(5.0, step.limit_s - step.grace_s - 20.0)
+        stop_at = time.time() + budget  # start-up under the sanitizer counts too
         reports = [session.logs / f"{step.key}-{tool}-{i}.json" for i in range(SANITIZER_PARTS)]
         env = session.env(PYTORCH_NO_CUDA_MEMORY_CACHING="1", SK_SANITIZE="1")
         cs = shutil.which("compute-sanitizer")
         jobs = []
         for i in range(SANITIZER_PARTS):
             drv = [py, driver, "--run", f"--part={i}/{SANITIZER_PARTS}",
-                   f"--max-seconds={budget:.0f}", f"--report={reports[i]}",
+                   f"--stop-at={stop_at:.0f}", f"--report={reports[i]}",
                    *_wait_arg(session)]  # fmt: skip
             if cs is None:
                 if tool != "memcheck":

@@ -587,11 +587,14 @@ def _wait_for(path: str | None, limit_s: float, log) -> None:
         log(f"waited {time.time() - t0:.0f} s for {path}")
 
 
-def run_cases(cases: list[Case], max_seconds: float, device: str = "cuda",
-              log=print, wait_file: str | None = None) -> dict:  # fmt: skip
-    """Run the cases in order until max_seconds; CuPy-backend cases wait for wait_file (the
-    session's NVRTC warm-up marker) first."""
+def run_cases(cases: list[Case], max_seconds: float, device: str = "cuda", log=print,
+              wait_file: str | None = None, stop_at: float | None = None) -> dict:  # fmt: skip
+    """Run the cases in order for at most max_seconds and not past the wall-clock time stop_at
+    (the session's deadline, start-up under a sanitizer included); CuPy-backend cases wait for
+    wait_file (the session's NVRTC warm-up marker) first."""
     t0 = time.time()
+    if stop_at is not None:
+        max_seconds = min(max_seconds, stop_at - t0)
     runner = Runner(device)
     waited = False
     rep = {"cases": len(cases), "ran": 0, "mismatch": 0, "error": 0, "not_run": 0,
@@ -675,6 +678,7 @@ def main(argv=None) -> int:
     ap.add_argument("--smem-limit", type=int, default=None)
     ap.add_argument("--report", help="write the run's summary as JSON")
     ap.add_argument("--wait-file", help="before the first CuPy-backend case, wait for it")
+    ap.add_argument("--stop-at", type=float, help="wall-clock time (epoch s) to stop by")
     a = ap.parse_args(argv)
     cases, notes = build_plan(a.n_sm, a.smem_limit)
     if a.max_elems:
@@ -699,7 +703,7 @@ def main(argv=None) -> int:
             print("note:", note)
         print(f"{len(cases)} cases")
         return 0
-    rep = run_cases(cases, a.max_seconds, a.device, wait_file=a.wait_file)
+    rep = run_cases(cases, a.max_seconds, a.device, wait_file=a.wait_file, stop_at=a.stop_at)
     rep["notes"] = notes
     print(json.dumps({k: v for k, v in rep.items() if k not in ("mismatches", "errors")}))
     for m in rep["mismatches"][:50] + rep["errors"][:50]:
