@@ -244,6 +244,7 @@ class Session:
                 st, el, det = "running", f"{time.time() - s.started:.0f}s", ""
             else:
                 st, el, det = "pending", "-", ""
+            det = det if len(det) <= 400 else det[:397] + "..."
             lines.append(
                 f"{s.key:3s} {s.name:12s} {st:8s} {el:>5s}/{s.limit_s:.0f}s  {det}".rstrip()
             )
@@ -471,6 +472,9 @@ def step_warm(session: Session, step: Step) -> Result:
     for j in jobs:
         m = re.search(r"^WARM (\S+) (.*)$", j.log.read_text(errors="replace"), re.MULTILINE)
         parts.append(m.group(0)[5:] if m else f"{j.name[5:]} rc {j.rcs[-1] if j.rcs else '?'}")
+    whys = {p.split(" ", 1)[1] for p in parts if " unavailable: " in f" {p}"}
+    if len(whys) == 1 and all(" unavailable: " in f" {p}" for p in parts):
+        parts = [f"every dtype {whys.pop()[:160]}"]
     ok = all(j.rcs and j.rcs[-1] == 0 for j in jobs)
     return Result(_ended_status(ended, ok), "NVRTC: " + "; ".join(parts) + _cut_note(ended, step))
 

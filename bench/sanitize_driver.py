@@ -703,6 +703,16 @@ def main(argv=None) -> int:
             print("note:", note)
         print(f"{len(cases)} cases")
         return 0
+    if a.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("no CUDA GPU visible to torch: nothing to run (--device cpu runs the Triton "
+                  "interpreter and the NumPy backend)")  # fmt: skip
+            if a.report:
+                none = {"cases": len(cases), "ran": 0, "error": 1, "notes": ["no CUDA GPU"]}
+                Path(a.report).write_text(json.dumps(none))
+            return 2
     rep = run_cases(cases, a.max_seconds, a.device, wait_file=a.wait_file, stop_at=a.stop_at)
     rep["notes"] = notes
     print(json.dumps({k: v for k, v in rep.items() if k not in ("mismatches", "errors")}))
