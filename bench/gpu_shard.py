@@ -280,6 +280,13 @@ class _Recorder:
             sys.stderr.flush()
             os._exit(STICKY_EXIT)  # xdist replaces this worker and reports the test as crashed
 
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_node_collection_finished(self, node, ids):
+        # the xdist controller: what the workers collected, to tell the tests never run
+        if self.state is not None and not (self.state / f"assigned-{self.tag}.txt").exists():
+            text = "".join(base_id(i) + "\n" for i in ids)
+            (self.state / f"assigned-{self.tag}.txt").write_text(text)
+
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_setup(self, item):
         path = self.config.getoption("--shard-wait-file")

@@ -308,8 +308,10 @@ def test_shards_survive_a_sticky_error(tmp_path, monkeypatch, xdist):
     if not xdist:  # (xdist workers' prints do not reach the log)
         assert "not collecting test_props.py: hypothesis is not installed" in logs
     assert "ERROR collecting" not in logs
+    st = tmp_path / "work" / "logs" / "b-state"
+    assigned = [x for f in st.glob("assigned-*.txt") for x in f.read_text().split()]
+    assert len(assigned) == len(set(assigned)) == 33  # what "not run" is counted against
     if not xdist:  # every test ran exactly once over the shards and the restart
-        st = tmp_path / "work" / "logs" / "b-state"
         done = [x for f in st.glob("done-*.txt") for x in f.read_text().split()]
         assert len(done) == len(set(done)) == 33
 
