@@ -74,8 +74,9 @@ label_smoothing, softcap)``
     1 when owned without a weight); soft targets ``[m, s, sum_c w_c q_c, sum_c w_c q_c (z_c - m),
     (sum_c w_c (z_c - m) if label_smoothing)]``. ``m`` is the local max, ``s = sum(exp(z - m))``;
     every sum is taken relative to ``m`` (so the merge never cancels large logits), with 0 in
-    place of ``m`` for a row of -inf (m = -inf, s = 0). Rows with ``t == ignore_index`` may be
-    skipped (their stats are not used). Reads the logits (and soft targets) once.
+    place of ``m`` for a row of -inf (m = -inf, s = 0). Every row is read, rows with
+    ``t == ignore_index`` too (the merged lse is returned for every row). Reads the logits (and
+    soft targets) once.
 ``cross_entropy_grad(logits, target, grad, *, row_lse, row_coef, row_scale, soft, weight,
 ignore_index, vocab_start, keep, eps_c, softcap, grad_scale)``
     ``grad = (row_coef p - keep w_t onehot_{t_local} - eps_c w) * grad_scale * row_scale``
