@@ -79,11 +79,20 @@ class Case:
 # Planning functions of the backends (pure Python: no GPU, no CuPy needed)
 
 
+@functools.cache
+def _accepted(fn: Callable) -> frozenset[str] | None:
+    """The keyword names fn takes (None: any, it has **kwargs)."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return frozenset(params)
+
+
 def _call(fn: Callable, *args, **kw):
     """fn(*args, **the keywords fn accepts): the planners grow and lose options over time."""
-    params = inspect.signature(fn).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        kw = {k: v for k, v in kw.items() if k in params}
+    ok = _accepted(fn)
+    if ok is not None:
+        kw = {k: v for k, v in kw.items() if k in ok}
     return fn(*args, **kw)
 
 
@@ -99,6 +108,15 @@ class Planner:
     rows: tuple[int, ...]
     dtypes: tuple[str, ...]
     notes: list[str] = field(default_factory=list)
+    _memo: dict = field(default_factory=dict, repr=False)
+
+    def plan_key(self, op: str, variant: dict, dtype: str, n_rows: int, n_cols: int):
+        """key(), remembered (a scan asks for the same lengths again while bisecting)."""
+        k = (op, tuple(sorted(variant.items())), dtype, n_rows, n_cols)
+        v = self._memo.get(k)
+        if v is None:
+            v = self._memo[k] = self.key(op, variant, dtype, n_rows, n_cols)
+        return v
 
 
 def _api_ops(op: str, variant: dict) -> tuple[tuple[str, ...], tuple] | None:
@@ -266,7 +284,7 @@ def plan_cases(planners: list[Planner], max_cols: int = MAX_COLS,
                 fine_real: dict[str, list[tuple[int, int, int, str]]] = {}
                 for r in pl.rows:
                     segs = segments(
-                        functools.partial(_key_at, pl.key, op, variant, dtype, r), max_cols
+                        functools.partial(_key_at, pl.plan_key, op, variant, dtype, r), max_cols
                     )
                     for (coarse, fine), lo, hi in segs:
                         fine_real.setdefault(fine, []).append((r, lo, hi, coarse))
@@ -656,12 +674,16 @@ def _device_limits() -> tuple[int, int]:
     return H200_SM, H200_SMEM_OPTIN
 
 
-def build_plan(n_sm: int | None = None, smem: int | None = None) -> tuple[list[Case], list[str]]:
+def planners_for(n_sm: int | None = None, smem: int | None = None) -> list[Planner]:
     if n_sm is None or smem is None:
         d_sm, d_smem = _device_limits()
         n_sm, smem = n_sm or d_sm, smem or d_smem
-    planners = [p for p in (triton_planner(n_sm), cupy_planner(smem)) if p is not None]
-    return plan_cases(planners)
+    return [p for p in (triton_planner(n_sm), cupy_planner(smem)) if p is not None]
+
+
+def build_plan(n_sm: int | None = None, smem: int | None = None,
+               max_cols: int = MAX_COLS) -> tuple[list[Case], list[str]]:  # fmt: skip
+    return plan_cases(planners_for(n_sm, smem), max_cols)
 
 
 def main(argv=None) -> int:
@@ -676,11 +698,12 @@ def main(argv=None) -> int:
     ap.add_argument("--max-elems", type=int, default=None, help="only cases this small")
     ap.add_argument("--n-sm", type=int, default=None)
     ap.add_argument("--smem-limit", type=int, default=None)
+    ap.add_argument("--max-cols", type=int, default=MAX_COLS, help="longest row scanned")
     ap.add_argument("--report", help="write the run's summary as JSON")
     ap.add_argument("--wait-file", help="before the first CuPy-backend case, wait for it")
     ap.add_argument("--stop-at", type=float, help="wall-clock time (epoch s) to stop by")
     a = ap.parse_args(argv)
-    cases, notes = build_plan(a.n_sm, a.smem_limit)
+    cases, notes = build_plan(a.n_sm, a.smem_limit, a.max_cols)
     if a.max_elems:
         cases = [c for c in cases if c.n_rows * c.n_cols <= a.max_elems]
     i, n = (int(v) for v in a.part.split("/"))

@@ -365,14 +365,19 @@ def test_compile_keys_and_balanced_shards():
 
 
 @pytest.fixture(scope="module")
-def plan():
-    return D.build_plan(D.H200_SM, D.H200_SMEM_OPTIN)
+def planners():
+    return D.planners_for(D.H200_SM, D.H200_SMEM_OPTIN)
 
 
-def test_driver_covers_every_plan_from_the_planners(plan):
+@pytest.fixture(scope="module")
+def plan(planners):
+    return D.plan_cases(planners)
+
+
+def test_driver_covers_every_plan_from_the_planners(plan, planners):
     cases, notes = plan
     cb = pytest.importorskip("softmax_kernels.backends.cupy_backend")
-    planners = {p.backend: p for p in (D.triton_planner(D.H200_SM), D.cupy_planner())}
+    planners = {p.backend: p for p in planners}
     assert set(planners) == {"triton", "cupy"}
     for be, pl in planners.items():
         for op, variant, api_ops, _extra in pl.ops:
@@ -380,7 +385,7 @@ def test_driver_covers_every_plan_from_the_planners(plan):
                 # every kernel instance (fine key) the planner produces at 1..2**20 columns
                 fines = set()
                 for r in pl.rows:
-                    key = functools.partial(D._key_at, pl.key, op, variant, dtype, r)
+                    key = functools.partial(D._key_at, pl.plan_key, op, variant, dtype, r)
                     fines |= {fine for (_c, fine), _lo, _hi in D.segments(key)}
                 soft = dict(_extra).get("soft", False)
                 mine = [c for c in cases if c.backend == be and c.dtype == dtype
@@ -466,8 +471,9 @@ def test_driver_runs_and_catches_a_wrong_result(plan):
 
 def test_driver_plan_command_runs_without_a_gpu():
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "sanitize_driver.py"), "--plan",
-                        "--part", "1/4", "--json"], cwd="/", env=_env(), capture_output=True,
-                       text=True, timeout=120)  # fmt: skip
+                        "--part", "1/4", "--json", "--max-cols", "2048", "--n-sm", "132",
+                        "--smem-limit", "232448"], cwd="/", env=_env(),
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
     assert got["cases"] and all(c["backend"] in ("triton", "cupy") for c in got["cases"])
