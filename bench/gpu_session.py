@@ -11,6 +11,8 @@ first:
       installed, else background pytest processes balanced by estimated compile count (tests
       grouped by Triton compile key); a sticky CUDA error ends only its own worker or shard,
       which is replaced or restarted on the tests it had not run;
+  c0  (beside b) the sanitizer driver without a sanitizer, in 6 parts: every case checked
+      against the float64 NumPy reference, and its Triton kernels compiled into Triton's cache;
   c1  compute-sanitizer memcheck, c2 racecheck, c3 synccheck, side by side, over
       ``bench/sanitize_driver.py`` (every launch strategy of both GPU backends, odd row lengths,
       misaligned views; CuPy's pool and torch's caching allocator off);
