@@ -100,6 +100,9 @@ class Config:
     xdist: bool | None = None  # None: when importable
     failed_ids: str | None = None  # second: the main call's failed-tests.txt
     bench_args: tuple[str, ...] = ()  # extra arguments of python -m bench (tests)
+    # where the failing ids are also kept: ignored, so it survives on a machine kept warm for
+    # the `second` call
+    keep_dir: Path = ROOT / "build" / "gpu-session"
 
 
 def _cores() -> int:
@@ -593,7 +596,7 @@ def _tests_result(session: Session, step: Step, jobs: list[Job], n: int, xdist: 
         tmp.write_text("\n".join(failed) + "\n")
         shutil.copyfile(tmp, session.logs / "failed-tests.txt")
         session.add_out(tmp)
-        keep = ROOT / "build" / "gpu-session"  # ignored: survives on a machine kept warm
+        keep = session.cfg.keep_dir
         keep.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(tmp, keep / "failed-tests.txt")
     (session.logs / f"{step.key}-durations.json").write_text(
@@ -634,7 +637,7 @@ def step_tests(session: Session, step: Step) -> Result:
 
 
 def _failed_ids_file(session: Session) -> Path | None:
-    for p in (session.cfg.failed_ids, ROOT / "build" / "gpu-session" / "failed-tests.txt"):
+    for p in (session.cfg.failed_ids, session.cfg.keep_dir / "failed-tests.txt"):
         if p and Path(p).is_file():
             return Path(p)
     return None

@@ -289,7 +289,7 @@ def test_shards_survive_a_sticky_error(tmp_path, monkeypatch, xdist):
     )
     # as where hypothesis is not installed: no pytest plugin of its own either
     monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
-    cfg = S.Config(test_paths=(str(suite),), shards=3, xdist=xdist)
+    cfg = S.Config(test_paths=(str(suite),), shards=3, xdist=xdist, keep_dir=tmp_path / "keep")
     steps = [S.Step("b", "gpu-tests", 60, 10, "fake", S.step_tests)]
     session = S.Session("main", steps, tmp_path / "out", tmp_path / "work", cfg)
     session.run()
@@ -311,6 +311,16 @@ def test_shards_survive_a_sticky_error(tmp_path, monkeypatch, xdist):
     st = tmp_path / "work" / "logs" / "b-state"
     assigned = [x for f in st.glob("assigned-*.txt") for x in f.read_text().split()]
     assert len(assigned) == len(set(assigned)) == 33  # what "not run" is counted against
+    if not xdist:
+        # `second`: the failing ids again (from the kept list), CUDA_LAUNCH_BLOCKING=1; the
+        # sticky error does not recur (its mark exists), the planted failure does
+        assert (tmp_path / "keep" / "failed-tests.txt").read_text().split() == failed
+        rerun = [S.Step("b", "rerun-failed", 60, 10, "fake", S.step_rerun)]
+        cfg.shards = 0
+        S.Session("second", rerun, tmp_path / "out2", tmp_path / "work2", cfg).run()
+        r2 = rerun[0].result
+        assert r2.detail.startswith("2 ids from failed-tests.txt, CUDA_LAUNCH_BLOCKING=1: "
+                                    "1 passed, 1 failed"), r2.detail  # fmt: skip
     if not xdist:  # every test ran exactly once over the shards and the restart
         done = [x for f in st.glob("done-*.txt") for x in f.read_text().split()]
         assert len(done) == len(set(done)) == 33
