@@ -32,6 +32,8 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q $(TORCH_PIN) --index-url $(TORCH_INDEX) --retries 1 --timeout 30
 	$(VENV)/bin/pip install -q $(TRITON_PIN)
 	$(VENV)/bin/pip install -q -e ".[$(EXTRAS)]"
+	@# the clone's root on the venv's path: `python -m bench` from any folder of the clone
+	$(VENV)/bin/python -c "import site; open(site.getsitepackages()[0] + '/softmax_kernels_clone.pth', 'w').write('$(CURDIR)\n')"
 	touch $@
 
 # CPU test run (about 6-9 minutes on 2 cores): the NumPy backend, the Triton backend through its

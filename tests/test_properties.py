@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from hypothesis.extra.numpy import arrays
+import pytest
 
-import softmax_kernels as sk
+pytest.importorskip("hypothesis")  # (the GPU machine may lack it: skip, don't fail collection)
 
-from reference import assert_close, ref_softmax
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.extra.numpy import arrays  # noqa: E402
+
+import softmax_kernels as sk  # noqa: E402
+
+from reference import assert_close, ref_softmax  # noqa: E402
 
 SETTINGS = settings(max_examples=60, deadline=None)
 
