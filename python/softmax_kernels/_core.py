@@ -250,23 +250,31 @@ def _shape_without(shape, ax):
     return tuple(shape[:ax]) + tuple(shape[ax + 1 :])
 
 
+def target_is_soft(target) -> bool:
+    """True for probability targets (a float dtype), False for class indices (an integer
+    dtype); TypeError for anything else."""
+    tn = _arrays.dtype_name(target)
+    if tn in _arrays.FLOAT_NAMES:
+        return True
+    if tn == "bool" or not (tn.startswith("int") or tn.startswith("uint")):
+        raise TypeError(
+            f"target has dtype {tn}; expected integer class indices or floating probabilities"
+        )
+    return False
+
+
 def check_target(target, logits, ax: int = -1):
     """(target, soft): class indices of the logits' shape without the class axis, or float
     probabilities of the logits' shape."""
     target = same_place(target, logits, "target", "logits")
     ax = ax % logits.ndim
-    tn = _arrays.dtype_name(target)
     shape, tshape = tuple(logits.shape), tuple(target.shape)
-    if tn in _arrays.FLOAT_NAMES:
+    if target_is_soft(target):
         if tshape != shape:
             raise ValueError(
                 f"probability target has shape {tshape}, expected the logits' shape {shape}"
             )
         return target, True
-    if tn == "bool" or not (tn.startswith("int") or tn.startswith("uint")):
-        raise TypeError(
-            f"target has dtype {tn}; expected integer class indices or floating probabilities"
-        )
     want = _shape_without(shape, ax)
     if tshape != want:
         hint = ""
@@ -461,17 +469,12 @@ def ce_targets(target, x, lead: tuple[int, ...], n_cols: int, weight, dn: str) -
     class weights against logits that are computed chunk by chunk from ``x``."""
     ops = ops_for(x)
     target = same_place(target, x, "target", "x")
-    tn = _arrays.dtype_name(target)
-    soft = tn in _arrays.FLOAT_NAMES
+    soft = target_is_soft(target)
     want = lead + (n_cols,) if soft else lead
     if tuple(target.shape) != want:
         kind = "probability" if soft else "class-index"
         raise ValueError(
             f"{kind} target has shape {tuple(target.shape)}, expected {want} ({n_cols} classes)"
-        )
-    if not soft and (tn == "bool" or not (tn.startswith("int") or tn.startswith("uint"))):
-        raise TypeError(
-            f"target has dtype {tn}; expected integer class indices or floating probabilities"
         )
     weight = check_weight(weight, x, n_cols)
     if weight is not None:
