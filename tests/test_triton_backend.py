@@ -361,6 +361,63 @@ def test_mask_broadcast_and_fully_masked(device, strategy, dtype, rng):
     assert (to_numpy64(out) == -np.inf).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_masked_entries_next_to_a_nan(device, strategy, dtype, rng):
+    # issue 10 #7: a NaN in an unmasked entry makes the row's unmasked entries NaN, while its
+    # masked entries stay exactly 0 (softmax) / -inf (log_softmax)
+    n_rows, n_cols = 4, 300
+    cfg = _forced_configs(n_rows, n_cols)[strategy]
+    x64 = rng.standard_normal((n_rows, n_cols))
+    keep = rng.random((n_rows, n_cols)) < 0.5
+    keep[:, [3, 250]] = True
+    x64[0, 3] = np.nan  # unmasked NaN, first chunk
+    x64[2, 250] = np.nan  # unmasked NaN, a later chunk
+    x64[1, ~keep[1]] = np.nan  # masked NaNs only: the row stays finite
+    x = _t(x64, dtype, device)
+    for is_log in (False, True):
+        out = torch.empty_like(x)
+        tb.softmax_fwd(x, out, scale=1.0, mask=_t(keep, None, device), is_log=is_log, config=cfg)
+        got = to_numpy64(out)
+        fill = -np.inf if is_log else 0.0
+        assert (got[~keep] == fill).all(), f"masked entries must be {fill}"
+        assert np.isnan(got[[0, 2]][keep[[0, 2]]]).all(), "unmasked entries of a NaN row: NaN"
+        ref = ref_softmax(to_numpy64(x)[[1, 3]], where=keep[[1, 3]], is_log=is_log)
+        assert_close(got[[1, 3]], ref, dtype, f"rows without an unmasked NaN, log={is_log}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    ("n_cols", "strategy"),
+    [(1024, "rows"), (4096, None), (8192, None), (65536, None)],
+    ids=["1024-rows", "4096-row", "8192-row", "65536-online"],
+)
+def test_backward_row_sums_that_nearly_cancel(device, n_cols, strategy, rng):
+    # issue 10 #2: float32, dy of zero row mean and one dominant class (z[:, 0] = 20), so
+    # sum(dy) and sum(dy * y) nearly cancel against dy_0; a float32 row sum missed the bound by
+    # up to 8x. Default configurations here: 4096 and 8192 single pass ("row"), 65536 online;
+    # 1024 forced to several rows per tile.
+    x64 = rng.standard_normal((8, n_cols))
+    x64[:, 0] = 20.0
+    dy64 = rng.standard_normal((8, n_cols))
+    dy64 -= dy64.mean(axis=1, keepdims=True)
+    dy = _t(dy64, "float32", device)
+    cfg = None
+    if strategy is None:
+        assert _strategy(n_cols, "float32", "softmax_bwd", n_rows=8) == (
+            "online" if n_cols > 8192 else "row"
+        )
+    else:
+        cfg = _forced_configs(8, n_cols)[strategy]
+    for is_log in (False, True):
+        y = _t(ref_softmax(x64, is_log=is_log), "float32", device)
+        dx = torch.empty_like(y)
+        tb.softmax_bwd(dy, y, dx, scale=1.0, is_log=is_log, config=cfg)
+        ref = ref_softmax_backward(to_numpy64(dy), to_numpy64(y), is_log=is_log)
+        assert_close(dx, ref, "float32", f"n={n_cols} log={is_log}")
+
+
 def _edge_rows(dtype, n_cols, rng):
     big = {"float16": 6e4, "bfloat16": 1e30, "float32": 1e30, "float64": 1e300}[dtype]
     rows = np.stack([
@@ -940,6 +997,7 @@ def test_launch_config_strategy_per_length():
     # the single-pass limit: 16384 words of row data on chip
     cases = [
         ("float32", "softmax_fwd", 16384),
+        ("float32", "softmax_fwd_mask", 8192),
         ("bfloat16", "softmax_fwd", 16384),
         ("float64", "softmax_fwd", 8192),
         ("float32", "softmax_bwd", 8192),
@@ -959,7 +1017,7 @@ def test_launch_config_strategy_per_length():
 
 
 @pytest.mark.parametrize(
-    "op", ["softmax_fwd", "softmax_bwd", "cross_entropy", "cross_entropy_soft"]
+    "op", ["softmax_fwd", "softmax_fwd_mask", "softmax_bwd", "cross_entropy", "cross_entropy_soft"]
 )
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_launch_config_invariants(op, dtype):
@@ -1016,8 +1074,8 @@ _PTR = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32", "float64": 
 
 def _compile_case(op, dtype, n_rows, n_cols, mask=False):
     ks = tb._kernels(False)
-    key = {"fwd": "softmax_fwd", "bwd": "softmax_bwd", "ce": "cross_entropy",
-           "ces": "cross_entropy_soft"}[op]  # fmt: skip
+    key = {"fwd": "softmax_fwd_mask" if mask else "softmax_fwd", "bwd": "softmax_bwd",
+           "ce": "cross_entropy", "ces": "cross_entropy_soft"}[op]  # fmt: skip
     cfg = tb._launch_config(n_rows, n_cols, dtype, key, 132)
     consts = dict(ONLINE=cfg.strategy == "online", ROWS=cfg.rows, BLOCK_N=cfg.block_n,
                   NUM_STAGES=cfg.num_stages, IS_FP64=dtype == "float64")  # fmt: skip
@@ -1031,7 +1089,7 @@ def _compile_case(op, dtype, n_rows, n_cols, mask=False):
         fn = ks.softmax_bwd
         args = dict(dy_ptr=p, y_ptr=p, out_ptr=p, n_rows=1, n_cols=1, dy_row_stride=1,
                     y_row_stride=1, out_row_stride=1, scale=1.0)  # fmt: skip
-        consts.update(IS_LOG=False)
+        consts.update(IS_LOG=False, ACC_FP64=dtype in ("float32", "float64"))
     else:
         fn = ks.cross_entropy_fwd
         args = dict(x_ptr=p, t_ptr=p if op == "ces" else "*i64", w_ptr=acc, loss_ptr=acc,
@@ -1070,6 +1128,7 @@ def _resource_usage(compiled):
 # Each op at its single-pass limit (the most registers), online, and short rows.
 COMPILE_CASES = [
     ("fwd", "float32", 4096, 16384, True),
+    ("fwd", "float32", 4096, 8192, True),
     ("fwd", "float64", 4096, 70001, False),
     ("fwd", "float16", 10**5, 7, False),
     ("bwd", "bfloat16", 4096, 8192, False),
@@ -1153,6 +1212,68 @@ def test_serve_reasons(monkeypatch):
     assert tb.serve_reason(torch.zeros(3)) is None
     with pytest.raises(sk.BackendUnavailableError, match="backend='numpy'"):
         sk.softmax(np.zeros((2, 3)), backend="triton")
+
+
+def test_triton_version_floors(monkeypatch):
+    # issue 10 #14: GPU runs need Triton >= 3.6, the interpreter >= 3.9, checked at run time
+    monkeypatch.setattr(tb, "_triton_version", lambda: (3, 8))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    reason = tb.unavailable_reason()
+    assert "too old" in reason and "interpreter" in reason and "triton>=3.9" in reason
+    with pytest.raises(sk.BackendUnavailableError, match=r"triton>=3\.9"):
+        sk.softmax(torch.zeros(2, 3), backend="triton")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(tb, "_cuda_available", lambda: True)
+    assert tb.unavailable_reason() is None  # 3.8 is enough on a GPU
+    monkeypatch.setattr(tb, "_triton_version", lambda: (3, 5))
+    reason = tb.unavailable_reason()
+    assert "too old" in reason and "GPU runs" in reason and "triton>=3.6" in reason
+
+
+_MODE_SWITCH_SCRIPT = r"""
+import os, sys
+sys.path.insert(0, {tests!r})
+import numpy as np, torch, triton
+import softmax_kernels as sk
+from softmax_kernels.backends import triton_backend as tb
+from reference import assert_close, ref_softmax, ref_cross_entropy, to_numpy64
+sk.available_backends()
+os.environ["TRITON_INTERPRET"] = "1"  # after triton (and the backend) were imported
+x = torch.randn(5, 300, dtype=torch.float64)
+assert_close(sk.softmax(x, backend="triton"), ref_softmax(to_numpy64(x)), "float64", "softmax")
+t = torch.tensor([0, 5, -100, 299, 7])
+loss, grad = sk.cross_entropy_with_grad(x, t, label_smoothing=0.1, backend="triton")
+ref_loss, ref_grad = ref_cross_entropy(to_numpy64(x), t.numpy(), label_smoothing=0.1)
+assert_close(loss, ref_loss, "float64", "loss")
+assert_close(grad, ref_grad, "float64", "grad")
+# and back: compile the kernels for sm_90 in the same process, after interpreted launches
+del os.environ["TRITON_INTERPRET"]
+{compile}
+print("MODE-SWITCH-OK")
+"""
+
+
+@pytest.mark.skipif(not INTERP, reason="runs the interpreter in a subprocess")
+@pytest.mark.parametrize("interpret_at_import", [False, True], ids=["set-late", "unset-late"])
+def test_interpreter_variable_changed_after_import(interpret_at_import):
+    # issue 10 #9: TRITON_INTERPRET set after triton was imported used to crash the next call
+    # ("Cannot call @triton.jit'd outside of the scope of a kernel"); the other way round, an
+    # sm_90 compile after interpreted launches failed on the patches the interpreter leaves.
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    compile_code = (
+        "import test_triton_backend as T\n"
+        "cfg, c = T._compile_case('ce', 'float32', 4096, 256)\n"
+        "assert c.asm['cubin'], 'no cubin'"
+    )
+    code = _MODE_SWITCH_SCRIPT.format(tests=tests_dir, compile=compile_code)
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    if interpret_at_import:
+        code = code.replace('os.environ["TRITON_INTERPRET"] = "1"  # after', "#")
+        env["TRITON_INTERPRET"] = "1"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=600)  # fmt: skip
+    assert "MODE-SWITCH-OK" in run.stdout, run.stdout[-2000:] + run.stderr[-4000:]
 
 
 def test_kernels_load_in_both_modes():

@@ -68,12 +68,9 @@ def _softmax_fwd_tile(
     else:
         y = e * (1.0 / s)[:, None]
     if HAS_MASK:
-        # a row with no True entry: all 0 / all -inf (its sum is 0, which would give NaN)
-        empty = tl.max(keep.to(tl.int32), axis=1) == 0
-        if IS_LOG:
-            y = tl.where(empty[:, None], NEG_INF, y)
-        else:
-            y = tl.where(empty[:, None], 0.0, y)
+        # masked entries: 0 / -inf, also when an unmasked NaN makes the rest of the row NaN (as
+        # JAX does) and in a row with no True entry (whose sum is 0)
+        y = tl.where(keep, y, NEG_INF if IS_LOG else 0.0)
     tl.store(
         out_ptr + r64[:, None] * out_row_stride + cols[None, :],
         y.to(out_ptr.dtype.element_ty),
@@ -118,21 +115,17 @@ def _softmax_fwd_online_row(
     # turns -inf into 0, so a fully masked chunk never computes -inf - -inf).
     m = full_scalar(NEG_INF, IS_FP64)
     s_vec = full_vec(BLOCK_N, 0.0, IS_FP64)
-    seen = tl.zeros([BLOCK_N], tl.int32)
     for start in range(0, n_cols, BLOCK_N):
         c = start + cols
-        z, keep = _load_scaled_chunk(x_row, k_row, c, c < n_cols, scale_c, HAS_MASK, IS_FP64)
+        z, _keep = _load_scaled_chunk(x_row, k_row, c, c < n_cols, scale_c, HAS_MASK, IS_FP64)
         m_new = tl.maximum(m, tl.max(z, axis=0))
         shift = safe_shift(m_new)
         s_vec = s_vec * exp_c(safe_shift(m) - shift, IS_FP64) + exp_c(z - shift, IS_FP64)
-        if HAS_MASK:
-            seen = tl.maximum(seen, keep.to(tl.int32))
         m = m_new
     shift = safe_shift(m)
     s = tl.sum(s_vec, axis=0)
     log_s = tl.log(s)
     inv_s = 1.0 / s
-    empty = tl.max(seen, axis=0) == 0
     # pass 2: normalise, last chunk first (L2 reuse of the chunks just read).
     n_chunks = tl.cdiv(n_cols, BLOCK_N)
     for i in range(0, n_chunks):
@@ -142,12 +135,11 @@ def _softmax_fwd_online_row(
         zs = z - shift
         if IS_LOG:
             y = zs - log_s
-            if HAS_MASK:
-                y = tl.where(empty, NEG_INF, y)
         else:
             y = exp_c(zs, IS_FP64) * inv_s
-            if HAS_MASK:
-                y = tl.where(empty, 0.0, y)
+        if HAS_MASK:
+            # masked entries: 0 / -inf, also next to an unmasked NaN and in an empty row
+            y = tl.where(keep, y, NEG_INF if IS_LOG else 0.0)
         tl.store(o_row + c, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -221,6 +213,7 @@ def _softmax_bwd_tile(
     scale_c,
     IS_LOG: tl.constexpr,
     IS_FP64: tl.constexpr,
+    ACC_FP64: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -234,10 +227,28 @@ def _softmax_bwd_tile(
     y = tl.load(y_ptr + r64[:, None] * y_row_stride + cols[None, :], mask=ok, other=0.0)
     dy = to_compute(dy, IS_FP64)
     y = to_compute(y, IS_FP64)
-    if IS_LOG:
-        dx = scale_c * (dy - exp_c(y, IS_FP64) * tl.sum(dy, axis=1)[:, None])
+    # The row sum is accumulated in float64 for float32 (and float64) data: it nearly cancels
+    # when dy has a zero row mean and one class dominates (dx_0 = dy_0 - exp(y_0) sum(dy), with
+    # exp(y_0) ~ 1), and a float32 sum of 4096..65536 terms then misses the contract's float32
+    # bound by up to 8x (issue 10 #2). float32 x float32 products are exact in float64. Half
+    # data keeps float32 sums: its bound (1e-3) is 100x above their error, and its element rate
+    # is the highest, so the float64 conversions would cost the most there.
+    if ACC_FP64:
+        dy_acc = dy.to(tl.float64)
+        if IS_LOG:
+            total = tl.sum(dy_acc, axis=1)
+        else:
+            total = tl.sum(dy_acc * y.to(tl.float64), axis=1)
+        total = to_compute(total, IS_FP64)
     else:
-        dx = scale_c * y * (dy - tl.sum(dy * y, axis=1)[:, None])
+        if IS_LOG:
+            total = tl.sum(dy, axis=1)
+        else:
+            total = tl.sum(dy * y, axis=1)
+    if IS_LOG:
+        dx = scale_c * (dy - exp_c(y, IS_FP64) * total[:, None])
+    else:
+        dx = scale_c * y * (dy - total[:, None])
     tl.store(
         out_ptr + r64[:, None] * out_row_stride + cols[None, :],
         dx.to(out_ptr.dtype.element_ty),
@@ -308,6 +319,7 @@ def softmax_bwd_kernel(
     scale: tl.float64,
     IS_LOG: tl.constexpr,
     IS_FP64: tl.constexpr,
+    ACC_FP64: tl.constexpr,
     ONLINE: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -331,11 +343,13 @@ def softmax_bwd_kernel(
             for tile in tl.range(pid, n_tiles, n_prog, num_stages=NUM_STAGES):
                 _softmax_bwd_tile(
                     dy_ptr, y_ptr, out_ptr, tile, n_rows, n_cols, dy_row_stride,
-                    y_row_stride, out_row_stride, scale_c, IS_LOG, IS_FP64, ROWS, BLOCK_N,
+                    y_row_stride, out_row_stride, scale_c, IS_LOG, IS_FP64, ACC_FP64, ROWS,
+                    BLOCK_N,
                 )  # fmt: skip
         else:
             for tile in range(pid, n_tiles, n_prog):
                 _softmax_bwd_tile(
                     dy_ptr, y_ptr, out_ptr, tile, n_rows, n_cols, dy_row_stride,
-                    y_row_stride, out_row_stride, scale_c, IS_LOG, IS_FP64, ROWS, BLOCK_N,
+                    y_row_stride, out_row_stride, scale_c, IS_LOG, IS_FP64, ACC_FP64, ROWS,
+                    BLOCK_N,
                 )  # fmt: skip

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import importlib
 import os
+import re
 import sys
 import types
 from typing import Any, NamedTuple
@@ -62,12 +63,44 @@ def _cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+# Oldest Triton each mode is known to work with: GPU runs need 3.6 (the sm_90 compile of these
+# kernels: ``tl.range`` pipelining, acq_rel atomics, the launch metadata read by _launch_config);
+# the interpreter 3.9 (3.6's breaks on NumPy 2.4; the interpreter tests are run against 3.9).
+_MIN_TRITON_GPU = (3, 6)
+_MIN_TRITON_INTERPRETER = (3, 9)
+
+
+@functools.cache
+def _triton_version() -> tuple[int, int]:
+    import triton
+
+    m = re.match(r"(\d+)\.(\d+)", triton.__version__)
+    return (int(m[1]), int(m[2])) if m else (0, 0)
+
+
+def _version_problem(interpret: bool) -> str | None:
+    need = _MIN_TRITON_INTERPRETER if interpret else _MIN_TRITON_GPU
+    have = _triton_version()
+    if have >= need:
+        return None
+    import triton
+
+    what = "the Triton interpreter (TRITON_INTERPRET=1)" if interpret else "GPU runs"
+    floor = ".".join(map(str, need))
+    return (
+        f"triton {triton.__version__} is too old for {what} of this backend, which needs "
+        f"triton >= {floor}: pip install -U 'triton>={floor}'"
+    )
+
+
 def unavailable_reason() -> str | None:
     problem = _import_problem()
     if problem is not None:
         return problem
-    if _interpret() or _cuda_available():
-        return None
+    if _interpret():
+        return _version_problem(True)
+    if _cuda_available():
+        return _version_problem(False)
     return (
         "no CUDA GPU is visible (torch.cuda.is_available() is False): the Triton backend needs "
         "an NVIDIA GPU, or TRITON_INTERPRET=1 in the environment to run its kernels through "
@@ -151,6 +184,80 @@ def _kernels(interpret: bool) -> types.SimpleNamespace:
     return ks
 
 
+# triton.language's own @triton.jit helpers (tl.zeros, tl.max, tl.sum, tl.cdiv, ...: functions
+# of triton/language/standard.py, also bound in triton.language and as tl.tensor methods) are
+# decorated once, when triton is imported, as compiled or interpreted functions by the value
+# TRITON_INTERPRET had then. The per-mode kernel copies above cover this package's kernels, not
+# those helpers: with the variable set after triton was imported, an interpreted kernel called
+# the compiled tl.max and failed with "Cannot call @triton.jit'd outside of the scope of a
+# kernel" (issue 10 #9). _language_mode gives a launch helpers of its mode: when the imported
+# ones are of the other mode, it binds counterparts made from the same Python functions (one per
+# helper, so the interpreter's identity tests on combine functions still hold) for the launch
+# and restores the originals after it. An interpreted launch also leaves triton.language.core
+# patched (the interpreter patches the modules of each device function it calls and restores
+# only the kernel's own): those attributes are restored too, so a compiled launch or compile can
+# follow in the same process.
+
+
+def _language_holders() -> list:
+    import triton.language as tl
+
+    holders = [tl, tl.standard, tl.core, tl.math, tl.tensor]
+    random = sys.modules.get("triton.language.random")
+    return holders + ([random] if random is not None else [])
+
+
+@functools.cache
+def _helper_swaps(interpret: bool) -> tuple:
+    """(holder, name, replacement) for every triton.language helper of the other mode."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    wrong = JITFunction if interpret else InterpretedFunction
+    made: dict[int, Any] = {}
+    swaps = []
+    for holder in _language_holders():
+        for name, fn in list(vars(holder).items()):
+            if not isinstance(fn, wrong):
+                continue
+            if id(fn) not in made:
+                if interpret:
+                    made[id(fn)] = InterpretedFunction(fn.fn)
+                else:
+                    made[id(fn)] = JITFunction(fn.fn, **getattr(fn, "kwargs", {}))
+            swaps.append((holder, name, made[id(fn)]))
+    return tuple(swaps)
+
+
+@contextlib.contextmanager
+def _language_mode(interpret: bool):
+    """triton.language as a launch (or compile) in this mode needs it; see above."""
+    swaps = _helper_swaps(interpret)
+    if not (interpret or swaps):  # the usual GPU case: nothing to do
+        yield
+        return
+    originals = [(holder, name, vars(holder)[name]) for holder, name, _fn in swaps]
+    # (modules only: the interpreter restores the class attributes it patches)
+    saved = [(h, dict(vars(h))) for h in _language_holders() if not isinstance(h, type)]
+    for holder, name, fn in swaps:
+        setattr(holder, name, fn)
+    try:
+        yield
+    finally:
+        for holder, name, fn in originals:
+            setattr(holder, name, fn)
+        # (names the interpreter added stay: it puts its helpers into the globals of the
+        # functions it rewrites, and their cached rewrites look them up there)
+        for holder, attrs in saved:
+            now = vars(holder)
+            for name, value in attrs.items():
+                if now.get(name, _MISSING) is not value:
+                    setattr(holder, name, value)
+
+
+_MISSING = object()
+
+
 # ----------------------------------------------------------------------------------------------
 # Launch settings: one function chooses them all.
 
@@ -170,6 +277,7 @@ class LaunchConfig(NamedTuple):
 # gradient) and the class weights; soft targets add the target row.
 _SINGLE_PASS_VALUES = {
     "softmax_fwd": 1,
+    "softmax_fwd_mask": 2,  # + the mask bit, live to the end (masked entries are set last)
     "softmax_bwd": 2,
     "cross_entropy": 2,
     "cross_entropy_soft": 3,
@@ -179,11 +287,13 @@ _SINGLE_PASS_VALUES = {
 # Per-lane vectors the online kernels carry through their chunk loop: the chunk and the running
 # sum (forward), dy, y and the sum (backward, dy and y die quickly), and for cross-entropy the
 # chunk, exp sums, the coefficient sums and the weighted-logit sums.
-_ONLINE_VALUES = {"softmax_fwd": 2, "softmax_bwd": 2, "cross_entropy": 4, "cross_entropy_soft": 4,
-                  "cross_entropy_grad": 4, "cross_entropy_grad_soft": 4}  # fmt: skip
+_ONLINE_VALUES = {"softmax_fwd": 2, "softmax_fwd_mask": 2, "softmax_bwd": 2, "cross_entropy": 4,
+                  "cross_entropy_soft": 4, "cross_entropy_grad": 4,
+                  "cross_entropy_grad_soft": 4}  # fmt: skip
 # Input arrays streamed per element (for the shared memory a pipelined tile needs).
-_INPUTS = {"softmax_fwd": 1, "softmax_bwd": 2, "cross_entropy": 1, "cross_entropy_soft": 2,
-           "cross_entropy_grad": 1, "cross_entropy_grad_soft": 2}  # fmt: skip
+_INPUTS = {"softmax_fwd": 1, "softmax_fwd_mask": 1, "softmax_bwd": 2, "cross_entropy": 1,
+           "cross_entropy_soft": 2, "cross_entropy_grad": 1,
+           "cross_entropy_grad_soft": 2}  # fmt: skip
 # The mean denominator kernel: blocks of up to 4096 targets per program (32 KB of int64), 8
 # warps; one program per block up to the SM count, so that the blocks are read in parallel.
 _DENOM_ROWS = 4096
@@ -317,7 +427,15 @@ def _n_sm(t) -> int | None:
 @contextlib.contextmanager
 def _launch_context(orig: Any, t):
     """Launch on t's device and on the caller's current stream: torch's (the default), or
-    CuPy's for CuPy arrays (wrapped as a torch external stream)."""
+    CuPy's for CuPy arrays (wrapped as a torch external stream), with triton.language in the
+    launch's mode (_language_mode)."""
+    with _language_mode(_interpret()):
+        with _device_stream(orig, t):
+            yield
+
+
+@contextlib.contextmanager
+def _device_stream(orig: Any, t):
     if not t.is_cuda:
         import numpy as np
 
@@ -360,7 +478,8 @@ def softmax_fwd(x, out, *, scale: float, mask, is_log: bool, config: LaunchConfi
     n_rows, n_cols = xt.shape
     if n_rows == 0 or n_cols == 0:
         return
-    cfg = config or _launch_config(n_rows, n_cols, _dtype(xt), "softmax_fwd", _n_sm(xt))
+    op = "softmax_fwd" if mt is None else "softmax_fwd_mask"
+    cfg = config or _launch_config(n_rows, n_cols, _dtype(xt), op, _n_sm(xt))
     if mt is not None:
         import torch
 
@@ -392,6 +511,7 @@ def softmax_bwd(dy, y, out, *, scale: float, is_log: bool, config: LaunchConfig 
             n_rows, n_cols, _row_stride(dyt), _row_stride(yt), _row_stride(ot),
             float(scale),
             IS_LOG=bool(is_log), IS_FP64=_dtype(yt) == "float64",
+            ACC_FP64=_dtype(yt) in ("float32", "float64"),
             ONLINE=cfg.strategy == "online", ROWS=cfg.rows, BLOCK_N=cfg.block_n,
             NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
         )  # fmt: skip
