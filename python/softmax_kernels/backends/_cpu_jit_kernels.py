@@ -505,28 +505,37 @@ def lane0(typingctx, a):
 #   float32: Cephes' expf polynomial (degree 7 incl. 1 + r), max error ~1 ulp (measured 0.7 ulp)
 #   float64: Taylor to degree 13, truncation < 4.3e-18 relative at |r| = ln2 / 2 (~0.04 ulp)
 _EXP32 = dict(
-    lo=-103.972084045410, hi=88.7228317260742, log2e=1.44269502162933, magic=12582912.0,
+    lo=-103.972084045410, hi=88.7228317260742, lo_normal=-87.3365447505531,
+    log2e=1.44269502162933, magic=12582912.0,
     ln2_hi=0.693145751953125, ln2_lo=1.428606765330187e-06, bias=127, mbits=23, ibits=32,
     poly=(1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
           5.0000001201e-1, 1.0, 1.0),
 )  # fmt: skip
 _EXP64 = dict(
-    lo=-745.2, hi=709.782712893384, log2e=1.4426950408889634, magic=6755399441055744.0,
+    lo=-745.2, hi=709.782712893384, lo_normal=-708.396418532264,
+    log2e=1.4426950408889634, magic=6755399441055744.0,
     ln2_hi=0.6931471803691238, ln2_lo=1.9082149292705877e-10, bias=1023, mbits=52, ibits=64,
     poly=tuple(1.0 / math.factorial(k) for k in range(13, -1, -1)),
 )  # fmt: skip
 
 
-def _vexp_ir(builder, x, ft):
+def _vexp_ir(builder, x, ft, neg=False):
+    """exp of the lanes of x. neg: the caller guarantees x <= 0 or NaN (x = z - max z), so
+    there is no overflow to handle and results below the smallest normal are flushed to 0 (an
+    absolute error under 1.2e-38 / 2.3e-308): one power-of-two factor, no clamping."""
     c = _EXP32 if ft == _F32 else _EXP64
     vty = _vt(ft)
     ity = _vt(ir.IntType(c["ibits"]))
     k = lambda v: _vconst(vty, v)  # noqa: E731
     ki = lambda v: _vconst(ity, v)  # noqa: E731
-    below = builder.fcmp_ordered("<", x, k(c["lo"]))
-    above = builder.fcmp_ordered(">", x, k(c["hi"]))
-    xc = builder.select(below, k(c["lo"]), x)  # NaN passes through both selects
-    xc = builder.select(above, k(c["hi"]), xc)
+    if neg:
+        below = builder.fcmp_ordered("<", x, k(c["lo_normal"]))
+        xc = x
+    else:
+        below = builder.fcmp_ordered("<", x, k(c["lo"]))
+        above = builder.fcmp_ordered(">", x, k(c["hi"]))
+        xc = builder.select(below, k(c["lo"]), x)  # NaN passes through both selects
+        xc = builder.select(above, k(c["hi"]), xc)
     t = _fma(builder, xc, k(c["log2e"]), k(c["magic"]))
     n = builder.fsub(t, k(c["magic"]))
     r = _fma(builder, n, k(-c["ln2_hi"]), xc)
@@ -538,6 +547,10 @@ def _vexp_ir(builder, x, ft):
     magic_bits = int(np.array(c["magic"], np.float32 if ft == _F32 else np.float64).view(
         np.int32 if ft == _F32 else np.int64))  # fmt: skip
     ni = builder.sub(builder.bitcast(t, ity), ki(magic_bits))
+    if neg:
+        # x in [lo_normal, 0]: n in [-126, 0] (float64: [-1022, 0]), 2^n a normal number
+        s1 = builder.bitcast(builder.shl(builder.add(ni, ki(c["bias"])), ki(c["mbits"])), vty)
+        return builder.select(below, k(0.0), builder.fmul(p, s1))
     n1 = builder.ashr(ni, ki(1))
     n2 = builder.sub(ni, n1)
     s1 = builder.bitcast(builder.shl(builder.add(n1, ki(c["bias"])), ki(c["mbits"])), vty)
@@ -556,6 +569,20 @@ def vexp(typingctx, a):
 
     def codegen(context, builder, sig, args):
         return _vexp_ir(builder, args[0], _llvm(sig.args[0].dtype))
+
+    return sig, codegen
+
+
+@intrinsic
+def vexpn(typingctx, a):
+    """exp per lane of arguments <= 0 (or NaN): z - max(z). Cheaper than vexp (no overflow,
+    no clamping) and flushes results below the smallest normal number to 0."""
+    if not isinstance(a, Vec):
+        return None
+    sig = a(a)
+
+    def codegen(context, builder, sig, args):
+        return _vexp_ir(builder, args[0], _llvm(sig.args[0].dtype), neg=True)
 
     return sig, codegen
 
@@ -662,14 +689,14 @@ def softmax_fwd_kernel(xt, ct, x, xrs, o, ors, mk, mrs, has_mask, scale, is_log,
         # pass 2
         s0 = wide(zero)
         for j in range(0, nf, W):
-            e = vexp(vsub(vmul(vld(xt, x, xb + j), sc), mv))
+            e = vexpn(vsub(vmul(vld(xt, x, xb + j), sc), mv))
             if has_mask:
                 e = vsel(mld(mk, mb + j), e, zero)
             if keep_e:
                 vst(xt, o, ob + j, e)
             s0 = vadd(s0, wide(e))
         if rem:
-            e = vexp(vsub(vmul(vld_part(xt, x, xb + nf, rem, 0.0), sc), mv))
+            e = vexpn(vsub(vmul(vld_part(xt, x, xb + nf, rem, 0.0), sc), mv))
             if has_mask:
                 e = vsel(mld_part(mk, mb + nf, rem), e, zero)
             else:
@@ -705,7 +732,7 @@ def softmax_fwd_kernel(xt, ct, x, xrs, o, ors, mk, mrs, has_mask, scale, is_log,
                 if keep_e:
                     y = vmul(vld(xt, o, ob + j), inv)
                 else:
-                    y = vmul(vexp(vsub(vmul(vld(xt, x, xb + j), sc), mv)), inv)
+                    y = vmul(vexpn(vsub(vmul(vld(xt, x, xb + j), sc), mv)), inv)
                 if has_mask:
                     y = vsel(mld(mk, mb + j), y, zero)
                 vst(xt, o, ob + j, y)
@@ -713,7 +740,7 @@ def softmax_fwd_kernel(xt, ct, x, xrs, o, ors, mk, mrs, has_mask, scale, is_log,
                 if keep_e:
                     y = vmul(vld_part(xt, o, ob + nf, rem, 0.0), inv)
                 else:
-                    y = vmul(vexp(vsub(vmul(vld_part(xt, x, xb + nf, rem, 0.0), sc), mv)), inv)
+                    y = vmul(vexpn(vsub(vmul(vld_part(xt, x, xb + nf, rem, 0.0), sc), mv)), inv)
                 if has_mask:
                     y = vsel(mld_part(mk, mb + nf, rem), y, zero)
                 vst_part(xt, o, ob + nf, rem, y)
@@ -727,48 +754,60 @@ def softmax_fwd_kernel(xt, ct, x, xrs, o, ors, mk, mrs, has_mask, scale, is_log,
 def softmax_bwd_kernel(xt, ct, dy, drs, y, yrs, o, ors, scale, is_log, n, r0, r1):
     # softmax:     dx = s * y * (dy - dot(dy, y))     reads 2 x n, writes n
     # log_softmax: dx = s * (dy - exp(y) * sum(dy))   reads 2 x n, writes n
-    # The row sum in float64 lanes (float32 data too): a sum that nearly cancels (zero-mean dy)
-    # keeps its accuracy. Pass 2 reads dy and y before writing out at the same offsets, so out
-    # may be dy's or y's memory.
+    # Pass 1: the row sum in float64 lanes (float32 data too): a sum that nearly cancels
+    # (zero-mean dy) keeps its accuracy; log_softmax also takes max(y), and when it is <= 0 (y
+    # a log-probability, as always from the forward) pass 2 uses the cheaper exp. Pass 2 reads
+    # dy and y (from L1/L2) before writing out at the same offsets: out may be dy's or y's memory.
     sc = splat(ct, scale)
     zero = splat(ct, 0.0)
+    ninf = splat(ct, -math.inf)
     nf = n - n % W
     rem = n - nf
+    tail = lanes(rem)
     for r in range(r0, r1):
         db = r * drs
         yb = r * yrs
         ob = r * ors
         a0 = wide(zero)
         a1 = wide(zero)
+        m0 = ninf
         j = 0
         while j + 2 * W <= n:
             d0 = wide(vld(xt, dy, db + j))
             d1 = wide(vld(xt, dy, db + j + W))
+            y0 = vld(xt, y, yb + j)
+            y1 = vld(xt, y, yb + j + W)
             if is_log:
                 a0 = vadd(a0, d0)
                 a1 = vadd(a1, d1)
+                m0 = vmax(m0, vmax(y0, y1))
             else:
-                a0 = vfma(d0, wide(vld(xt, y, yb + j)), a0)
-                a1 = vfma(d1, wide(vld(xt, y, yb + j + W)), a1)
+                a0 = vfma(d0, wide(y0), a0)
+                a1 = vfma(d1, wide(y1), a1)
             j += 2 * W
         if j < nf:
             d0 = wide(vld(xt, dy, db + j))
+            y0 = vld(xt, y, yb + j)
             if is_log:
                 a0 = vadd(a0, d0)
+                m0 = vmax(m0, y0)
             else:
-                a0 = vfma(d0, wide(vld(xt, y, yb + j)), a0)
+                a0 = vfma(d0, wide(y0), a0)
         if rem:
             d1 = wide(vld_part(xt, dy, db + nf, rem, 0.0))
+            y1 = vld_part(xt, y, yb + nf, rem, 0.0)
             if is_log:
                 a1 = vadd(a1, d1)
+                m0 = vmax(m0, vsel(tail, y1, ninf))
             else:
-                a1 = vfma(d1, wide(vld_part(xt, y, yb + nf, rem, 0.0)), a1)
+                a1 = vfma(d1, wide(y1), a1)
         sv = splat(ct, hsum(vadd(a0, a1)))
+        neg = hmax(m0) <= 0.0
         for j in range(0, nf, W):
             d = vld(xt, dy, db + j)
             yy = vld(xt, y, yb + j)
             if is_log:
-                g = vsub(d, vmul(vexp(yy), sv))
+                g = vsub(d, vmul(vexpn(yy) if neg else vexp(yy), sv))
             else:
                 g = vmul(vsub(d, sv), yy)
             vst(xt, o, ob + j, vmul(g, sc))
@@ -776,7 +815,7 @@ def softmax_bwd_kernel(xt, ct, dy, drs, y, yrs, o, ors, scale, is_log, n, r0, r1
             d = vld_part(xt, dy, db + nf, rem, 0.0)
             yy = vld_part(xt, y, yb + nf, rem, 0.0)
             if is_log:
-                g = vsub(d, vmul(vexp(yy), sv))
+                g = vsub(d, vmul(vexpn(yy) if neg else vexp(yy), sv))
             else:
                 g = vmul(vsub(d, sv), yy)
             vst_part(xt, o, ob + nf, rem, vmul(g, sc))
@@ -854,7 +893,7 @@ def _row_sums(xt, ct, x, xb, q, qb, w, n, mv, has_cap, capv, icapv, soft, has_w,
             z, _t = _z_part(xt, x, xb + j, cnt, has_cap, capv, icapv)
             wv = vld_part(ct, w, j, cnt, 0.0) if has_w else one
         zs = vsub(z, mv)
-        e = vexp(zs)
+        e = vexpn(zs)
         if cnt < W:
             keep_lanes = lanes(cnt)
             e = vsel(keep_lanes, e, zero)
@@ -884,9 +923,10 @@ def _fill_row(xt, ct, g, gb, n, value):
 
 @njit(**_JIT)
 def _grad_row(xt, ct, x, xb, q, qb, w, g, gb, n, mv, invv, av, scv, has_cap, capv, icapv, soft,
-              has_w, keepv, epsv, smooth):  # fmt: skip
+              has_w, keepv, epsv, smooth, neg):  # fmt: skip
     """g = (a p - eps_c w) * scale (soft: a p - w q') times the softcap's 1 - tanh^2, with
-    p = exp(z - m) * inv; every element of a vector is read before it is written (in place)."""
+    p = exp(z - m) * inv (neg: m is the row max, z - m <= 0); every element of a vector is read
+    before it is written (in place)."""
     one = splat(ct, 1.0)
     for j in range(0, n, W):
         cnt = min(W, n - j)
@@ -894,7 +934,8 @@ def _grad_row(xt, ct, x, xb, q, qb, w, g, gb, n, mv, invv, av, scv, has_cap, cap
             z, th = _z(xt, x, xb + j, has_cap, capv, icapv)
         else:
             z, th = _z_part(xt, x, xb + j, cnt, has_cap, capv, icapv)
-        gv = vmul(av, vmul(vexp(vsub(z, mv)), invv))
+        zs = vsub(z, mv)
+        gv = vmul(av, vmul(vexpn(zs) if neg else vexp(zs), invv))
         if soft or smooth:
             if has_w:
                 wv = vld(ct, w, j) if cnt == W else vld_part(ct, w, j, cnt, 0.0)
@@ -998,10 +1039,10 @@ def ce_fwd_kernel(xt, ct, x, xrs, tg, soft, q, qrs, w, has_w, w_total, ignore_in
         invv = splat(ct, 1.0 / s)
         scv = splat(ct, gscale)
         _grad_row(xt, ct, x, xb, q, qb, w, g, gb, n, mv, invv, splat(ct, a), scv, has_cap, capv,
-                  icapv, soft, has_w, keepv, epsv, smooth)  # fmt: skip
+                  icapv, soft, has_w, keepv, epsv, smooth, True)  # fmt: skip
         if not soft:
             # the target entry from the shifted logit: (a - k w_t) p_t - k w_t (1 - p_t)
-            p_t = lane0(vmul(vexp(splat(ct, zs_t)), invv))
+            p_t = lane0(vmul(vexpn(splat(ct, zs_t)), invv))
             q_t = -math.expm1(zs_t - log_s)
             g_t = (a - kwt) * p_t - kwt * q_t
             if smooth:
@@ -1090,7 +1131,7 @@ def ce_grad_kernel(xt, ct, x, xrs, tg, soft, q, qrs, w, has_w, ignore_index, voc
         if owned:
             z_t, th_t = _z_at(xt, ct, x, xb + tl, has_cap, capv, icapv)
         _grad_row(xt, ct, x, xb, q, qb, w, g, gb, n, lv, one, splat(ct, a), scv, has_cap, capv,
-                  icapv, soft, has_w, keepv, epsv, smooth)  # fmt: skip
+                  icapv, soft, has_w, keepv, epsv, smooth, False)  # fmt: skip
         if owned:
             zl = lane0(vsub(splat(ct, z_t), lv))  # z_t - lse in the compute dtype
             p_t = lane0(vexp(splat(ct, zl)))

@@ -1,0 +1,157 @@
+"""Kernel-only CPU timings (outputs preallocated) of torch, the pure NumPy backend and the compiled
+path (_cpu_jit), the measurement behind NOTES-cpu.md:
+
+    python -m softmax_kernels.backends._cpu_jit_bench [--dtypes float32,float64,float16]
+        [--rounds 9] [--shapes 4096x4096,...] [--ops softmax,...] [--threads N] [--json FILE]
+
+torch runs its own CPU kernels with ``out=``: ``_softmax`` / ``_log_softmax``, the two
+``_*_backward_data`` ops, and cross-entropy as ``F.cross_entropy`` runs it (``_log_softmax`` +
+``nll_loss_forward``, then ``nll_loss_backward`` + ``_log_softmax_backward_data`` for the
+gradient), every output preallocated. Ours: the backend functions with the same outputs. Every
+point times the providers in interleaved rounds (one call of each per round, after one warm-up
+call) and reports medians; geometric means per dtype over shapes x ops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+
+import numpy as np
+
+SHAPES = ((4096, 4096), (32768, 256), (1024, 32000), (64, 262144), (8, 1048576))
+OPS = ("softmax", "log_softmax", "softmax_bwd", "log_softmax_bwd", "ce_fwd", "ce_fwd_grad")
+CE_KW = dict(lse=None, soft=False, weight=None, ignore_index=-100, label_smoothing=0.0,
+             z_loss=0.0, softcap=None, grad_scale=1.0, reduction="mean", denom=None)  # fmt: skip
+
+
+def _torch_calls(torch, d):
+    aten = torch.ops.aten
+    names = ("x", "y", "ly", "dy", "t", "out", "lsm", "g1", "g")
+    X, Y, LY, DY, T, O, LSM, G1, G = (torch.from_numpy(d[k]) for k in names)
+    loss, tw, one = (torch.from_numpy(d[k]) for k in ("tloss", "tw", "one"))
+
+    def ce_fwd():
+        torch._log_softmax(X, -1, False, out=LSM)
+        aten.nll_loss_forward.output(LSM, T, None, 1, -100, output=loss, total_weight=tw)
+
+    def ce_fwd_grad():
+        ce_fwd()
+        aten.nll_loss_backward.grad_input(one, LSM, T, None, 1, -100, tw, grad_input=G1)
+        torch._log_softmax_backward_data(G1, LSM, -1, LSM.dtype, out=G)
+
+    return {
+        "softmax": lambda: torch._softmax(X, -1, False, out=O),
+        "log_softmax": lambda: torch._log_softmax(X, -1, False, out=O),
+        "softmax_bwd": lambda: torch._softmax_backward_data(DY, Y, -1, Y.dtype, grad_input=O),
+        "log_softmax_bwd": lambda: torch._log_softmax_backward_data(DY, LY, -1, LY.dtype, out=O),
+        "ce_fwd": ce_fwd,
+        "ce_fwd_grad": ce_fwd_grad,
+    }
+
+
+def _our_calls(mod, d):
+    x, y, ly, dy, t, out, g, loss = (d[k] for k in ("x", "y", "ly", "dy", "t", "out", "g", "loss"))
+    return {
+        "softmax": lambda: mod.softmax_fwd(x, out, scale=1.0, mask=None, is_log=False),
+        "log_softmax": lambda: mod.softmax_fwd(x, out, scale=1.0, mask=None, is_log=True),
+        "softmax_bwd": lambda: mod.softmax_bwd(dy, y, out, scale=1.0, is_log=False),
+        "log_softmax_bwd": lambda: mod.softmax_bwd(dy, ly, out, scale=1.0, is_log=True),
+        "ce_fwd": lambda: mod.cross_entropy_fwd(x, t, loss=loss, grad=None, **CE_KW),
+        "ce_fwd_grad": lambda: mod.cross_entropy_fwd(x, t, loss=loss, grad=g, **CE_KW),
+    }
+
+
+def _data(rng, shape, dtype):
+    x = (rng.standard_normal(shape, np.float32) * 2).astype(dtype)
+    x32 = x.astype(np.float32)
+    m = x32.max(axis=1, keepdims=True)
+    e = np.exp(x32 - m)
+    s = e.sum(axis=1, keepdims=True)
+    cdt = np.float64 if dtype == "float64" else np.float32
+    d = dict(
+        x=x, y=(e / s).astype(dtype), ly=(x32 - m - np.log(s)).astype(dtype),
+        dy=rng.standard_normal(shape, np.float32).astype(dtype),
+        t=rng.integers(0, shape[1], shape[0]), loss=np.zeros((), cdt),
+        tloss=np.zeros((), dtype), tw=np.zeros((), dtype), one=np.ones((), dtype),
+    )  # fmt: skip
+    for k in ("out", "lsm", "g1", "g"):
+        d[k] = np.zeros(shape, dtype)  # touched: no page faults in the timed calls
+    return d
+
+
+def run(dtypes, shapes, ops, rounds, log=print):
+    import torch
+
+    from . import _cpu_jit, numpy_backend
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for dtype in dtypes:
+        for shape in shapes:
+            d = _data(rng, shape, dtype)
+            calls = {"torch": _torch_calls(torch, d), "jit": _our_calls(_cpu_jit, d),
+                     "numpy": _our_calls(numpy_backend, d)}  # fmt: skip
+            for op in ops:
+                fns = {p: c[op] for p, c in calls.items()}
+                times = {p: [] for p in fns}
+                for f in fns.values():
+                    f()  # warm-up (and the JIT's compile or cache load)
+                for _ in range(rounds):
+                    for p, f in fns.items():
+                        t0 = time.perf_counter()
+                        f()
+                        times[p].append(time.perf_counter() - t0)
+                med = {p: statistics.median(v) * 1e3 for p, v in times.items()}
+                row = dict(dtype=dtype, shape=list(shape), op=op, **{f"{p}_ms": v for p, v in
+                                                                     med.items()})  # fmt: skip
+                rows.append(row)
+                log(f"{dtype:8s} {shape[0]:>6d}x{shape[1]:<8d} {op:16s} torch {med['torch']:8.2f}"
+                    f"  jit {med['jit']:8.2f} ({med['jit'] / med['torch']:4.2f}x)  numpy "
+                    f"{med['numpy']:8.2f} ({med['numpy'] / med['torch']:4.2f}x)")  # fmt: skip
+            del d, calls
+    summary = {}
+    for dtype in dtypes:
+        rs = [r for r in rows if r["dtype"] == dtype]
+        summary[dtype] = {
+            p: math.exp(statistics.fmean(math.log(r[f"{p}_ms"] / r["torch_ms"]) for r in rs))
+            for p in ("jit", "numpy")
+        }
+        log(f"{dtype}: geometric mean over {len(rs)} points, time / torch's: jit "
+            f"{summary[dtype]['jit']:.3f}, numpy {summary[dtype]['numpy']:.3f}")  # fmt: skip
+    return rows, summary
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dtypes", default="float32,float64,float16")
+    ap.add_argument("--shapes", default=",".join(f"{a}x{b}" for a, b in SHAPES))
+    ap.add_argument("--ops", default=",".join(OPS))
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: ours)")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    import torch
+
+    from . import numpy_backend
+
+    torch.set_num_threads(a.threads or numpy_backend._THREADS)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
+    t0 = time.perf_counter()
+    rows, summary = run(a.dtypes.split(","), shapes, a.ops.split(","), a.rounds)
+    info = dict(
+        torch=torch.__version__, numpy=np.__version__, threads=torch.get_num_threads(),
+        cpu_count=os.cpu_count(), loadavg=os.getloadavg(), seconds=time.perf_counter() - t0,
+    )  # fmt: skip
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(dict(info=info, rows=rows, summary=summary), f, indent=1)
+    print(info)
+
+
+if __name__ == "__main__":
+    main()
