@@ -2,4 +2,6 @@
 
 from bench.run import main
 
-raise SystemExit(main())
+# guarded: the processes torch.multiprocessing.spawn starts (vp_ce) import this module again
+if __name__ == "__main__":
+    raise SystemExit(main())
