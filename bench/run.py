@@ -5,6 +5,12 @@ and cupyx; on the CPU our NumPy backend against SciPy and torch CPU. Each provid
 checked against the float64 reference first (a mismatch is reported, not timed), then timed;
 every point reports ms, GB/s and the percentage of a copy of the same size measured in the same
 run. Results go to bench/results/<device>-<date>.{json,csv,md} and one PNG per grid.
+
+Two ops have their own runners and outputs (<name>-<op>.json/.md, and a PNG for linear_ce), and
+run only when --ops names them: ``linear_ce`` (fused linear + cross-entropy, forward + backward,
+bench/linear_ce.py) and ``vp_ce`` (the vocabulary-parallel merge against the local kernel,
+bench/vp_ce.py). ``--model`` prints the static performance model of the GPU backends
+(bench/model.py), runs nothing, and writes it to <out>/model.md with --write.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 # CPU: five providers per point (ours and torch, each as called and kernel only, and SciPy).
 BUDGET_S = {("cuda", False): 480.0, ("cuda", True): 90.0, ("cpu", False): 240.0,
             ("cpu", True): 30.0}  # fmt: skip
+# Ops with runners of their own (bench/linear_ce.py, bench/vp_ce.py): run when --ops names them.
+SPECIAL_OPS = ("linear_ce", "vp_ce")
 
 
 def _ensure_paths() -> None:
@@ -67,20 +75,39 @@ def parse_args(argv=None) -> argparse.Namespace:
             ".csv, .md and one PNG per grid."
         ),
     )
-    p.add_argument("--ops", help=f"comma list of ops (default: all): {', '.join(G.OPS)}")
+    p.add_argument(
+        "--ops",
+        help=f"comma list of ops (default: all of {', '.join(G.OPS)}); also "
+        f"{', '.join(SPECIAL_OPS)}, which run only when named here",
+    )
     p.add_argument("--dtypes", help=f"comma list of dtypes: {', '.join(G.DTYPES)}")
     p.add_argument(
         "--providers",
         help="comma list: ours, ours-numpy, ours-numpy-out, ours-triton, ours-cupy, torch, "
         "torch-out, torch.compile, liger, cupyx, scipy, or all (default: all that apply to "
-        "the device; 'ours' is every ours-* of the device, kernel-only ones included)",
+        "the device; 'ours' is every ours-* of the device, kernel-only ones included); "
+        "linear_ce also: ours-<backend>-autograd, torch-lce, cs231n",
     )
     p.add_argument("--grid", help="comma list of grids to run (replaces the default choice)")
     p.add_argument(
         "--shapes",
         help="custom shapes, e.g. 64x100,3x7 (grid 'custom'; replaces the default grids, "
-        "adds to --grid)",
+        "adds to --grid; vp_ce: N x V); NxDxV ones, e.g. 4096x256x32000, are linear_ce's",
     )
+    p.add_argument("--world", help="vp_ce: comma list of process counts / simulated shards "
+                   "(default: 2,4 on the CPU, 1,2,4,8 on a GPU)")  # fmt: skip
+    p.add_argument(
+        "--model",
+        action="store_true",
+        help="print the static performance model of the GPU backends (strategy, bytes over "
+        "the minimum, launches, programs per SM, SMs used, registers, instructions per "
+        "element) for the default GPU plan, the few-row grid and the long rows (or --grid); "
+        "no GPU needed, nothing timed",
+    )
+    p.add_argument("--write", action="store_true", help="--model: also write <out>/model.md")
+    p.add_argument("--sm-count", type=int, default=132, help="--model: SMs (default 132)")
+    p.add_argument("--smem-limit", type=int, default=232448,
+                   help="--model: shared memory per block in bytes (default: sm_90's)")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="small subset (CPU < 30 s, GPU ~1 min)")
     p.add_argument("--out", default=str(DEFAULT_OUT),
                    help="output folder (default: the clone's bench/results)")  # fmt: skip
@@ -103,7 +130,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--list", action="store_true", help="print the plan and its estimated time, run nothing"
     )
     args = p.parse_args(argv)
-    for name, allowed in (("ops", G.OPS), ("dtypes", tuple(G.DTYPES)), ("grid", tuple(G.GRIDS))):
+    args.argv = None if argv is None else list(argv)
+    all_ops = G.OPS + SPECIAL_OPS
+    for name, allowed in (("ops", all_ops), ("dtypes", tuple(G.DTYPES)), ("grid", tuple(G.GRIDS))):
         vals = _csv_list(getattr(args, name))
         if vals is not None:
             bad = [v for v in vals if v not in allowed]
@@ -111,11 +140,26 @@ def parse_args(argv=None) -> argparse.Namespace:
                 p.error(f"--{name}: unknown {', '.join(bad)}; choose from {', '.join(allowed)}")
         setattr(args, name, vals)
     args.providers = _csv_list(args.providers)
+    args.lce_shapes = None
     if args.shapes:
+        parts = [s for s in args.shapes.replace(" ", "").split(",") if s]
+        three = [s for s in parts if s.lower().count("x") == 2]
+        two = [s for s in parts if s not in three]
         try:
-            args.shapes = G.parse_shapes(args.shapes)
+            from bench import linear_ce
+
+            args.lce_shapes = linear_ce.parse_shapes(",".join(three)) if three else None
+            args.shapes = G.parse_shapes(",".join(two)) if two else None
         except ValueError as e:
             p.error(str(e))
+    try:
+        args.world = [int(w) for w in _csv_list(args.world)] if args.world else None
+    except ValueError:
+        p.error("--world: a comma list of integers, e.g. 2,4")
+    if args.world and min(args.world) < 1:
+        p.error("--world: process counts must be >= 1")
+    if args.lce_shapes and "linear_ce" not in (args.ops or []):
+        p.error("--shapes: N x D x V shapes are linear_ce's: add --ops linear_ce")
     return args
 
 
@@ -440,13 +484,47 @@ def _load() -> list[float] | None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     _ensure_paths()
+    if args.model:
+        return _model_main(args)
     device, note = detect_device(args.device)
     if note:
         print(f"note: {note}", file=sys.stderr)
+    from bench import linear_ce
+    from bench import providers as P
+
+    special = [op for op in (args.ops or []) if op in SPECIAL_OPS]
+    row_ops = None if args.ops is None else [op for op in args.ops if op in G.OPS]
+    row_providers = args.providers
+    if args.providers:
+        known = {"ours", "all", *P.PROVIDERS, *linear_ce.PROVIDERS}
+        bad = [n for n in args.providers if n not in known]
+        if bad:
+            print(f"error: unknown provider {bad[0]!r}; valid: {', '.join(sorted(known))}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        row_providers = [n for n in args.providers if n in ("ours", "all") or n in P.PROVIDERS]
+    if row_ops is None or row_ops:
+        if args.providers and not row_providers:
+            print("note: no --providers entry applies to the softmax / CE ops: they are "
+                  "skipped", file=sys.stderr)  # fmt: skip
+        else:
+            args.ops = row_ops
+            rc = _rows_main(args, device, row_providers)
+            if rc:
+                return rc
+    for op in special:
+        rc = _linear_ce_main(args, device) if op == "linear_ce" else _vp_ce_main(args, device)
+        if rc:
+            return rc
+    return 0
+
+
+def _rows_main(args, device: str, providers) -> int:
+    """The softmax / log_softmax / CE ops on their grids (bench/grids.py)."""
     from bench import providers as P
 
     try:
-        names = P.resolve(args.providers, device)
+        names = P.resolve(providers, device)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -528,7 +606,7 @@ def main(argv=None) -> int:
         "schema": 1,
         "name": name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m bench " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
         "device": dev_info,
         "versions": report.versions(),
         "git": report.git_info(),
@@ -573,6 +651,160 @@ def main(argv=None) -> int:
     print(md)
     print("wrote " + ", ".join(str(f) for f in files))
     print(f"elapsed {elapsed:.0f} s (estimated {est:.0f} s)")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# the ops with runners of their own, and the static model
+
+
+def _record_head(args, device: str, name: str) -> dict:
+    argv = sys.argv[1:] if args.argv is None else args.argv
+    return {
+        "schema": 1,
+        "name": name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": "python -m bench " + " ".join(argv),
+        "device": report.device_info(device),
+        "versions": report.versions(),
+        "git": report.git_info(),
+    }
+
+
+def _load_settings(device: str, load_before, cpu_before) -> dict:
+    """The machine's load around a run, and the warning of a busy CPU."""
+    other = _other_cpu_use(cpu_before, _cpu_times())
+    busy = _busy_note(device, other)
+    if busy:
+        print(f"warning: {busy}", file=sys.stderr)
+    return {"load_average_before": load_before, "load_average_after": _load(),
+            "other_cpu_use": other, "busy_warning": busy}  # fmt: skip
+
+
+def _out_name(args, device: str) -> tuple[Path, str]:
+    out_dir = Path(args.out)
+    name = args.name or report.default_name(device, report.device_info(device), args.quick)
+    return out_dir, name
+
+
+def _linear_ce_main(args, device: str) -> int:
+    """Fused linear + cross-entropy, forward + backward (bench/linear_ce.py)."""
+    from bench import linear_ce as L
+
+    shapes = args.lce_shapes or L.SHAPES[(device, args.quick)]
+    dtypes = args.dtypes or [L.DEFAULT_DTYPE[device]]
+    names = L.resolve(args.providers, device)
+    est = L.estimate_seconds(shapes, names, device, args.quick)
+    budget = args.budget_s if args.budget_s is not None else L.BUDGET_S[(device, args.quick)]
+    print(f"bench linear_ce: {device}, {len(shapes)} shapes x {len(dtypes)} dtypes x "
+          f"{len(names)} providers ({', '.join(names)}), estimated {est / 60:.1f} min, budget "
+          f"{budget / 60:.1f} min", file=sys.stderr)  # fmt: skip
+    if args.list:
+        for sh in shapes:
+            print(f"linear_ce        {sh.key:17s} {','.join(dtypes):15s} {sh.model}")
+        print(f"linear_ce: {len(shapes) * len(dtypes)} points, estimated {est:.0f} s")
+        return 0
+    out_dir, name = _out_name(args, device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    load_before, cpu_before = _load(), _cpu_times()
+    t0 = time.time()
+    res = L.run(device, shapes=shapes, dtypes=dtypes, names=names, seed=args.seed,
+                quick=args.quick, deadline=t0 + budget)  # fmt: skip
+    record = _record_head(args, device, f"{name}-linear_ce")
+    res["targets"] = L.targets(res["rows"], device)
+    res["shapes"] = [vars(s) for s in shapes]
+    res["providers"] = {n: {"label": L.PROVIDERS[n].label, "impl": L.PROVIDERS[n].impl,
+                            "computes": L.PROVIDERS[n].computes}
+                        for n in names}  # fmt: skip
+    record.update(linear_ce=res, elapsed_seconds=time.time() - t0, budget_seconds=budget,
+                  settings=_load_settings(device, load_before, cpu_before))  # fmt: skip
+    md = L.summary_markdown(record)
+    files = [out_dir / f"{name}-linear_ce.json", out_dir / f"{name}-linear_ce.md"]
+    report.write_json(files[0], record)
+    files[1].write_text(md)
+    if not args.no_plots:
+        files += L.plot(record, out_dir, name)
+    print(md)
+    print("wrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
+def _vp_ce_main(args, device: str) -> int:
+    """The vocabulary-parallel merge against the local kernel (bench/vp_ce.py)."""
+    from bench import vp_ce as V
+
+    if importlib.util.find_spec("torch") is None:
+        print("bench vp_ce: needs torch (torch.distributed); skipped", file=sys.stderr)
+        return 0
+    shapes = args.shapes or V.SHAPES[(device, args.quick)]
+    worlds = args.world or list(V.WORLDS[device])
+    dtype = (args.dtypes or [V.DEFAULT_DTYPE[device]])[0]
+    notes = []
+    if device == "cpu" and dtype != "fp32":
+        notes.append(f"the CPU measurement is float32 only: --dtypes {dtype} not used")
+        dtype = "fp32"
+    cores = env_cores()
+    if device == "cpu" and max(worlds) > cores:
+        notes.append(f"{max(worlds)} processes on {cores} cores: the ranks share the cores "
+                     "(each gets cores // P torch threads, at least 1), so the P > cores "
+                     "figures include that contention")  # fmt: skip
+    if device == "cuda":
+        notes.append("GPU: one device, P > 1 simulated (the real merge on P statistics "
+                     "buffers; the gather a device copy): a real all-gather adds its latency "
+                     "(~10-30 us over NVLink) and (P - 1) x (N + 1) x bytes/row at link "
+                     "speed")  # fmt: skip
+    print(f"bench vp_ce: {device}, {len(shapes)} shapes x P in {worlds}, {dtype}",
+          file=sys.stderr)  # fmt: skip
+    if args.list:
+        for n, v in shapes:
+            print(f"vp_ce            {n}x{v:<12d} {dtype:15s} P = {','.join(map(str, worlds))}")
+        return 0
+    out_dir, name = _out_name(args, device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    load_before, cpu_before = _load(), _cpu_times()
+    t0 = time.time()
+    if device == "cuda":
+        rows = V.run_sim(shapes, worlds, dtype, quick=args.quick, seed=args.seed)
+    else:
+        rows = V.run_cpu(shapes, worlds, quick=args.quick, seed=args.seed)
+    record = _record_head(args, device, f"{name}-vp_ce")
+    record.update(vp_ce={"rows": rows, "notes": notes}, elapsed_seconds=time.time() - t0,
+                  settings=_load_settings(device, load_before, cpu_before))  # fmt: skip
+    md = V.summary_markdown(record)
+    files = [out_dir / f"{name}-vp_ce.json", out_dir / f"{name}-vp_ce.md"]
+    report.write_json(files[0], record)
+    files[1].write_text(md)
+    print(md)
+    print("wrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
+def env_cores() -> int:
+    from bench.env import cpu_count
+
+    return cpu_count()
+
+
+def _model_main(args) -> int:
+    """The static performance model (bench/model.py): stdout, and <out>/model.md with
+    --write."""
+    from bench import model as M
+
+    ops = [op for op in (args.ops or G.OPS) if op in G.OPS]
+    t0 = time.time()
+    mdl = M.build(ops=ops, dtypes=args.dtypes, grids=args.grid, sm_count=args.sm_count,
+                  smem_limit=args.smem_limit)  # fmt: skip
+    record = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git": report.git_info()}
+    md = M.markdown(mdl, record)
+    print(md)
+    print(f"model: {sum(len(r) for _, r in mdl['sections'])} rows in {time.time() - t0:.1f} s",
+          file=sys.stderr)  # fmt: skip
+    if args.write:
+        out_dir = Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"{args.name or 'model'}.md"
+        path.write_text(md)
+        print(f"wrote {path}", file=sys.stderr)
     return 0
 
 

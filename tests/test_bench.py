@@ -421,3 +421,275 @@ def test_published_reference_is_carried_with_its_source():
     assert "Source:" in text and "quack" in text
     pts = report.load_published()
     assert len(pts) == 33 and all(p["gbps"] > 0 for p in pts)
+
+
+# ----------------------------------------------------------------------------------------------
+# linear_ce (bench/linear_ce.py), vp_ce (bench/vp_ce.py), --model (bench/model.py)
+
+
+def _wrong_lce() -> object:
+    """Right loss and dx; dW without the mean's 1/N (the classic CS231N slip)."""
+    from bench import linear_ce as L
+
+    def build(d, device):
+        x, w, t = (np.asarray(a) for a in (d["x"], d["w"], d["t"]))
+
+        def run():
+            loss, dw_dc = L.softmax_loss_vectorized(w.T, x, t, 0.0)
+            return {"loss": loss, "dx": None, "dw": dw_dc.T * x.shape[0]}
+
+        return run
+
+    return L.LceProvider("wrong-lce", "wrong", ("cpu", "cuda"), False, 2, "loss, dW", "planted",
+                         lambda dt, dev: None, build, numpy_inputs=True)  # fmt: skip
+
+
+def test_linear_ce_checks_times_and_measures_peak_memory(tmp_path, monkeypatch):
+    """N=4096 rows, V=300, D=8 (ours: chunks of 1024 rows, 4 of them): every provider checked
+    against float64 and timed; a planted wrong dW is a mismatch, not timed; the memory figures
+    see what the algorithms hold (CS231N: scores, shifted scores and softmax at once, >= 3 N V
+    floats; torch eager: logits and log-softmax, >= 2; ours: a chunk, never O(N V))."""
+    from bench import linear_ce as L
+
+    monkeypatch.setitem(L.PROVIDERS, "wrong-lce", _wrong_lce())
+    n, d, v = 4096, 8, 300
+    rc = R.main(["--device", "cpu", "--ops", "linear_ce", "--shapes", f"{n}x{d}x{v}",
+                 "--providers", "ours,torch,torch-lce,cs231n,wrong-lce", "--out", str(tmp_path),
+                 "--name", "l", "--no-plots", "--quick"])  # fmt: skip
+    assert rc == 0
+    rec = json.loads((tmp_path / "l-linear_ce.json").read_text())
+    rows = {r["provider"]: r for r in rec["linear_ce"]["rows"]}
+    have_lce = L._lce_can_run("fp32", "cpu") is None
+    want_ok = ["ours-numpy", "cs231n"]
+    want_ok += ["ours-numpy-autograd", "torch"] if _has("torch") else []
+    want_ok += ["torch-lce"] if have_lce else []
+    nv4 = n * v * 4
+    for name in want_ok:
+        r = rows[name]
+        assert r["status"] == "ok", r
+        assert r["check"]["loss_err_ratio"] <= 1 and r["check"]["dw_relerr"] <= 1e-4
+        assert r["ms"] > 0 and r["reps"] == 1  # --quick: one timed call
+        assert r["gflops"] == pytest.approx(r["gemms"] * 2 * n * d * v / r["ms"] / 1e6)
+        assert r["peak_bytes"] >= r["memory"]["output_bytes"] > 0
+    assert rows["cs231n"]["gemms"] == 2 and rows["cs231n"]["check"]["dx_relerr"] is None
+    assert rows["ours-numpy"]["check"]["dx_relerr"] <= 1e-4
+    bad = rows["wrong-lce"]
+    assert (
+        bad["status"] == "mismatch" and bad["ms"] is None and "dw relative error" in bad["message"]
+    )
+    # tracemalloc sees CS231N's N x V temporaries, and ours holds a chunk of them
+    cs, ours = rows["cs231n"]["memory"], rows["ours-numpy"]["memory"]
+    assert cs["tracemalloc_peak"] >= 3 * nv4
+    assert ours["tracemalloc_peak"] - ours["output_bytes"] < nv4 / 2
+    rss_ok = not rec["linear_ce"]["memory_method"]["rss"].startswith("unavailable")
+    if rss_ok:  # the RSS high-water mark agrees for NumPy, and sees torch's malloc'ed buffers
+        assert cs["rss_peak"] >= 2.5 * nv4
+        if _has("torch"):
+            assert rows["torch"]["memory"]["rss_peak"] >= 1.5 * nv4
+            assert rows["torch"]["peak_method"] == "rss"
+    md = (tmp_path / "l-linear_ce.md").read_text()
+    assert "| cs231n | loss, dW (no dx) |" in md and "wrong-lce" in md and "mismatch" in md
+
+
+def test_linear_ce_targets_and_report():
+    from bench import linear_ce as L
+
+    def row(prov, ms, peak, n=4096, d=256, v=32000, dt="fp32", ours=False, rss=None):
+        return {"provider": prov, "ours": ours, "status": "ok", "ms": ms, "peak_bytes": peak,
+                "memory": {"rss_peak": rss}, "n": n, "d": d, "v": v, "dtype": dt}  # fmt: skip
+
+    cpu = [row("ours-numpy", 3000.0, 200e6, ours=True, rss=210e6),
+           row("cs231n", 9000.0, 2100e6, rss=2000e6)]  # fmt: skip
+    (t,) = L.targets(cpu, "cpu")
+    assert t["speedup"] == pytest.approx(3.0) and t["speedup_met"]
+    assert t["memory_ratio"] == pytest.approx(10.5) and t["memory_met"]
+    assert t["memory_ratio_rss"] == pytest.approx(2000 / 210)
+    cpu[1]["peak_bytes"] = 1000e6  # 5x: missed
+    assert L.targets(cpu, "cpu")[0]["memory_met"] is False
+    gpu = [row("ours-triton", 10.0, 1e9, 8192, 4096, 128256, "bf16", ours=True),
+           row("torch", 12.0, 20e9, 8192, 4096, 128256, "bf16"),
+           row("torch.compile", 8.0, 5e9, 8192, 4096, 128256, "bf16")]  # fmt: skip
+    ts = {e["peer"]: e for e in L.targets(gpu, "cuda")}
+    assert ts["torch"]["time_met"] and not ts["torch.compile"]["time_met"]  # 1.25x > 1.15x
+    assert ts["torch.compile"]["memory_share"] == pytest.approx(0.2)
+    assert ts["torch.compile"]["memory_met"] is False
+
+
+def test_linear_ce_gpu_path_on_cpu_tensors():
+    """The GPU path (torch tensors, the torch float64 reference, one provider after the other)
+    on CPU tensors in bfloat16 and float32, with ours-triton under the interpreter when make
+    test runs it."""
+    pytest.importorskip("torch")
+    import os
+
+    from bench import linear_ce as L
+
+    res = L.run("cuda", shapes=[L.Shape(70, 16, 130)], dtypes=["bf16", "fp32"], names=["torch"],
+                torch_device="cpu", progress=lambda s: None)  # fmt: skip
+    rows = res["rows"]
+    assert len(res["references"]) == 2 and res["references"][0]["rows_checked"] == 64
+    if os.environ.get("TRITON_INTERPRET") == "1" and "triton" in P.sk_available()[0]:
+        # (the interpreter is slow: bfloat16 only, fewer rows)
+        rows += L.run("cuda", shapes=[L.Shape(40, 16, 130)], dtypes=["bf16"],
+                      names=["ours-triton", "ours-triton-autograd"], torch_device="cpu",
+                      progress=lambda s: None)["rows"]  # fmt: skip
+    assert [r["status"] for r in rows] == ["ok"] * len(rows) and len(rows) in (2, 4), rows
+    for r in rows:
+        assert r["check"]["dx_relerr"] <= L.GRAD_REL[r["dtype"]]
+    assert L.parse_shapes("4x5x6") == [L.Shape(4, 5, 6, "custom")]
+    with pytest.raises(ValueError, match="NxDxV"):
+        L.parse_shapes("4x5")
+
+
+def test_cli_shapes_world_and_main_guard():
+    import runpy
+
+    with pytest.raises(SystemExit):  # N x D x V shapes without --ops linear_ce
+        R.parse_args(["--shapes", "64x8x100"])
+    a = R.parse_args(["--ops", "linear_ce,vp_ce", "--shapes", "64x8x100,32x50", "--world", "2,3"])
+    assert a.lce_shapes[0].key == "64x8x100" and a.shapes == [(32, 50)] and a.world == [2, 3]
+    # spawned vp_ce workers import bench.__main__ again: it must not run the benchmark there
+    runpy.run_module("bench", run_name="__mp_main__")
+
+
+def test_vp_ce_worker_and_single_device_simulation(tmp_path):
+    """The CPU worker in this process (world size 1, gloo), then the simulation of P = 1, 2, 3
+    shards on CPU tensors: every result checked against the dense float64 loss and gradient,
+    so the simulated merge of P statistics buffers is the full-vocabulary loss."""
+    pytest.importorskip("torch")
+    from softmax_kernels import _parallel
+
+    from bench import vp_ce as V
+
+    V.cpu_worker(0, 1, V._free_port(), str(tmp_path), 33, 50, 2, 0)
+    out = json.loads((tmp_path / "rank0.json").read_text())
+    assert "error" not in out, out.get("traceback")
+    assert out["check"]["ok"] and set(out["ms"]) == {"local", "vp", "gather"}
+    b = out["bytes"]
+    assert all(c["collectives"] == 1 and c["header_rows"] == 1 for c in b.values())
+    # the issue's bound: at most 16 bytes per row per rank, plus the weights' column
+    assert b["plain"]["bytes_per_row"] <= 16 and b["plain"]["stats_dtype"] == "float32"
+    assert b["label_smoothing"]["bytes_per_row"] == b["plain"]["bytes_per_row"] + 4
+    row = {"n": 33, "v": 50, "world": 1}
+    V._aggregate(row, [out])
+    assert row["vp_ms"] > 0 and row["bytes_per_row_received"] == 0
+
+    rows = V.run_sim([(40, 50)], [1, 2, 3], "fp32", device="cpu", say=lambda s: None)
+    assert [r["status"] for r in rows] == ["ok"] * 3, rows
+    assert [r["v_local"] for r in rows] == [50, 25, 16]
+    for r in rows:
+        assert r["check"]["loss_err_ratio"] <= 1 and r["check"]["grad_err_ratio"] <= 1
+        assert r["bytes_per_row_sent"] == 4 * _parallel._n_stats(False, False, False)
+    assert rows[2]["bytes_per_row_received"] == 2 * rows[2]["bytes_per_row_sent"]
+    assert not torch_dist_initialized()  # the world-size-1 group is torn down
+    rec = {"device": {"name": "test"}, "created": "2026-01-01", "vp_ce": {"rows": rows}}
+    md = V.summary_markdown(rec)
+    assert "| 40x50 | fp32 | 3 | simulated shards | 16 |" in md
+
+
+def torch_dist_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _fake_planners(monkeypatch):
+    """static_model stand-ins with different key spellings: Triton's gives bytes and minimum
+    bytes and a grid, CuPy's the ratio, SMs used, per-kernel registers and instructions per
+    element, and accepts only cross_entropy_fwd for CE (cross_entropy raises ValueError)."""
+    from softmax_kernels.backends import cupy_backend, triton_backend
+
+    def triton_model(op, dtype_name, n_rows, n_cols, *, sm_count=132, soft=False,
+                     with_grad=True, reduction="mean"):  # fmt: skip
+        n = n_rows * n_cols
+        return {"strategy": "online" if n_cols > 65536 else "row", "launches": 2,
+                "bytes": 2.1 * n, "min_bytes": 2.0 * n, "programs_per_sm": 3,
+                "grid": min(n_rows, 4 * sm_count), "registers": 40, "spills": 0,
+                "chunk": 8192}  # fmt: skip
+
+    def cupy_model(op, dtype_name, n_rows, n_cols, *, sm_count=132, smem_limit=232448,
+                   soft=False, with_grad=True, reduction="mean"):  # fmt: skip
+        if op == "cross_entropy":
+            raise ValueError("unknown op")
+        return {"strategy": "cluster" if n_cols > 65536 else "block_smem",
+                "launches_per_call": 1 if op != "cross_entropy_fwd" else 3,
+                "bytes_ratio": 1.0, "blocks_per_sm": 2, "sms_used": sm_count,
+                "registers": [64, 72], "spills": 0, "instructions_per_element": 18.5}  # fmt: skip
+
+    monkeypatch.setattr(triton_backend, "static_model", triton_model, raising=False)
+    monkeypatch.setattr(cupy_backend, "static_model", cupy_model, raising=False)
+
+
+def test_model_table_from_planners_with_other_key_names(tmp_path, monkeypatch, capsys):
+    _fake_planners(monkeypatch)
+    rc = R.main(["--model", "--grid", "few-rows", "--ops", "softmax_fwd,ce_fwd_grad",
+                 "--dtypes", "bf16", "--write", "--out", str(tmp_path)])  # fmt: skip
+    assert rc == 0
+    md = (tmp_path / "model.md").read_text()
+    assert md in capsys.readouterr().out
+    # 8 x 65536: Triton's ratio derived from bytes / min_bytes, SMs used from its grid (8),
+    # no instructions per element (n/a), the unknown key under "other"
+    assert (
+        "| softmax_fwd | bf16 | 8x65536 | triton | row | 2 | 1.05x | 3 | 8 | 40 | 0 | n/a |"
+        " chunk=8192 |"
+    ) in md
+    want = "| ce_fwd_grad | bf16 | 128x262144 | cupy | cluster | 3 | 1.00x | 2 | 132 | 64/72 | 0 |"
+    assert want + " 18.5 |" in md
+    assert md.count("| triton |") == md.count("| cupy |") == 2 * 6
+    # the static targets counted over the table: CuPy's 3 CE launches miss, Triton's 8 SMs
+    # out of 132 miss, CUDA's 18.5 instructions per element meet the bound
+    tg = {t.split(" |")[0]: t for t in md.split("\n| ")[1:] if "(issue" in t}
+    assert tg["CE: at most 2 launches per call (issue 11)"].startswith(
+        "CE: at most 2 launches per call (issue 11) | 6 | 6 | 0 |"
+    )
+    assert "| 12 | 0 | 0 |" in tg["CUDA hot loops at most 20 instructions per element (issue 11)"]
+    assert "Missed, CE: at most 2 launches" in md and "cupy ce_fwd_grad bf16 1x65536: 3" in md
+    # stdout only without --write
+    other = tmp_path / "none"
+    assert R.main(["--model", "--grid", "few-rows", "--ops", "ce_fwd", "--out", str(other)]) == 0
+    assert not other.exists()
+
+
+def test_model_runs_without_cupy_and_gpu_on_the_real_planners():
+    """--model in a process where CuPy cannot be imported, on the backends' own static_model
+    (or, before they have one, the n/a rows saying so)."""
+    from softmax_kernels.backends import cupy_backend, triton_backend
+
+    block = ("import sys, runpy; sys.modules['cupy'] = None; "
+             "sys.argv = ['bench', '--model', '--grid', 'few-rows', '--dtypes', 'bf16', "
+             "'--ops', 'softmax_fwd']; "
+             "runpy.run_module('bench', run_name='__main__')")  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", block], cwd=ROOT, env=_env(CUDA_VISIBLE_DEVICES=""),
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    lines = [
+        ln for ln in r.stdout.splitlines() if ln.startswith("| softmax_fwd | bf16 | 8x65536 |")
+    ]
+    assert len(lines) == 2, r.stdout
+    for mod, line in zip((triton_backend, cupy_backend), lines, strict=True):
+        strategy = line.split(" | ")[4]
+        if hasattr(mod, "static_model"):
+            assert strategy != "n/a", line
+        else:
+            assert strategy == "n/a" and "has no static_model() yet" in line, line
+
+
+@pytest.mark.gpu
+def test_linear_ce_and_vp_ce_on_the_gpu(tmp_path):
+    """On a CUDA GPU: linear_ce at a small bf16 shape with the CUDA memory figures, and the
+    vp_ce simulation over NCCL (world size 1) for P = 1, 2."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU on this machine")
+    from bench import linear_ce as L
+    from bench import vp_ce as V
+
+    names = [n for n in L.resolve(["ours", "torch"], "cuda") if "autograd" not in n]
+    res = L.run("cuda", shapes=[L.Shape(512, 64, 1000)], dtypes=["bf16"], names=names,
+                progress=lambda s: None)  # fmt: skip
+    ok = [r for r in res["rows"] if r["status"] == "ok"]
+    assert any(r["provider"] == "torch" for r in ok), res["rows"]
+    for r in ok:
+        assert r["ms"] > 0 and r["peak_bytes"] >= r["memory"]["output_bytes"] > 0
+    rows = V.run_sim([(256, 1000)], [1, 2], "bf16", say=lambda s: None)
+    assert [r["status"] for r in rows] == ["ok", "ok"], rows
