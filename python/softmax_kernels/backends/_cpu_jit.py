@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 
 import numpy as np
 
@@ -101,6 +102,23 @@ def _tags(a: np.ndarray):
     return tag, cdt.type(0), cdt
 
 
+def _acc_tag(a: np.ndarray):
+    """The lanes softmax's row sums accumulate in: float64 (float32 / float64 data), float32 for
+    float16 data (see softmax_bwd_kernel)."""
+    return np.float32(0) if a.dtype == np.float16 else np.float64(0)
+
+
+_local = threading.local()
+
+
+def _scratch_row(n: int) -> np.ndarray:
+    """A float32 row of >= n elements, kept per thread and reused across calls."""
+    b = getattr(_local, "row", None)
+    if b is None or b.size < n:
+        b = _local.row = np.empty(max(n, 4096), np.float32)
+    return b
+
+
 def _rows(a: np.ndarray) -> np.ndarray:
     """a as rows the kernels can address: non-negative row stride, unit column stride (else a
     contiguous copy; the caller normally guarantees the layout)."""
@@ -176,16 +194,21 @@ def softmax_fwd(x, out, *, scale, mask, is_log) -> None:
     k = _k()
     xa, xrs, oa, ors = _addr(x), _rs(x), _addr(out), _rs(out)
     ma, mrs = _addr(mask), (_rs(mask) if mask is not None else 0)
-    # softmax in the compute dtype stores e = exp(.) in pass 2 and rescales it in pass 3; a
-    # float16 out would round e twice, so its pass 3 recomputes exp instead
-    keep_e = (not is_log) and x.dtype != np.float16
+    at = _acc_tag(x)
     has_mask = mask is not None
     scale = float(scale)
     is_log = bool(is_log)
+    half = x.dtype == np.float16
 
     def work(r0, r1):
-        k.softmax_fwd_kernel(xt, ct, xa, xrs, oa, ors, ma, mrs, has_mask, scale, is_log, keep_e,
-                             n, r0, r1)  # fmt: skip
+        # softmax keeps e = exp(s x - m) between its passes: in out, or for float16 out in a
+        # float32 scratch row of this thread's (one row, reused: row stride 0)
+        if half and not is_log:
+            et, ea, ers = ct, _addr(_scratch_row(n)), 0
+        else:
+            et, ea, ers = xt, oa, ors
+        k.softmax_fwd_kernel(xt, ct, at, et, xa, xrs, oa, ors, ea, ers, ma, mrs, has_mask, scale,
+                             is_log, n, r0, r1)  # fmt: skip
 
     _blocks(n_rows, n, work)
 
@@ -202,11 +225,12 @@ def softmax_bwd(dy, y, out, *, scale, is_log) -> None:
         raise TypeError(f"dtypes differ: dy {dy.dtype}, y {y.dtype}, out {out.dtype}")
     k = _k()
     da, drs, ya, yrs, oa, ors = _addr(dy), _rs(dy), _addr(y), _rs(y), _addr(out), _rs(out)
+    at = _acc_tag(y)
     scale = float(scale)
     is_log = bool(is_log)
 
     def work(r0, r1):
-        k.softmax_bwd_kernel(xt, ct, da, drs, ya, yrs, oa, ors, scale, is_log, n, r0, r1)
+        k.softmax_bwd_kernel(xt, ct, at, da, drs, ya, yrs, oa, ors, scale, is_log, n, r0, r1)
 
     _blocks(n_rows, n, work)
 

@@ -442,6 +442,25 @@ def wide(typingctx, a):
     return sig, codegen
 
 
+@intrinsic
+def acc(typingctx, tag, a):
+    """a's lanes in the accumulator type named by tag (float32 or float64; exact widening)."""
+    _st, at = _storage(tag)
+    if not isinstance(a, Vec) or at not in (types.float32, types.float64):
+        return None
+    out = Vec(at)
+    sig = out(tag, a)
+
+    def codegen(context, builder, sig, args):
+        if sig.args[1].dtype == at:
+            return args[1]
+        if at == types.float64:
+            return builder.fpext(args[1], _vt(_F64))
+        return builder.fptrunc(args[1], _vt(_F32))
+
+    return sig, codegen
+
+
 def _tree(builder, v, combine):
     """Combine the W lanes pairwise: (0..W/2-1) with (W/2..W-1), then halves again: a fixed
     order, the same on every machine."""
@@ -645,12 +664,15 @@ def vtanh(typingctx, a):
 
 
 @njit(**_JIT)
-def softmax_fwd_kernel(xt, ct, x, xrs, o, ors, mk, mrs, has_mask, scale, is_log, keep_e, n, r0, r1):
-    # Per row, three passes over x, each a stream over the row (in L1/L2 after the first):
+def softmax_fwd_kernel(xt, ct, at, et, x, xrs, o, ors, eb_, ers, mk, mrs, has_mask, scale, is_log,
+                       n, r0, r1):  # fmt: skip
+    # Per row, three passes, each a stream over the row (from L1/L2 after the first):
     #   1. m = max(s x) over the kept entries                          reads n
-    #   2. S = sum exp(s x - m), float64 lanes; softmax in the compute dtype (keep_e) also
-    #      stores e = exp(s x - m) into out                            reads n (writes n)
-    #   3. out = e / S (from out, or recomputed for float16 out), or (s x - m) - log S
+    #   2. S = sum exp(s x - m) in `at` lanes (float64; float32 for float16 data, whose result
+    #      is rounded to 11 bits); softmax also stores e = exp(s x - m) into the e buffer: out
+    #      itself, or for float16 out a float32 scratch row (rounding e to float16 there would
+    #      round twice)                                                reads n, writes n
+    #   3. softmax: out = e * (1 / S); log_softmax: out = (s x - m) - log S   reads n, writes n
     # Masked entries take no part and get 0 / -inf, whatever the rest of the row holds.
     sc = splat(ct, scale)
     ninf = splat(ct, -math.inf)
@@ -662,6 +684,7 @@ def softmax_fwd_kernel(xt, ct, x, xrs, o, ors, mk, mrs, has_mask, scale, is_log,
         xb = r * xrs
         ob = r * ors
         mb = r * mrs
+        eb = r * ers
         a0 = ninf
         a1 = ninf
         j = 0
@@ -687,23 +710,23 @@ def softmax_fwd_kernel(xt, ct, x, xrs, o, ors, mk, mrs, has_mask, scale, is_log,
         m = hmax(vmax(a0, a1))
         mv = splat(ct, m)
         # pass 2
-        s0 = wide(zero)
+        s0 = acc(at, zero)
         for j in range(0, nf, W):
             e = vexpn(vsub(vmul(vld(xt, x, xb + j), sc), mv))
             if has_mask:
                 e = vsel(mld(mk, mb + j), e, zero)
-            if keep_e:
-                vst(xt, o, ob + j, e)
-            s0 = vadd(s0, wide(e))
+            if not is_log:
+                vst(et, eb_, eb + j, e)
+            s0 = vadd(s0, acc(at, e))
         if rem:
             e = vexpn(vsub(vmul(vld_part(xt, x, xb + nf, rem, 0.0), sc), mv))
             if has_mask:
                 e = vsel(mld_part(mk, mb + nf, rem), e, zero)
             else:
                 e = vsel(tail, e, zero)
-            if keep_e:
-                vst_part(xt, o, ob + nf, rem, e)
-            s0 = vadd(s0, wide(e))
+            if not is_log:
+                vst_part(et, eb_, eb + nf, rem, e)
+            s0 = vadd(s0, acc(at, e))
         s = hsum(s0)
         if has_mask and s == 0.0:
             # no kept entry in the row (a kept entry gives exp(0) = 1, or NaN): all fill
@@ -729,18 +752,12 @@ def softmax_fwd_kernel(xt, ct, x, xrs, o, ors, mk, mrs, has_mask, scale, is_log,
         else:
             inv = splat(ct, 1.0 / s)
             for j in range(0, nf, W):
-                if keep_e:
-                    y = vmul(vld(xt, o, ob + j), inv)
-                else:
-                    y = vmul(vexpn(vsub(vmul(vld(xt, x, xb + j), sc), mv)), inv)
-                if has_mask:
+                y = vmul(vld(et, eb_, eb + j), inv)
+                if has_mask:  # 0 even where inv is NaN (a NaN elsewhere in the row)
                     y = vsel(mld(mk, mb + j), y, zero)
                 vst(xt, o, ob + j, y)
             if rem:
-                if keep_e:
-                    y = vmul(vld_part(xt, o, ob + nf, rem, 0.0), inv)
-                else:
-                    y = vmul(vexpn(vsub(vmul(vld_part(xt, x, xb + nf, rem, 0.0), sc), mv)), inv)
+                y = vmul(vld_part(et, eb_, eb + nf, rem, 0.0), inv)
                 if has_mask:
                     y = vsel(mld_part(mk, mb + nf, rem), y, zero)
                 vst_part(xt, o, ob + nf, rem, y)
@@ -751,13 +768,15 @@ def softmax_fwd_kernel(xt, ct, x, xrs, o, ors, mk, mrs, has_mask, scale, is_log,
 
 
 @njit(**_JIT)
-def softmax_bwd_kernel(xt, ct, dy, drs, y, yrs, o, ors, scale, is_log, n, r0, r1):
+def softmax_bwd_kernel(xt, ct, at, dy, drs, y, yrs, o, ors, scale, is_log, n, r0, r1):
     # softmax:     dx = s * y * (dy - dot(dy, y))     reads 2 x n, writes n
     # log_softmax: dx = s * (dy - exp(y) * sum(dy))   reads 2 x n, writes n
-    # Pass 1: the row sum in float64 lanes (float32 data too): a sum that nearly cancels
-    # (zero-mean dy) keeps its accuracy; log_softmax also takes max(y), and when it is <= 0 (y
-    # a log-probability, as always from the forward) pass 2 uses the cheaper exp. Pass 2 reads
-    # dy and y (from L1/L2) before writing out at the same offsets: out may be dy's or y's memory.
+    # Pass 1: the row sum in `at` lanes: float64 for float32 / float64 data, so that a sum that
+    # nearly cancels (zero-mean dy) keeps its accuracy (float32 products are exact in float64);
+    # float32 for float16 data (products of 11-bit values are exact in float32, and its error
+    # stays ~100x under float16's resolution). log_softmax also takes max(y): when it is <= 0
+    # (y a log-probability, as from the forward) pass 2 uses the cheaper exp. Pass 2 reads dy
+    # and y (from L1/L2) before writing out at the same offsets: out may be dy's or y's memory.
     sc = splat(ct, scale)
     zero = splat(ct, 0.0)
     ninf = splat(ct, -math.inf)
@@ -768,13 +787,13 @@ def softmax_bwd_kernel(xt, ct, dy, drs, y, yrs, o, ors, scale, is_log, n, r0, r1
         db = r * drs
         yb = r * yrs
         ob = r * ors
-        a0 = wide(zero)
-        a1 = wide(zero)
+        a0 = acc(at, zero)
+        a1 = acc(at, zero)
         m0 = ninf
         j = 0
         while j + 2 * W <= n:
-            d0 = wide(vld(xt, dy, db + j))
-            d1 = wide(vld(xt, dy, db + j + W))
+            d0 = acc(at, vld(xt, dy, db + j))
+            d1 = acc(at, vld(xt, dy, db + j + W))
             y0 = vld(xt, y, yb + j)
             y1 = vld(xt, y, yb + j + W)
             if is_log:
@@ -782,25 +801,25 @@ def softmax_bwd_kernel(xt, ct, dy, drs, y, yrs, o, ors, scale, is_log, n, r0, r1
                 a1 = vadd(a1, d1)
                 m0 = vmax(m0, vmax(y0, y1))
             else:
-                a0 = vfma(d0, wide(y0), a0)
-                a1 = vfma(d1, wide(y1), a1)
+                a0 = vfma(d0, acc(at, y0), a0)
+                a1 = vfma(d1, acc(at, y1), a1)
             j += 2 * W
         if j < nf:
-            d0 = wide(vld(xt, dy, db + j))
+            d0 = acc(at, vld(xt, dy, db + j))
             y0 = vld(xt, y, yb + j)
             if is_log:
                 a0 = vadd(a0, d0)
                 m0 = vmax(m0, y0)
             else:
-                a0 = vfma(d0, wide(y0), a0)
+                a0 = vfma(d0, acc(at, y0), a0)
         if rem:
-            d1 = wide(vld_part(xt, dy, db + nf, rem, 0.0))
+            d1 = acc(at, vld_part(xt, dy, db + nf, rem, 0.0))
             y1 = vld_part(xt, y, yb + nf, rem, 0.0)
             if is_log:
                 a1 = vadd(a1, d1)
                 m0 = vmax(m0, vsel(tail, y1, ninf))
             else:
-                a1 = vfma(d1, wide(y1), a1)
+                a1 = vfma(d1, acc(at, y1), a1)
         sv = splat(ct, hsum(vadd(a0, a1)))
         neg = hmax(m0) <= 0.0
         for j in range(0, nf, W):
