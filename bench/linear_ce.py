@@ -734,14 +734,28 @@ def estimate_seconds(shapes: list[Shape], names: list[str], device: str, quick: 
 def run(device: str, *, shapes: list[Shape], dtypes: list[str], names: list[str],
         seed: int = 0, quick: bool = False, deadline: float = float("inf"),
         torch_device: str = "cuda", progress: Callable[[str], None] | None = None,
-        reps: int | None = None) -> dict[str, Any]:  # fmt: skip
+        reps: int | None = None, result: dict | None = None) -> dict[str, Any]:  # fmt: skip
     """Measure every (shape, dtype, provider); returns {"rows": [...], "references": [...],
-    "memory_method": ...}. ``torch_device`` lets tests run the GPU path on CPU tensors."""
+    "memory_method": ...}, filled in as it goes into ``result`` when given (so that an
+    interrupted run keeps what it measured). ``torch_device`` lets tests run the GPU path on
+    CPU tensors."""
     say = progress or (lambda s: print(s, file=sys.stderr))
-    rows: list[dict[str, Any]] = []
-    refs: list[dict[str, Any]] = []
+    res = result if result is not None else {}
+    rows: list[dict[str, Any]] = res.setdefault("rows", [])
+    refs: list[dict[str, Any]] = res.setdefault("references", [])
     # made at the first memory measurement (it pins glibc's mmap threshold: after the timing)
     cpu_mem: list[CpuMemory] = []
+    res["memory_method"] = _memory_method(device, None)
+    try:
+        _run_all(device, shapes, dtypes, names, seed, quick, deadline, torch_device, say, reps,
+                 rows, refs, cpu_mem)  # fmt: skip
+    finally:
+        res["memory_method"] = _memory_method(device, cpu_mem[0] if cpu_mem else None)
+    return res
+
+
+def _run_all(device, shapes, dtypes, names, seed, quick, deadline, torch_device, say, reps,
+             rows, refs, cpu_mem):  # fmt: skip
     for dtype in dtypes:
         for shape in shapes:
             if time.time() > deadline:
@@ -765,17 +779,12 @@ def run(device: str, *, shapes: list[Shape], dtypes: list[str], names: list[str]
                          "seconds": ref.seconds, "rows_checked": len(ref.rows),
                          "classes_checked": len(ref.classes)})  # fmt: skip
             if device == "cuda":
-                rows += _run_gpu(shape, dtype, names, data, ref, deadline, say, torch_device)
+                _run_gpu(shape, dtype, names, data, ref, deadline, say, torch_device, rows)
             else:
                 n_reps = reps if reps is not None else CPU_REPS[quick]
-                rows += _run_cpu(shape, dtype, names, data, ref, deadline, say, cpu_mem, n_reps)
+                _run_cpu(shape, dtype, names, data, ref, deadline, say, cpu_mem, n_reps, rows)
             data = ref = None
             _free(device if torch_device != "cpu" else "cpu")
-    return {
-        "rows": rows,
-        "references": refs,
-        "memory_method": _memory_method(device, cpu_mem[0] if cpu_mem else None),
-    }
 
 
 def _memory_method(device, cpu_mem) -> dict[str, str]:
@@ -826,8 +835,8 @@ def _prepare(shape, dtype, prov, data, ref, device):
     return row, fn
 
 
-def _run_cpu(shape, dtype, names, data, ref, deadline, say, mem: list, reps: int):
-    rows, fns = [], {}
+def _run_cpu(shape, dtype, names, data, ref, deadline, say, mem: list, reps: int, rows: list):
+    fns = {}
     for n in names:
         prov = PROVIDERS[n]
         if time.time() > deadline:
@@ -874,10 +883,9 @@ def _run_cpu(shape, dtype, names, data, ref, deadline, say, mem: list, reps: int
         row["peak_bytes"] = m["tracemalloc_peak"] if m["tracemalloc_peak"] is not None \
             else m["rss_peak"]  # fmt: skip
         row["peak_method"] = "tracemalloc" if m["tracemalloc_peak"] is not None else "rss"
-    return rows
 
 
-def _run_gpu(shape, dtype, names, data, ref, deadline, say, torch_device):
+def _run_gpu(shape, dtype, names, data, ref, deadline, say, torch_device, rows: list):
     from .timing import CpuTimer, CudaTimer
 
     torch = _torch()
@@ -885,7 +893,6 @@ def _run_gpu(shape, dtype, names, data, ref, deadline, say, torch_device):
     timer = CudaTimer(torch) if on_gpu else CpuTimer(quick=True)
     if not on_gpu:  # CPU tensors (the tests of this path): a warm-up and one timed call
         timer.min_reps = 1
-    rows = []
     for n in names:
         prov = PROVIDERS[n]
         if time.time() > deadline:
@@ -911,7 +918,6 @@ def _run_gpu(shape, dtype, names, data, ref, deadline, say, torch_device):
         if prov.compiles:
             torch._dynamo.reset()
         _free("cuda" if on_gpu else "cpu")
-    return rows
 
 
 # ----------------------------------------------------------------------------------------------

@@ -708,9 +708,16 @@ def _linear_ce_main(args, device: str) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     load_before, cpu_before = _load(), _cpu_times()
     t0 = time.time()
-    res = L.run(device, shapes=shapes, dtypes=dtypes, names=names, seed=args.seed,
-                quick=args.quick, deadline=t0 + budget)  # fmt: skip
+    res: dict = {}
+    interrupted = False
+    try:
+        L.run(device, shapes=shapes, dtypes=dtypes, names=names, seed=args.seed,
+              quick=args.quick, deadline=t0 + budget, result=res)  # fmt: skip
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted: writing what was measured", file=sys.stderr)
     record = _record_head(args, device, f"{name}-linear_ce")
+    record["interrupted"] = interrupted
     res["targets"] = L.targets(res["rows"], device)
     res["shapes"] = [vars(s) for s in shapes]
     res["providers"] = {n: {"label": L.PROVIDERS[n].label, "impl": L.PROVIDERS[n].impl,
@@ -763,11 +770,18 @@ def _vp_ce_main(args, device: str) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     load_before, cpu_before = _load(), _cpu_times()
     t0 = time.time()
-    if device == "cuda":
-        rows = V.run_sim(shapes, worlds, dtype, quick=args.quick, seed=args.seed)
-    else:
-        rows = V.run_cpu(shapes, worlds, quick=args.quick, seed=args.seed)
+    rows: list = []
+    interrupted = False
+    try:
+        if device == "cuda":
+            V.run_sim(shapes, worlds, dtype, quick=args.quick, seed=args.seed, rows=rows)
+        else:
+            V.run_cpu(shapes, worlds, quick=args.quick, seed=args.seed, rows=rows)
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted: writing what was measured", file=sys.stderr)
     record = _record_head(args, device, f"{name}-vp_ce")
+    record["interrupted"] = interrupted
     record.update(vp_ce={"rows": rows, "notes": notes}, elapsed_seconds=time.time() - t0,
                   settings=_load_settings(device, load_before, cpu_before))  # fmt: skip
     md = V.summary_markdown(record)

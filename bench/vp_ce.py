@@ -254,13 +254,15 @@ def _n_stats_plain() -> int:
         return 3
 
 
-def run_cpu(shapes, worlds, *, quick=False, seed=0, tmp_dir=None, say=None) -> list[dict]:
+def run_cpu(shapes, worlds, *, quick=False, seed=0, tmp_dir=None, say=None,
+            rows: list | None = None) -> list[dict]:  # fmt: skip
+    """P processes over gloo per shape; appends to ``rows`` (kept when interrupted)."""
     import tempfile
 
     import torch.multiprocessing as mp
 
     say = say or (lambda s: print(s, file=sys.stderr))
-    rows = []
+    rows = [] if rows is None else rows
     for n, v in shapes:
         for world in worlds:
             say(f"vp_ce fp32 {n}x{v}: {world} processes (gloo)")
@@ -365,9 +367,9 @@ def _simulated(parallel, world: int, rank: int, others: list | None, capture: li
 
 
 def run_sim(shapes, worlds, dtype: str, *, device: str = "cuda", quick=False, seed=0,
-            say=None, backend=None) -> list[dict]:  # fmt: skip
+            say=None, backend=None, rows: list | None = None) -> list[dict]:  # fmt: skip
     """The single-device simulation of P shards; ``device="cpu"`` runs it on CPU tensors (the
-    tests) with gloo."""
+    tests) with gloo. Appends to ``rows`` (kept when interrupted)."""
     import torch
 
     import softmax_kernels as sk
@@ -380,7 +382,7 @@ def run_sim(shapes, worlds, dtype: str, *, device: str = "cuda", quick=False, se
     on_gpu = device != "cpu"
     timer = CudaTimer(torch, quick=quick) if on_gpu else CpuTimer(quick=True)
     tdt = getattr(torch, DTYPES[dtype])
-    rows = []
+    rows = [] if rows is None else rows
     with _world_one_group(torch, "nccl" if on_gpu else "gloo") as group:
         for n, v in shapes:
             # made on the device (a GPU shape is up to 4G logits: no host copy of them)
