@@ -22,6 +22,11 @@ first:
 ``CUDA_LAUNCH_BLOCKING=1``, then QuACK's grid for softmax forward and CE forward + gradient in
 bf16 against torch and the copy.
 
+``lce`` (optional, ~7 min): ``python -m bench --ops linear_ce --quick`` (fused linear +
+cross-entropy on the Llama-3 and Gemma-2 heads in bf16 against torch eager, torch.compile and
+torch's linear_cross_entropy, with peak memory), then ``--ops vp_ce --quick`` (the
+vocabulary-parallel merge, P shards simulated on the one GPU).
+
 Every step has its own limit: SIGINT at ``limit - grace`` (pytest prints its summary,
 ``python -m bench`` writes what it measured), SIGKILL at the limit. A failing step never stops
 the next. ``$OUT`` holds at most 8 files at any moment: ``summary.txt`` (one line per step,
@@ -54,7 +59,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Command-time budgets of the two calls (the device tool allows 10 minutes per command; a GPU
 # comes for 15 minutes in all, ~1.5 of which its start takes).
-BUDGET_S = {"main": 420.0, "second": 240.0}
+BUDGET_S = {"main": 420.0, "second": 240.0, "lce": 420.0}
 MAX_OUT_FILES = 8
 REPACK_EVERY_S = 20.0
 # The dtypes whose NVRTC module the warm-up compiles (cupy_backend: one module per dtype).
@@ -882,6 +887,47 @@ def step_bench(args: list[str], budget_s: float) -> Callable[[Session, Step], Re
     return run
 
 
+def step_special(op: str, args: list[str], budget_s: float) -> Callable[[Session, Step], Result]:
+    """``python -m bench --ops linear_ce`` or ``vp_ce`` (their own outputs:
+    <name>-<op>.json / .md, and linear_ce's PNG), its files into $OUT, a one-line summary."""
+
+    def run(session: Session, step: Step) -> Result:
+        out_dir = session.logs / f"{step.key}-bench"
+        cmd = [session.cfg.python, "-m", "bench", "--ops", op, *args, "--budget-s",
+               f"{budget_s:.0f}", "--out", str(out_dir), *session.cfg.bench_args]  # fmt: skip
+        log = session.logs / f"{step.key}-bench.log"
+        job = Job(f"bench-{op}", cmd, log, session.env())
+        ended, _ = run_jobs(session, step, [job])
+        jsons = sorted(out_dir.glob(f"*-{op}.json")) if out_dir.is_dir() else []
+        if not jsons:
+            return Result(
+                _ended_status(ended, False), "no results written" + _cut_note(ended, step)
+            )
+        stem = jsons[-1].stem
+        for p in (jsons[-1], out_dir / f"{stem}.md", out_dir / f"{stem}.png"):
+            if p.exists():
+                session.add_out(p)
+        rec = json.loads(jsons[-1].read_text())
+        rows = (rec.get(op) or {}).get("rows", [])
+        st: dict[str, int] = {}
+        for r in rows:
+            st[r["status"]] = st.get(r["status"], 0) + 1
+        detail = ", ".join(f"{v} {k}" for k, v in sorted(st.items()))
+        if op == "linear_ce":
+            bad = [r for r in rows if r.get("ours") and r["status"] in ("mismatch", "error")]
+            good = [r for r in rows if r.get("ours") and r["status"] == "ok"]
+            tg = (rec.get(op) or {}).get("targets") or []
+            met = sum(1 for e in tg if e.get("time_met") and e.get("memory_met") is not False)
+            detail += f"; targets met {met} of {len(tg)}"
+        else:
+            bad = [r for r in rows if r["status"] in ("mismatch", "error")]
+            good = [r for r in rows if r["status"] == "ok"]
+        ok = job.rcs == [0] and not bad and bool(good)
+        return Result(_ended_status(ended, ok), detail + _cut_note(ended, step))
+
+    return run
+
+
 # ----------------------------------------------------------------------------------------------
 # The plans
 
@@ -924,7 +970,18 @@ def make_steps(mode: str) -> list[Step]:
                              "--dtypes", "bf16", "--providers", "ours,torch", "--device",
                              "cuda"], 90)),
         ]  # fmt: skip
-    raise ValueError(f"unknown mode {mode!r}: main (default) or second")
+    if mode == "lce":
+        return [
+            Step("a", "probe", 30, 10, "nvidia-smi, versions, softmax_kernels info", step_probe),
+            Step("d1", "linear-ce", 300, 30, "python -m bench --ops linear_ce --quick: Llama-3 "
+                 "and Gemma-2 heads in bf16 vs torch eager / compile / linear_cross_entropy, "
+                 "with peak memory (budget 240 s)",
+                 step_special("linear_ce", ["--quick", "--device", "cuda"], 240)),
+            Step("d2", "vp-ce", 90, 20, "python -m bench --ops vp_ce --quick: the merge vs the "
+                 "local kernel, P = 1, 2, 4, 8 simulated on one GPU",
+                 step_special("vp_ce", ["--quick", "--device", "cuda"], 60)),
+        ]  # fmt: skip
+    raise ValueError(f"unknown mode {mode!r}: main (default), second or lce")
 
 
 def total_seconds(steps: list[Step]) -> float:
@@ -966,7 +1023,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="bash bench/gpu_session.sh", description=__doc__.split("\n\n")[0]
     )
-    p.add_argument("mode", nargs="?", default="main", choices=("main", "second"))
+    p.add_argument("mode", nargs="?", default="main", choices=("main", "second", "lce"))
     p.add_argument("failed_ids", nargs="?", help="second: the main call's failed-tests.txt")
     p.add_argument("--dry-run", action="store_true", help="print the steps and limits only")
     p.add_argument("--out", help="output folder (default: $OUT, else build/gpu-session/out)")

@@ -7,6 +7,9 @@
 #   bash bench/gpu_session.sh second [FILE]  # optional, ~4 min: FILE's failing test ids (the
 #                                            # main call's failed-tests.txt) with
 #                                            # CUDA_LAUNCH_BLOCKING=1, then the QuACK grid
+#   bash bench/gpu_session.sh lce            # optional, ~7 min: fused linear + cross-entropy
+#                                            # (Llama-3 / Gemma-2 heads) and the vocabulary-
+#                                            # parallel merge, with peak memory
 #   bash bench/gpu_session.sh --dry-run      # each step with its limit, and the total
 #
 # Everything lands in $OUT (at most 8 files: summary.txt, gpu-<mode>-logs.tgz,

@@ -44,11 +44,11 @@ def _env(**extra):
 # the plan
 
 
-@pytest.mark.parametrize("mode", ["main", "second"])
+@pytest.mark.parametrize("mode", ["main", "second", "lce"])
 def test_dry_run_fits_the_call(mode):
-    # main: ~7 min of the 10-minute command limit; second: ~4 min
-    budget = {"main": 7 * 60, "second": 4 * 60}[mode]
-    args = ["--dry-run"] if mode == "main" else ["second", "--dry-run"]
+    # main: ~7 min of the 10-minute command limit; second: ~4 min; lce: ~7 min
+    budget = {"main": 7 * 60, "second": 4 * 60, "lce": 7 * 60}[mode]
+    args = ["--dry-run"] if mode == "main" else [mode, "--dry-run"]
     r = subprocess.run(["bash", str(ROOT / "bench" / "gpu_session.sh"), *args], cwd="/",
                        env=_env(PYTHON=sys.executable), capture_output=True, text=True,
                        timeout=60)  # fmt: skip
@@ -64,6 +64,28 @@ def test_dry_run_fits_the_call(mode):
         assert fg == ["a", "b", "c1", "c2", "c3", "d"]
         assert [s.name for s in steps if s.group == "sanitizer"] == [
             "memcheck", "racecheck", "synccheck"]  # fmt: skip
+
+
+def test_special_bench_step_copies_its_outputs_and_summarises(tmp_path):
+    """The lce mode's step on the CPU: python -m bench --ops linear_ce at a tiny shape, its
+    JSON, markdown and plot copied into $OUT, the summary line from its rows."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    step = S.Step("d1", "linear-ce", 120, 20, "test",
+                  S.step_special("linear_ce", ["--device", "cpu", "--quick", "--shapes",
+                                               "64x8x100", "--providers", "ours-numpy,cs231n",
+                                               "--name", "t"], 60))  # fmt: skip
+    session = S.Session("lce", [step], out, work, S.Config())
+    assert session.run() == 0, (work / "logs" / "d1-bench.log").read_text()
+    assert step.result.status == "ok" and step.result.detail.startswith("2 ok"), step.result
+    names = set(os.listdir(out))
+    assert {"t-linear_ce.json", "t-linear_ce.md"} <= names
+    assert "t-linear_ce.png" in names or not _has_mpl()
+
+
+def _has_mpl() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def test_total_counts_groups_background_and_waits():
