@@ -3,14 +3,19 @@ through CuPy RawModule).
 
 Everywhere (no GPU needed): the launch planner ``plan_launch`` and its thresholds, the vector
 flags, kernel-source assembly, that importing the package never imports CuPy, the availability
-and serve messages, and -- when CuPy and NVRTC are installed but no GPU is -- that NVRTC compiles
-every kernel instance with the backend's own options.
+and serve messages, the launches per cross-entropy call for every option combination, and --
+when CuPy and NVRTC are installed but no GPU is -- that NVRTC compiles every kernel instance
+with the backend's own options. Then the kernels themselves in a CPU emulation (g++, below):
+every strategy x option x mode of cross-entropy (reductions, lse, softcap, in place, bad
+targets, all ignored, the statistics and gradient of the vocabulary-parallel loss), softmax
+forward and backward.
 
 On a GPU (marker ``gpu``, skipped with the reason otherwise): every strategy at and around its
 thresholds for every dtype, odd lengths, strided views, misaligned pointers (the scalar path and
 the shifted vector path), broadcast masks (row stride 0), edge rows, every cross-entropy option,
 in-place writes, bad targets, more than 2**31 elements, CuPy arrays and torch CUDA tensors
-(bfloat16 too) on their current streams, and run-to-run determinism. All compared with float64
+(bfloat16 too) on their current streams, run-to-run determinism, and the emulated
+cross-entropy matrix through the backend's own functions. All compared with float64
 references (tests/reference.py) within the contract's tolerances.
 """
 
@@ -76,15 +81,19 @@ def _block_max(op, dtype, smem_limit, soft=False, vec_ok=True):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_plan_warp_shapes_per_length(dtype):
     vec, wmax = _vec(dtype), _wmax(dtype)
+    per_lane = max(1, cb.WARP_MIN_ELEMS // vec)  # packs each lane holds at least
     plan = cb.plan_launch
-    # (a), rows sharing a warp: LANES = next power of two of the packs, one pack each
-    assert (plan("softmax_fwd", dtype, 1).lanes, plan("softmax_fwd", dtype, 1).packs) == (1, 1)
-    assert plan("softmax_fwd", dtype, vec).lanes == 1
-    assert plan("softmax_fwd", dtype, vec + 1).lanes == 2
-    assert plan("softmax_fwd", dtype, 16 * vec).lanes == 16
-    p = plan("softmax_fwd", dtype, 16 * vec + 1)
-    assert (p.lanes, p.packs, p.rows_per_block) == (32, 1, 4)
-    assert plan("softmax_fwd", dtype, 32 * vec + 1).packs == 2
+    shape = lambda n, **kw: (plan("softmax_fwd", dtype, n, **kw).lanes,  # noqa: E731
+                             plan("softmax_fwd", dtype, n, **kw).packs)  # fmt: skip
+    # (a), rows sharing a warp: 1, 4 or 16 lanes of per_lane packs each
+    assert shape(1) == (1, per_lane)
+    assert shape(per_lane * vec) == (1, per_lane)
+    assert shape(per_lane * vec + 1) == (4, per_lane)
+    assert shape(16 * per_lane * vec) == (16, per_lane)
+    p = plan("softmax_fwd", dtype, 16 * per_lane * vec + 1)
+    assert (p.lanes, p.packs, p.rows_per_block) == (32, per_lane, 4)
+    if 64 * per_lane * vec <= wmax:
+        assert shape(32 * per_lane * vec + 1) == (32, 2 * per_lane)
     # the whole warp up to warp_max_cols, then a block per row
     p = plan("softmax_fwd", dtype, wmax)
     assert p.strategy == WARP_ROWS and p.lanes * p.packs * vec == wmax
@@ -94,6 +103,36 @@ def test_plan_warp_shapes_per_length(dtype):
     assert plan("softmax_fwd", dtype, wmax - vec + 1, shifted=True).strategy == WARP_ROWS
     # on the scalar path rows start at pack 0: no extra pack
     assert plan("softmax_fwd", dtype, wmax, vec_ok=False, shifted=True).strategy == WARP_ROWS
+    # cross-entropy takes (a) (its FAST instance) for rows of whole packs without a softcap;
+    # other short rows go to (b), a warp per row
+    ce = lambda n, **kw: plan("cross_entropy_fwd", dtype, n, **kw)  # noqa: E731
+    assert ce(4 * vec).strategy == WARP_ROWS and ce(4 * vec).fast
+    assert ce(wmax).strategy == WARP_ROWS
+    for p in (ce(4 * vec + 1), ce(4 * vec, shifted=True), ce(4 * vec, vec_ok=False),
+              ce(4 * vec, softcap=True), ce(3, with_grad=False)):  # fmt: skip
+        assert p.strategy == BLOCK_SMEM and p.row_threads == 32 and p.rows_per_block == 8
+    assert plan("cross_entropy_fwd", dtype, wmax + 1).fast  # (b)/(c): only the softcap matters
+    assert not plan("cross_entropy_fwd", dtype, wmax + 1, softcap=True).fast
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_plan_block_row_groups(dtype):
+    """(b) of cross-entropy: 256-thread blocks, rows of G = 32..256 threads with at least 4
+    packs each (rows shorter than 1024 packs share a block), fewer rows when they do not fit."""
+    vec, wmax = _vec(dtype), _wmax(dtype)
+    for n in (wmax + 1, 2 * wmax, 4096, 3 * 4096 + 5, 50000):
+        p = cb.plan_launch("cross_entropy_fwd", dtype, n, smem_limit=H100_SMEM)
+        if p.strategy != BLOCK_SMEM:
+            continue
+        n_packs = -(-n // vec)
+        assert p.threads == 256 and p.rows_per_block * p.row_threads == 256
+        assert 32 <= p.row_threads <= 256
+        assert n_packs >= 4 * p.row_threads or p.row_threads == 32 or p.rows_per_block == 1
+        assert p.smem <= H100_SMEM - cb.STATIC_SMEM_RESERVE
+    p = cb.plan_launch("cross_entropy_fwd", "float32", 4 * 256 * 4, smem_limit=H100_SMEM)
+    assert (p.row_threads, p.rows_per_block) == (256, 1)
+    p = cb.plan_launch("cross_entropy_fwd", "float32", 2048, smem_limit=H100_SMEM)
+    assert (p.row_threads, p.rows_per_block) == (128, 2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -114,7 +153,7 @@ def test_plan_block_to_online_threshold(dtype, op, soft):
     assert p.strategy == BLOCK_SMEM
     assert p.smem <= H100_SMEM - cb.STATIC_SMEM_RESERVE
     per_col = cb.smem_bytes_per_col(op, size, soft)
-    assert p.smem == (-(-nb // _vec(dtype)) + 1) * _vec(dtype) * per_col
+    assert p.smem == p.rows_per_block * (-(-nb // _vec(dtype)) + 1) * _vec(dtype) * per_col
     assert nb > 14000  # H100: at least 14K columns in shared memory (float64 backward: 16 B each)
     assert cb.plan_launch(op, dtype, nb + 1, smem_limit=H100_SMEM, soft=soft).strategy == ONLINE
     assert cb.plan_launch(op, dtype, 2**20, smem_limit=H100_SMEM, soft=soft).strategy == ONLINE
@@ -139,44 +178,60 @@ def test_plan_invariants_and_names(dtype):
     seen = set()
     for n in list(range(1, 300)) + [511, 512, 513, 1000, 1023, 1024, 1025, 4097, 70001, 2**20]:
         for op in cb.OPS:
-            for soft in (False, True) if op == "cross_entropy_fwd" else (False,):
+            for soft in (False, True) if op.startswith("cross_entropy") else (False,):
                 for vec_ok, shifted in ((True, False), (True, True), (False, False)):
-                    for grad in (True, False):
-                        opts = dict(vec_ok=vec_ok, shifted=shifted, soft=soft, with_grad=grad)
+                    for grad, cap in ((True, False), (False, False), (True, True)):
+                        opts = dict(vec_ok=vec_ok, shifted=shifted, soft=soft, with_grad=grad,
+                                    softcap=cap)  # fmt: skip
                         p = cb.plan_launch(op, dtype, n, smem_limit=H100_SMEM, **opts)
-                        name = cb.kernel_name(op, dtype, soft, p)
-                        assert name in names, name
-                        seen.add(name)
+                        for flag in (soft, not soft):
+                            name = cb.kernel_name(op, dtype, flag, p)
+                            assert name in names, name
+                            seen.add(name)
                         if p.strategy == WARP_ROWS:
                             assert p.threads == 128 and p.lanes * p.rows_per_block == 128
                             vec = _vec(dtype)
                             span = n + (vec - 1 if vec_ok and shifted else 0)
                             assert p.lanes * p.packs * vec >= span  # the row fits the lanes
                         else:
-                            assert p.threads in (128, 256, 512) and p.rows_per_block == 1
+                            assert p.threads == 256
+                            assert p.rows_per_block == 1 or p.strategy == BLOCK_SMEM
     # every instance compiled is reachable (none of the module is dead weight)
     for flag in (False, True):
-        for op in cb.OPS:
-            for p in [cb.LaunchPlan(cb.WARP_ROWS, la, pa, 0, 0, 1)
-                      for la, pa in cb.warp_configs(cb.CTYPES[dtype][1])]:  # fmt: skip
+        for op in ("softmax_fwd", "softmax_bwd", "cross_entropy_fwd"):
+            # (cross-entropy's (a) instances are all FAST: rows of whole packs)
+            fasts = (True,) if op in cb.FAST_OPS else (False, True)
+            for p in [cb.LaunchPlan(cb.WARP_ROWS, la, pa, 0, 0, 1, fast)
+                      for la, pa in cb.warp_configs(cb.CTYPES[dtype][1])
+                      for fast in fasts]:  # fmt: skip
                 assert cb.kernel_name(op, dtype, flag, p) in names
+                if op in cb.FAST_OPS:
+                    seen.add(cb.kernel_name(op, dtype, flag, p))
+    seen.add(cb.denom_kernel_name(dtype))
+    assert seen == names, names - seen
 
 
 def test_kernel_names_format():
     p = cb.plan_launch("softmax_fwd", "float32", 200)
     assert (
         cb.kernel_name("softmax_fwd", "float32", True, p)
-        == "softmax_fwd_kernel<float, true, 0, 32, 2>"
+        == "softmax_fwd_kernel<float, true, 0, 16, 4>"
     )
     assert (
         cb.kernel_name("softmax_bwd", "bfloat16", False, p)
-        == "softmax_bwd_kernel<__nv_bfloat16, 0, 32, 2>"
+        == "softmax_bwd_kernel<__nv_bfloat16, 0, 16, 4>"
     )
     q = cb.plan_launch("cross_entropy_fwd", "float16", 5000, with_grad=False)
     assert (
         cb.kernel_name("cross_entropy_fwd", "float16", True, q)
-        == "cross_entropy_fwd_kernel<__half, true, 2, 1, 1>"
+        == "cross_entropy_fwd_kernel<__half, true, 2, 1, 1, true>"
     )
+    g = cb.plan_launch("cross_entropy_grad", "float32", 5000, softcap=True)
+    assert (
+        cb.kernel_name("cross_entropy_grad", "float32", False, g)
+        == "cross_entropy_grad_kernel<float, false, false>"
+    )
+    assert cb.denom_kernel_name("bfloat16") == "cross_entropy_denom_kernel<float>"
 
 
 def test_vector_flags():
@@ -730,12 +785,14 @@ def test_cupy_arrays_keep_their_kind_and_nd_axes(rng):
 
 # ----------------------------------------------------------------------------------------------
 # The kernels on the CPU, without a GPU: a small CUDA emulation (one std::thread per CUDA thread,
-# __syncthreads and warp shuffles through barriers, blocks one after another) compiles the very
-# same kernel sources with g++, and the backend's own host code (planner, vector flags, argument
-# packing) launches them on NumPy memory, with at most 3 blocks so that every grid-stride loop
-# runs. It needs g++ (C++20) and the CUDA headers (cuda_fp16.h); the GPU tests above run the
-# real thing. Run it under AddressSanitizer (SK_EMU_ASAN=1, with libasan preloaded) to check that
-# no kernel reads or writes out of bounds.
+# __syncthreads, named barriers, __syncwarp and warp shuffles through barriers, atomics and
+# fences through C++ atomics, blocks one after another in reverse order so that the last block
+# to finish is not the last one launched) compiles the very same kernel sources with g++
+# (SK_HOST_EMULATION supplies common.cuh's inline-PTX intrinsics), and the backend's own host
+# code (planner, vector flags, argument packing, the workspace) launches them on NumPy memory,
+# with at most 3 blocks so that every grid-stride loop runs. It needs g++ (C++20) and the CUDA
+# headers (cuda_fp16.h); the GPU tests above run the real thing. Run it under AddressSanitizer
+# (SK_EMU_ASAN=1, with libasan preloaded) to check that no kernel reads or writes out of bounds.
 
 EMU_H = r"""
 #pragma once
@@ -750,6 +807,7 @@ EMU_H = r"""
 #include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -768,6 +826,9 @@ struct SkBlock {
     std::barrier<> bar;
     std::vector<std::unique_ptr<std::barrier<>>> warp_bars;
     std::vector<std::array<std::uint64_t, 32>> bufs;
+    std::array<std::unique_ptr<std::barrier<>>, 16> named;
+    std::array<int, 16> named_count{};
+    std::mutex named_lock;
     std::atomic<int> flag{0};
     explicit SkBlock(int n) : bar(n) {
         for (int w = 0; w < n / 32; ++w) warp_bars.emplace_back(new std::barrier<>(32));
@@ -787,6 +848,9 @@ inline int __syncthreads_or(int p) {
     return r;
 }
 // every lane of the warp must arrive (as on the GPU with a full mask), or this deadlocks
+inline void __syncwarp(unsigned = 0xffffffffu) {
+    sk_block->warp_bars[threadIdx.x / 32]->arrive_and_wait();
+}
 template <class T>
 inline T __shfl_xor_sync(unsigned, T v, int lane_mask, int width = 32) {
     const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -801,11 +865,37 @@ inline T __shfl_xor_sync(unsigned, T v, int lane_mask, int width = 32) {
     sk_block->warp_bars[w]->arrive_and_wait();
     return r;
 }
+// named barrier id over n threads (bar.sync id, n): every id is used with one count
+inline void sk_bar(int id, int n) {
+    std::barrier<>* b;
+    {
+        std::lock_guard<std::mutex> g(sk_block->named_lock);
+        if (!sk_block->named[id]) {
+            sk_block->named[id].reset(new std::barrier<>(n));
+            sk_block->named_count[id] = n;
+        }
+        if (sk_block->named_count[id] != n) std::abort();
+        b = sk_block->named[id].get();
+    }
+    b->arrive_and_wait();
+}
+inline float sk_ex2(float a) { return std::exp2(a); }
+inline float sk_rcp_approx(float x) { return 1.0f / x; }
+inline double sk_rcp_approx(double x) { return 1.0 / x; }
+inline double sk_load_cg(const double* p) {
+    double v;
+    __atomic_load(p, &v, __ATOMIC_ACQUIRE);
+    return v;
+}
+inline unsigned atomicAdd(unsigned* p, unsigned v) {
+    return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
+}
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 alignas(16) inline unsigned char sk_dyn_smem[256 * 1024];
 inline void sk_emu_launch(int grid, int block, const std::function<void()>& body) {
     gridDim = {unsigned(grid), 1, 1};
     blockDim = {unsigned(block), 1, 1};
-    for (int b = 0; b < grid; ++b) {
+    for (int b = grid - 1; b >= 0; --b) {  // reverse order: block 0 finishes last
         SkBlock blk(block);
         sk_block = &blk;
         std::vector<std::thread> ts;
@@ -821,34 +911,30 @@ inline void sk_emu_launch(int grid, int block, const std::function<void()>& body
 }
 """
 
+_LL = ["long long"]
 # Kernel parameters per op (T: element type, A: compute type), as in the .cu files.
 EMU_SIGS = {
-    "softmax_fwd": ["const T*", "T*", "const unsigned char*"] + ["long long"] * 5
-    + ["A", "int", "int"],
-    "softmax_bwd": ["const T*", "const T*", "T*"] + ["long long"] * 5 + ["A", "int", "int"],
-    "cross_entropy_fwd": ["const T*", "const void*", "T*", "A*", "const A*", "const A*"]
-    + ["long long"] * 6
-    + ["int"]
-    + ["A"] * 5,
+    "softmax_fwd": ["const T*", "T*", "const unsigned char*"] + _LL * 5 + ["A", "int", "int"],
+    "softmax_bwd": ["const T*", "const T*", "T*"] + _LL * 5 + ["A", "int", "int"],
+    "cross_entropy_fwd": ["const T*", "const void*", "T*", "A*", "A*", "A*", "const A*",
+                          "const A*", "double*"] + _LL * 9 + ["int"] + ["A"] * 6,
+    "cross_entropy_grad": ["const T*", "const void*", "T*"] + ["const A*"] * 4 + _LL * 7
+    + ["int"] + ["A"] * 5,
+    "cross_entropy_denom": ["const void*", "const A*", "double*"] + _LL * 3 + ["int"],
 }  # fmt: skip
 
 
 def _emu_cpp() -> str:
     """The kernel sources patched for the host compiler, and a wrapper per kernel instance."""
-    import re
-
     src = cb.kernel_source()
-    for s in ("#include <cuda_fp16.h>", "#include <cuda_bf16.h>",
-              "extern __shared__ __align__(16) unsigned char sk_dyn_smem[];"):  # fmt: skip
-        src = src.replace(s, "")
     src = src.replace("__shared__", "static").replace("__device__", "")
-    src = re.sub(r'asm\("rcp\.approx\.ftz\.f32.*?\(x\)\);', "r = 1.0f / x;", src)
-    src = re.sub(r'asm\("rcp\.approx\.ftz\.f64.*?\(x\)\);', "r = 1.0 / x;", src)
-    assert "asm(" not in src
-    out, table = ['#include "emu.h"', src], []
+    out, table, seen = ["#define SK_HOST_EMULATION 1", '#include "emu.h"', src], [], set()
     for dt, (ct, _) in cb.CTYPES.items():
         acc = "double" if dt == "float64" else "float"
         for name in cb.all_kernel_names(dt):
+            if name in seen:  # (the denominator kernel serves several dtypes)
+                continue
+            seen.add(name)
             params = []
             for p in EMU_SIGS[name.split("_kernel<")[0]]:
                 p = p.replace("const T*", f"const {ct}*").replace("T*", f"{ct}*")
@@ -927,31 +1013,52 @@ class Emu:
     data (NumPy has no such dtype) travels as uint16 bit patterns."""
 
     SMEM = 16 * 1024  # a small shared-memory budget: (b) and (c) start at a few thousand columns
-    # Blocks of (b) and (c) run with at most 128 emulated threads (the kernels are correct for
-    # any multiple of 32; each thread then walks more packs): 4x fewer OS threads to schedule.
+    # Blocks run with at most 128 emulated threads (the kernels are correct for any multiple of
+    # 32: a (b) row group is then at most the block, a thread walks more packs): fewer OS threads.
     MAX_THREADS = 128
+    MAX_GRID = 3
 
     def __init__(self, lib):
         self.lib = lib
         self.launched: list[tuple[str, cb.LaunchPlan]] = []
+        self.ws = np.zeros(cb.WS_DOUBLES, np.float64)  # the (device, stream) workspace
 
     @staticmethod
     def dtype_name(a):
         n = str(a.dtype)
         return "bfloat16" if n == "uint16" else n
 
-    def launch(self, op, flag, x, plan, n_rows, args):
+    def launch(self, name, x, plan, n_rows, args, max_grid=None):
         import ctypes
 
-        name = cb.kernel_name(op, self.dtype_name(x), flag, plan)
-        grid = max(1, min(3, -(-n_rows // plan.rows_per_block)))
+        grid = max(1, min(self.MAX_GRID, -(-n_rows // plan.rows_per_block)))
+        if max_grid is not None:
+            grid = min(grid, max_grid)
         keep = [np.array(a) for a in args]
         ptrs = (ctypes.c_void_p * len(keep))(*[k.ctypes.data for k in keep])
-        assert (
-            self.lib.sk_emu_call(name.encode(), grid, min(plan.threads, self.MAX_THREADS), ptrs)
-            == 0
-        ), name
+        threads = min(plan.threads, self.MAX_THREADS)
+        assert self.lib.sk_emu_call(name.encode(), grid, threads, ptrs) == 0, name
         self.launched.append((name, plan))
+
+    def counter(self) -> int:
+        return int(self.ws.view(np.uint32)[0])
+
+    # the "device" arrays are NumPy arrays here (GpuDev below: CuPy arrays on the GPU)
+    @staticmethod
+    def dev(a):
+        return a
+
+    @staticmethod
+    def host(a):
+        return np.asarray(a)
+
+    @staticmethod
+    def empty(shape, dtype):
+        return np.empty(shape, np.uint16 if dtype == "bfloat16" else dtype)
+
+    @staticmethod
+    def copy(a):
+        return a.copy()
 
     @staticmethod
     def make(a, dtype):
@@ -987,6 +1094,7 @@ def emu(emu_lib, monkeypatch):
     monkeypatch.setattr(cb, "_ptr", lambda a: a.ctypes.data)
     monkeypatch.setattr(cb, "_smem_limit", lambda x: Emu.SMEM)
     monkeypatch.setattr(cb, "_launch", e.launch)
+    monkeypatch.setattr(cb, "_workspace", lambda x: e.ws.ctypes.data)
     return e
 
 
@@ -1047,69 +1155,214 @@ def test_emulated_backward_every_strategy(emu, dtype, rng):
     assert emu.strategies == {WARP_ROWS, BLOCK_SMEM, ONLINE}
 
 
+# -- cross-entropy in the emulation ------------------------------------------------------------
+
+
+REDUCTIONS = ("none", "sum", "mean")
+
+
+def _capped(x64, softcap):
+    """(z, dz/dx) of the softcap (identity without one), in float64."""
+    if softcap is None:
+        return x64, np.ones_like(x64)
+    t = np.tanh(x64 / softcap)
+    return softcap * t, 1.0 - t * t
+
+
+def _ref_lse(z64):
+    with np.errstate(all="ignore"):
+        m = z64.max(axis=1, keepdims=True)
+        m = np.where(np.isneginf(m), 0.0, m)
+        return (m + np.log(np.exp(z64 - m).sum(axis=1, keepdims=True)))[:, 0]
+
+
 def _emu_ce(emu, rng, dtype, n, soft, *, rows=6, weighted=True, eps=0.2, z=1e-2, gs=0.5,
-            with_grad=True, inplace=False, tdtype="int64", bad=False,
-            ignore_index=-100):  # fmt: skip
+            softcap=None, reduction="none", with_grad=True, inplace=False, tdtype="int64",
+            bad=False, ignore_index=-100, lse=False, denom=None, all_ignored=False,
+            scale_x=3.0):  # fmt: skip
+    """One cb.cross_entropy_fwd call in the emulation against the float64 reference (torch's
+    cross_entropy on the softcapped logits, the chain rule applied), with its launch count."""
     cdt = "float64" if dtype == "float64" else "float32"
-    x = emu.make(rng.standard_normal((rows, n)) * 3, dtype)
+    x = emu.make(rng.standard_normal((rows, n)) * scale_x, dtype)
     xr = emu.f64(x, dtype)
+    zr, dz = _capped(xr, softcap)
     if soft:
         t = emu.make(rng.dirichlet(np.ones(n), size=rows), dtype)
         t_ref = emu.f64(t, dtype)
     else:
         t_ref = rng.integers(0, n, size=rows)
-        t_ref[1] = ignore_index
+        if rows > 1:
+            t_ref[1] = ignore_index
+        if all_ignored:
+            t_ref[:] = ignore_index
         t = t_ref.astype(tdtype)
         if bad:
             t[0], t[2] = n, -7
             t_ref[0] = t_ref[2] = ignore_index  # checked separately
+        t = emu.dev(t)
     w = (rng.random(n) + 0.25).astype(cdt) if weighted else None
-    counted = np.ones(rows, bool) if soft else t_ref != ignore_index
-    if soft:
-        dval = float(rows)
+    bad_rows = [0, 2] if bad and not soft else []
+    red = reduction if not bad_rows else "none"  # the reference's good rows, checked below
+    dval = None
+    if denom is not None:
+        dval = float(denom)
+        denom = emu.dev(np.array(dval, cdt))
+    ref_kw = dict(weight=w, ignore_index=ignore_index, label_smoothing=eps, z_loss=z)
+    if red == "mean" and dval is not None:
+        ref_loss, ref_grad = ref_cross_entropy(zr, t_ref, reduction="sum",
+                                               grad_scale=gs / dval if dval else gs,
+                                               **ref_kw)  # fmt: skip
+        ref_loss = ref_loss / dval if dval else 0.0 * ref_loss
     else:
-        dval = float(counted.sum() if w is None else w[np.where(counted, t_ref, 0)][counted].sum())
-    denom = np.array(dval, cdt) if dval else None  # reduction "mean", on the device
-    loss = np.empty(rows, cdt)
-    xin = x.copy()
-    grad = (xin if inplace else np.empty_like(x)) if with_grad else None
-    cb.cross_entropy_fwd(xin, t, loss, grad, soft=soft, weight=w, ignore_index=ignore_index,
-                         label_smoothing=eps, z_loss=z, grad_scale=gs, denom=denom)  # fmt: skip
-    ref_loss, ref_grad = ref_cross_entropy(xr, t_ref, weight=w, ignore_index=ignore_index,
-                                           reduction="none", label_smoothing=eps, z_loss=z,
-                                           grad_scale=gs / dval if dval else gs)  # fmt: skip
-    good = [i for i in range(rows) if not (bad and not soft and i in (0, 2))]
-    what = f"{dtype} C={n} soft={soft} eps={eps} z={z} w={weighted} {tdtype} {emu.launched[-1][0]}"
-    assert_close(loss[good], ref_loss[good], LOSS_DTYPE[dtype], what + " loss")
-    if not soft:
-        assert loss[1] == 0  # ignored
-    if bad and not soft:
-        assert np.isnan(loss[[0, 2]]).all(), what
+        ref_loss, ref_grad = ref_cross_entropy(zr, t_ref, reduction=red, grad_scale=gs, **ref_kw)
+    ref_grad = ref_grad * dz
+    loss = emu.empty(() if reduction != "none" else (rows,), cdt)
+    lse_out = emu.empty(rows, cdt) if lse else None
+    xin = emu.copy(x)
+    grad = (xin if inplace else emu.empty(x.shape, dtype)) if with_grad else None
+    n0 = len(emu.launched)
+    cb.cross_entropy_fwd(xin, t, loss=loss, grad=grad, lse=lse_out, soft=soft,
+                         weight=None if w is None else emu.dev(w),
+                         ignore_index=ignore_index, label_smoothing=eps, z_loss=z,
+                         softcap=softcap, grad_scale=gs, reduction=reduction,
+                         denom=denom)  # fmt: skip
+    launches = [nm for nm, _ in emu.launched[n0:]]
+    what = (f"{dtype} C={n} soft={soft} eps={eps} z={z} w={weighted} cap={softcap} "
+            f"{reduction} {tdtype} {launches}")  # fmt: skip
+    # at most 2 launches, and 2 only for the denominator a "mean" gradient needs first
+    needs_denom = reduction == "mean" and with_grad and not soft and denom is None
+    assert len(launches) == 1 + needs_denom, what
+    assert emu.counter() == 0, what + ": the ticket counter must be reset"
+    good = [i for i in range(rows) if i not in bad_rows]
+    loss = emu.host(loss)
+    if reduction == "none":
+        assert_close(loss[good], ref_loss[good], LOSS_DTYPE[dtype], what + " loss")
+        if not soft and not all_ignored:
+            assert loss[1] == 0, what  # ignored
+        if bad_rows:
+            assert np.isnan(loss[bad_rows]).all(), what
+    elif bad_rows:
+        assert np.isnan(loss), what
+    else:
+        assert_close(loss, ref_loss, LOSS_DTYPE[dtype], what + " loss")
+    if lse:
+        assert_close(emu.host(lse_out), _ref_lse(zr), LOSS_DTYPE[dtype], what + " lse")
     if with_grad:
         g = emu.f64(grad, dtype)
-        assert_close(g[good], ref_grad[good], dtype, what + " grad")
+        if bad_rows and reduction == "mean":  # the denominator is NaN: every counted row NaN
+            counted = [i for i in range(rows) if t_ref[i] != ignore_index or i in bad_rows]
+            assert np.isnan(g[counted]).all(), what
+        else:
+            assert_close(g[good], ref_grad[good], dtype, what + " grad")
+            if bad_rows:
+                assert np.isnan(g[bad_rows]).all(), what
+        if not soft and rows > 1:
+            assert (g[1] == 0).all(), what  # ignored: exactly zero
+    return launches
+
+
+def _ce_every_strategy(emu, dtype, soft, rng, lengths):
+    """Every strategy (and (a) shape, FAST and GENERAL instances) x the options: weight +
+    smoothing + z-loss + lse per row; loss-only "mean"; in-place "mean" with int32 targets (the
+    denominator kernel); bad targets with "sum"; softcap with lse."""
+    for n in lengths:
+        _emu_ce(emu, rng, dtype, n, soft, lse=True)
+        _emu_ce(emu, rng, dtype, n, soft, weighted=False, eps=0.0, z=0.0, gs=1.0,
+                with_grad=False, reduction="mean")  # fmt: skip
+        _emu_ce(emu, rng, dtype, n, soft, eps=0.1, z=0.0, gs=2.0, inplace=True,
+                reduction="mean", tdtype="int32")  # fmt: skip
+        _emu_ce(emu, rng, dtype, n, soft, eps=0.05, z=1e-3, softcap=4.0, reduction="mean",
+                lse=True, weighted=not soft)  # fmt: skip
         if not soft:
-            assert (g[1] == 0).all()
-        if bad and not soft:
-            assert np.isnan(g[[0, 2]]).all(), what
+            _emu_ce(emu, rng, dtype, n, soft, eps=0.3, z=0.0, gs=1.0, bad=True,
+                    ignore_index=0, reduction="sum", weighted=False)  # fmt: skip
+    assert emu.strategies == {WARP_ROWS, BLOCK_SMEM, ONLINE}
+    names = {nm for nm, _ in emu.launched}
+    assert any(nm.endswith("true>") for nm in names) and any(nm.endswith("false>") for nm in names)
 
 
 @pytest.mark.parametrize("soft", [False, True], ids=["index", "probs"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_emulated_cross_entropy_every_strategy(emu, dtype, soft, rng):
-    for n in _emu_lengths(dtype, "cross_entropy_fwd", soft):
-        _emu_ce(emu, rng, dtype, n, soft)
-        _emu_ce(emu, rng, dtype, n, soft, weighted=False, eps=0.0, z=0.0, gs=1.0, with_grad=False)
-        _emu_ce(emu, rng, dtype, n, soft, eps=0.1, z=0.0, gs=2.0, inplace=True)
+    _ce_every_strategy(emu, dtype, soft, rng, _emu_lengths(dtype, "cross_entropy_fwd", soft))
+
+
+def _ce_reductions(emu, dtype, rng):
+    """Each reduction x gradient with another option combination per row length: at most 2
+    launches per call, the counter reset, the reduced loss right; bad targets make "sum" /
+    "mean" NaN and every counted gradient row NaN under "mean"; all rows ignored give 0 and a
+    zero gradient; a given denom is used (0 gives 0)."""
+    import itertools
+
+    combos = list(itertools.product((False, True), (0.0, 0.1), (0.0, 1e-3), (None, 3.0)))
+    modes = list(itertools.product(REDUCTIONS, (False, True)))
+    cases = ((37, False), (37, True), (1500, False), (5000, False), (300, True), (5000, True))
+    for ci, (n, soft) in enumerate(cases):  # each mode with another combination, cycling
+        for k, (red, grad) in enumerate(modes):
+            weighted, eps, z, cap = combos[(ci * 5 + k * 3) % len(combos)]
+            _emu_ce(emu, rng, dtype, n, soft, rows=5, weighted=weighted, eps=eps, z=z,
+                    softcap=cap, reduction=red, with_grad=grad)  # fmt: skip
         if not soft:
-            _emu_ce(emu, rng, dtype, n, soft, eps=0.0, z=1e-3, gs=1.0, tdtype="int32", bad=True)
-            _emu_ce(emu, rng, dtype, n, soft, weighted=False, eps=0.3, z=0.0, gs=1.0, bad=True,
-                    ignore_index=0)  # fmt: skip
-    assert emu.strategies == {WARP_ROWS, BLOCK_SMEM, ONLINE}
+            for red in ("sum", "mean"):
+                _emu_ce(emu, rng, dtype, n, soft, rows=7, bad=True, reduction=red)
+            _emu_ce(emu, rng, dtype, n, soft, rows=4, all_ignored=True, reduction="mean")
+            _emu_ce(emu, rng, dtype, n, soft, rows=4, all_ignored=True, reduction="mean",
+                    with_grad=False)  # fmt: skip
+        _emu_ce(emu, rng, dtype, n, soft, rows=5, reduction="mean", denom=7.5)
+        _emu_ce(emu, rng, dtype, n, soft, rows=5, reduction="mean", denom=0.0, with_grad=False)
+    # many rows: more rows than the grid's threads, the partials of every block
+    _emu_ce(emu, rng, dtype, 20, False, rows=600, reduction="mean")
+    _emu_ce(emu, rng, "float64", 20, True, rows=300, reduction="sum", with_grad=False)
+
+
+def test_emulated_cross_entropy_reductions_and_launches(emu, rng):
+    _ce_reductions(emu, "float32", rng)
+
+
+def test_cross_entropy_launches_per_call_every_option(monkeypatch, rng):
+    """Every option combination x target kind x reduction x gradient x given denominator, for
+    each strategy's row length: the host issues at most 2 launches per call and nothing else
+    (the launches are recorded, not run; the emulated tests check what they compute)."""
+    import itertools
+
+    launched = []
+    monkeypatch.setattr(cb, "_launch", lambda name, *a, **k: launched.append(name))
+    monkeypatch.setattr(cb, "_workspace", lambda x: 4096)
+    monkeypatch.setattr(cb, "_ptr", lambda a: a.ctypes.data)
+    monkeypatch.setattr(cb, "_smem_limit", lambda x: H100_SMEM)
+    for n, soft in itertools.product((64, 1000, 5000, 70000), (False, True)):
+        x = np.zeros((3, n), np.float32)
+        t = np.zeros((3, n), np.float32) if soft else np.zeros(3, np.int64)
+        for w, eps, z, cap, red, grad, den in itertools.product(
+            (None, np.ones(n, np.float32)), (0.0, 0.1), (0.0, 1e-3), (None, 3.0), REDUCTIONS,
+            (False, True), (None, np.array(2.0, np.float32)),
+        ):  # fmt: skip
+            launched.clear()
+            loss = np.empty(() if red != "none" else (3,), np.float32)
+            cb.cross_entropy_fwd(x, t, loss=loss, grad=np.empty_like(x) if grad else None,
+                                 lse=np.empty(3, np.float32), soft=soft, weight=w,
+                                 ignore_index=-100, label_smoothing=eps, z_loss=z, softcap=cap,
+                                 grad_scale=1.0, reduction=red, denom=den)  # fmt: skip
+            denom_first = red == "mean" and grad and not soft and den is None
+            assert len(launched) == 1 + denom_first <= 2, (n, soft, red, grad, launched)
+            assert launched[0].startswith("cross_entropy_denom") == denom_first
+
+
+def test_emulated_cross_entropy_no_rows(emu):
+    """No rows: "sum" and "mean" still write 0.0 (one launch, nothing read)."""
+    x = np.empty((0, 10), np.float32)
+    t = np.empty(0, np.int64)
+    for red in ("sum", "mean"):
+        loss = np.full((), 5.0, np.float32)
+        cb.cross_entropy_fwd(x, t, loss=loss, grad=np.empty_like(x), lse=None, soft=False,
+                             weight=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+                             softcap=None, grad_scale=1.0, reduction=red,
+                             denom=None)  # fmt: skip
+        assert float(loss) == 0.0 and emu.counter() == 0
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_emulated_edge_rows(emu, dtype, rng):
+def test_emulated_cross_entropy_edge_rows(emu, dtype, rng):
     big = {"float16": 6e4, "bfloat16": 1e30, "float32": 1e30, "float64": 1e300}[dtype]
     for n in (1, 2, 9, 64, 700, 2000, 6000):
         x64 = rng.standard_normal((7, n))
@@ -1120,18 +1373,118 @@ def test_emulated_edge_rows(emu, dtype, rng):
         x64[4, -1] = big
         x64[5, :] = -big
         x = emu.make(x64, dtype)
-        _emu_fwd(emu, dtype, x, scale=1.0)
-        _emu_fwd(emu, dtype, np.broadcast_to(x[6], x.shape), scale=1.0)  # x row stride 0
-        _emu_fwd(emu, dtype, x[2:3], scale=1.0)  # one row
         t = np.zeros(7, np.int64)
-        loss = np.empty(7, "float64" if dtype == "float64" else "float32")
+        cdt = "float64" if dtype == "float64" else "float32"
+        loss, lse = np.empty(7, cdt), np.empty(7, cdt)
         grad = np.empty_like(x)
-        opts = dict(weight=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0)
-        cb.cross_entropy_fwd(x, t, loss, grad, soft=False, grad_scale=1.0, denom=None, **opts)
+        cb.cross_entropy_fwd(x, t, loss=loss, grad=grad, lse=lse, soft=False, weight=None,
+                             ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None,
+                             grad_scale=1.0, reduction="none", denom=None)  # fmt: skip
+        xr = emu.f64(x, dtype)
         with np.errstate(all="ignore"):
-            ref_loss, ref_grad = ref_cross_entropy(emu.f64(x, dtype), t, reduction="none")
-        assert_close(loss, ref_loss, LOSS_DTYPE[dtype], f"CE edge n={n}")
-        assert_close(emu.f64(grad, dtype), ref_grad, dtype, f"CE edge grad n={n}")
+            ref_loss, ref_grad = ref_cross_entropy(xr, t, reduction="none")
+            ref_lse = _ref_lse(xr)
+        what = f"CE edge n={n} {emu.launched[-1][0]}"
+        assert_close(loss, ref_loss, LOSS_DTYPE[dtype], what)
+        assert_close(emu.f64(grad, dtype), ref_grad, dtype, what + " grad")
+        assert_close(lse, ref_lse, LOSS_DTYPE[dtype], what + " lse")
+
+
+def _ref_stats(z64, t, w, vs, soft, smooth):
+    """Float64 statistics rows of a shard (dispatch.py's cross_entropy_stats)."""
+    n_rows, n = z64.shape
+    with np.errstate(all="ignore"):
+        m = z64.max(axis=1)
+        mr = np.where(np.isneginf(m), 0.0, m)
+        zs = z64 - mr[:, None]
+        cols = [m, np.exp(zs).sum(axis=1)]
+        ww = np.ones(n) if w is None else w
+        if soft:
+            cols += [(t * ww).sum(axis=1), (t * ww * zs).sum(axis=1)]
+        else:
+            tl = t - vs
+            owned = (tl >= 0) & (tl < n)
+            ts = np.where(owned, tl, 0)
+            cols.append(np.where(owned, zs[np.arange(n_rows), ts], 0.0))
+            if w is not None:
+                cols.append(np.where(owned, w[ts], 0.0))
+        if smooth:
+            cols.append(zs @ ww)
+    return np.stack(cols, axis=1)
+
+
+def _vocab_parallel_modes(emu, dtype, soft, rng, lengths):
+    """cross_entropy_stats on shards [vs, vs + n) of a wider vocabulary (every strategy, class
+    targets owned or not, ignored rows skipped) against float64 statistics, and
+    cross_entropy_grad on each shard with the global lse and coefficient against the slice of
+    the full-vocabulary reference gradient (misaligned shards and in place included)."""
+    cdt = "float64" if dtype == "float64" else "float32"
+    eps, zl, gs, ign = 0.1, 1e-3, 0.75, -100
+    for n in lengths:
+        extra = 3 + int(rng.integers(0, 5))
+        V, rows = n + 2 * extra, 5
+        full = emu.make(rng.standard_normal((rows, V)) * 3, dtype)
+        wfull = (rng.random(V) + 0.25).astype(cdt)
+        if soft:
+            tq = emu.make(rng.dirichlet(np.ones(V), size=rows), dtype)
+            t_ref = emu.f64(tq, dtype)
+        else:
+            t_ref = rng.integers(0, V, size=rows)
+            t_ref[1] = ign
+            t_ref[2] = extra  # owned by the shard at vs = extra
+            tq = emu.dev(t_ref.astype(np.int64))
+        for cap in (None, 5.0):
+            zf, dzf = _capped(emu.f64(full, dtype), cap)
+            ref_loss, ref_grad = ref_cross_entropy(zf, t_ref, weight=wfull, ignore_index=ign,
+                                                   reduction="sum", label_smoothing=eps,
+                                                   z_loss=zl, grad_scale=gs)  # fmt: skip
+            ref_grad = ref_grad * dzf
+            lse = _ref_lse(zf)
+            W = float(wfull.sum())
+            if soft:
+                coef = (1 - eps) * (t_ref * wfull).sum(axis=1) + eps / V * W
+            else:
+                wt = np.where(t_ref != ign, wfull[np.where(t_ref != ign, t_ref, 0)], 0.0)
+                coef = (1 - eps) * wt + eps / V * W
+            coef = coef + 2 * zl * lse
+            for vs in (extra, 2 * extra - 1):  # an aligned and a shifted shard (views)
+                shard = full[:, vs : vs + n]
+                wsh = np.ascontiguousarray(wfull[vs : vs + n])
+                tsh = emu.copy(tq[:, vs : vs + n]) if soft else tq
+                zsh = zf[:, vs : vs + n]
+                k = 5  # class: m, s, z_t - m, w_t, sum w zs; soft: m, s, sum wq, sum wq zs, ...
+                stats = emu.dev(np.full((rows, k), 7.0, cdt))
+                cb.cross_entropy_stats(shard, tsh, stats, soft=soft, weight=emu.dev(wsh),
+                                       ignore_index=ign, vocab_start=vs, label_smoothing=eps,
+                                       softcap=cap)  # fmt: skip
+                ref = _ref_stats(zsh, emu.f64(tsh, dtype) if soft else t_ref, wsh, vs, soft,
+                                 True)  # fmt: skip
+                used = [i for i in range(rows) if soft or t_ref[i] != ign]
+                what = f"{dtype} n={n} vs={vs} cap={cap} {emu.launched[-1][0]}"
+                st = emu.host(stats)
+                assert_close(st[used], ref[used], LOSS_DTYPE[dtype], what + " stats")
+                if not soft:
+                    assert (st[1] == [0, 1, 0, 0, 0]).all(), what  # ignored: skipped
+                inplace = vs != extra
+                grad = emu.copy(shard) if inplace else emu.empty(shard.shape, dtype)
+                n0 = len(emu.launched)
+                cb.cross_entropy_grad(grad if inplace else shard, tsh, grad,
+                                      row_lse=emu.dev(lse.astype(cdt)),
+                                      row_coef=emu.dev(coef.astype(cdt)),
+                                      row_scale=emu.dev(np.array(1.0, cdt)), soft=soft,
+                                      weight=emu.dev(wsh), ignore_index=ign, vocab_start=vs,
+                                      keep=1 - eps, eps_c=eps / V, softcap=cap,
+                                      grad_scale=gs)  # fmt: skip
+                assert len(emu.launched) == n0 + 1
+                assert_close(emu.f64(grad, dtype), ref_grad[:, vs : vs + n], dtype,
+                             what + " grad")  # fmt: skip
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["index", "probs"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emulated_vocab_parallel_modes(emu, dtype, soft, rng):
+    _vocab_parallel_modes(emu, dtype, soft, rng,
+                          _emu_lengths(dtype, "cross_entropy_fwd", soft)[::2])  # fmt: skip
 
 
 def test_emulated_many_rows_and_a_long_row(emu, rng):
@@ -1141,3 +1494,91 @@ def test_emulated_many_rows_and_a_long_row(emu, rng):
     x = rng.standard_normal((1, 2**20)).astype(np.float32) * 5
     _emu_fwd(emu, "float32", x)
     assert emu.launched[-1][1].strategy == ONLINE
+
+
+# -- the same cross-entropy checks on the GPU, through the backend's functions ------------------
+
+
+class GpuDev:
+    """Emu's interface on the GPU: CuPy arrays, the real launches (recorded on the way), the
+    real (device, stream) workspace. No bfloat16 (CuPy has no such dtype; the API tests above
+    cover it through torch)."""
+
+    def __init__(self, monkeypatch):
+        import cupy
+
+        self.cupy = cupy
+        self.launched: list[tuple[str, cb.LaunchPlan]] = []
+        real = cb._launch
+
+        def record(name, x, plan, n_rows, args, max_grid=None):
+            self.launched.append((name, plan))
+            real(name, x, plan, n_rows, args, max_grid)
+
+        monkeypatch.setattr(cb, "_launch", record)
+
+    def make(self, a, dtype):
+        return self.cupy.asarray(np.asarray(a).astype(dtype))
+
+    def f64(self, a, dtype):
+        return to_numpy64(a)
+
+    def dev(self, a):
+        return self.cupy.asarray(a)
+
+    def host(self, a):
+        return self.cupy.asnumpy(a)
+
+    def empty(self, shape, dtype):
+        return self.cupy.empty(shape, dtype)
+
+    @staticmethod
+    def copy(a):
+        return a.copy()
+
+    def counter(self) -> int:
+        stream = self.cupy.cuda.get_current_stream()
+        ws = cb._workspaces[(self.cupy.cuda.Device().id, int(stream.ptr))]
+        return int(self.cupy.asnumpy(ws.view(self.cupy.uint32)[:1])[0])
+
+    @property
+    def strategies(self):
+        return {p.strategy for _, p in self.launched}
+
+
+@pytest.fixture
+def gpu_dev(monkeypatch):
+    return GpuDev(monkeypatch)
+
+
+@gpu_test
+@pytest.mark.parametrize("soft", [False, True], ids=["index", "probs"])
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_gpu_cross_entropy_every_strategy_direct(gpu_dev, dtype, soft, rng):
+    """The emulated matrix on the GPU at this device's thresholds (2**20 included)."""
+    _ce_every_strategy(gpu_dev, dtype, soft, rng, _lengths(dtype, "cross_entropy_fwd", soft))
+
+
+@gpu_test
+def test_gpu_cross_entropy_reductions_and_launches(gpu_dev, rng):
+    _ce_reductions(gpu_dev, "float32", rng)
+    # many rows: every block of a full grid adds its partials, bitwise the same run to run
+    x = gpu_dev.make(rng.standard_normal((300_000, 64)), "float32")
+    t = gpu_dev.dev(rng.integers(0, 64, 300_000))
+    a, b = (gpu_dev.empty((), "float32") for _ in range(2))
+    for out in (a, b):
+        cb.cross_entropy_fwd(x, t, loss=out, grad=None, lse=None, soft=False, weight=None,
+                             ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None,
+                             grad_scale=1.0, reduction="mean", denom=None)  # fmt: skip
+    assert gpu_dev.host(a).tobytes() == gpu_dev.host(b).tobytes()
+    ref, _ = ref_cross_entropy(gpu_dev.f64(x, "float32"), gpu_dev.host(t), reduction="mean")
+    assert_close(gpu_dev.host(a), ref, "float32", "300000 rows mean")
+    assert gpu_dev.counter() == 0
+
+
+@gpu_test
+@pytest.mark.parametrize("soft", [False, True], ids=["index", "probs"])
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_gpu_vocab_parallel_modes(gpu_dev, dtype, soft, rng):
+    _vocab_parallel_modes(gpu_dev, dtype, soft, rng,
+                          _lengths(dtype, "cross_entropy_fwd", soft)[::3])  # fmt: skip

@@ -1,45 +1,63 @@
-// Device helpers shared by every softmax-kernels CUDA kernel: compute types, NaN/-inf-safe
-// maths, 128-bit vector loads and stores with a scalar tail, warp / block reductions and the
-// online (max, sum) merge.
+// Device helpers shared by every softmax-kernels CUDA kernel: compute types, the exponential
+// on a prescaled argument, 128-bit vector loads and stores with a scalar tail, warp / row-group
+// / block reductions, and the grid-wide reduction through a ticket counter.
 //
 // The sources are compiled at run time by NVRTC (CuPy RawModule, -std=c++17) and by nvcc in
 // kernels/cuda/check.py, so this header uses nothing but the CUDA built-ins and the two
-// half-precision headers (no host-only headers, no <cmath>, no <limits>).
+// half-precision headers (no host-only headers, no <cmath>, no <limits>). The few inline-PTX
+// intrinsics live in one block below; tests/test_cupy_backend.py compiles the same sources on
+// the CPU with SK_HOST_EMULATION defined and supplies them there.
 //
 // The three row strategies (template argument STRATEGY; chosen on the host by
 // softmax_kernels.backends.cupy_backend.plan_launch):
-//   WARP_ROWS  (a)  a warp, or LANES lanes of one, per row; the row lives in registers.
-//   BLOCK_SMEM (b)  a block per row; the row lives in dynamic shared memory.
-//   ONLINE     (c)  a block per row; pass 1 folds the row into an online (max, sum),
+//   WARP_ROWS  (a)  LANES lanes of a warp per row; the row lives in registers.
+//   BLOCK_SMEM (b)  a group of G threads per row (G = 32..256 of a 256-thread block, so a block
+//                   holds 256 / G rows); the row lives in dynamic shared memory.
+//   ONLINE     (c)  a 256-thread block per row; pass 1 folds the row into an online (max, sum),
 //                   pass 2 reads it again to write the result.
 // (a) and (b) read each input element once and write each output element once; (c) reads twice.
+//
+// Hot loops: every loop that walks a row's elements carries a `// sk:hot packs=P` marker on its
+// `for` line, P being the 16-byte packs one thread handles per iteration; kernels/cuda/check.py
+// finds these loops in the SASS through the line table and reports their instructions per
+// element (and fails above its bound). Loops without the marker are cold paths (the partial
+// first / last pack of a row, rows skipped without reading, the NaN-row fallback).
 
 #ifndef SOFTMAX_KERNELS_COMMON_CUH
 #define SOFTMAX_KERNELS_COMMON_CUH
 
+#ifndef SK_HOST_EMULATION
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#endif
 
 #define SK_WARP_ROWS 0
 #define SK_BLOCK_SMEM 1
 #define SK_ONLINE 2
 
-// Threads per block of strategy (a): 4 warps. Blocks of (b) and (c) have up to 512 threads.
+// Threads per block: (a) 4 warps, (b) and (c) 8 warps.
 #define SK_WARP_BLOCK_THREADS 128
-#define SK_MAX_BLOCK_THREADS 512
+#define SK_BLOCK_THREADS 256
 
-// Launch bounds per strategy: (a) is launched with 128 threads, (b) and (c) with up to 512.
-// MIN_BLOCKS sets ptxas's register budget, 65536 / (threads x MIN_BLOCKS): 128 registers for
-// (a) with 4 blocks and for (b)/(c) with 1 (room for 4 batched 16-byte loads per operand), 255
-// for the (a) cross-entropy kernels with soft targets (2 blocks; two rows of up to 32 values per
-// lane). Left to its own heuristics ptxas sometimes spills a loop invariant at 40 registers.
-#define SK_LAUNCH_BOUNDS(STRATEGY, MIN_BLOCKS) \
-    __launch_bounds__((STRATEGY) == SK_WARP_ROWS ? SK_WARP_BLOCK_THREADS : SK_MAX_BLOCK_THREADS, \
+// Launch bounds: MIN_BLOCKS sets ptxas's register budget, 65536 / (threads x MIN_BLOCKS):
+// (a) 128 threads x 4 blocks -> at most 128 registers (a row of up to 32 values per lane, 64
+// with soft targets, plus the row's scalars); (b) and (c) 256 threads x 3 blocks -> at most 85
+// registers (4 batched 16-byte loads per operand, the row's running sums and scalars), so that
+// 3 blocks (24 warps) fit per SM by registers whatever the kernel.
+#define SK_LAUNCH_BOUNDS_MIN(STRATEGY, MIN_BLOCKS)                                             \
+    __launch_bounds__((STRATEGY) == SK_WARP_ROWS ? SK_WARP_BLOCK_THREADS : SK_BLOCK_THREADS,      \
                       MIN_BLOCKS)
-#define SK_MIN_BLOCKS(STRATEGY) ((STRATEGY) == SK_WARP_ROWS ? 4 : 1)
+#define SK_MIN_BLOCKS(STRATEGY) ((STRATEGY) == SK_WARP_ROWS ? 4 : 3)
+#define SK_LAUNCH_BOUNDS(STRATEGY) SK_LAUNCH_BOUNDS_MIN(STRATEGY, SK_MIN_BLOCKS(STRATEGY))
 
+// Partial sums of the grid-wide reductions (cross-entropy's "sum" / "mean"): one slot per block
+// and value; the host caps reducing grids at this many blocks (cupy_backend.WS_PARTIALS).
+#define SK_WS_PARTIALS 8192
+
+#ifndef SK_HOST_EMULATION
 // Dynamic shared memory of strategy (b), sized by the host (16-byte aligned for vector access).
 extern __shared__ __align__(16) unsigned char sk_dyn_smem[];
+#endif
 
 namespace sk {
 
@@ -47,8 +65,39 @@ constexpr int WARP = 32;
 constexpr unsigned FULL_MASK = 0xffffffffu;
 // Full packs each thread of (b)/(c) loads before using any: several 16-byte loads in flight.
 constexpr int BATCH = 4;
+// Most warps of a (b)/(c) block: reduction scratch is sized by it.
+constexpr int MAX_WARPS = SK_BLOCK_THREADS / WARP;
 
 typedef long long idx_t;
+
+// ---------------------------------------------------------------------------------------------
+// Device intrinsics (inline PTX), in one place.
+
+#ifndef SK_HOST_EMULATION
+// 2^a, one MUFU.EX2: relative error about 2 ulp; flushes results below 2^-126 to 0.
+__device__ __forceinline__ float sk_ex2(float a) {
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(a));
+    return r;
+}
+__device__ __forceinline__ float sk_rcp_approx(float x) {
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+}
+__device__ __forceinline__ double sk_rcp_approx(double x) {
+    double r;
+    asm("rcp.approx.ftz.f64 %0, %1;" : "=d"(r) : "d"(x));
+    return r;
+}
+// Barrier `id` (1..15; 0 is __syncthreads's) over `n` threads (a multiple of 32): the row
+// groups of strategy (b) synchronise without waiting for the other rows of their block.
+__device__ __forceinline__ void sk_bar(int id, int n) {
+    asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(n) : "memory");
+}
+// A load that bypasses L1 (other blocks' partial sums, written on other SMs).
+__device__ __forceinline__ double sk_load_cg(const double* p) { return __ldcg(p); }
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // Compute type: half types are computed in float32, float64 in float64.
@@ -63,6 +112,25 @@ struct AccOf<double> {
 };
 template <typename T>
 using acc_t = typename AccOf<T>::type;
+
+// Type of row sums whose terms may cancel (the backward's dot(dy, y) and sum(dy)): float64 for
+// float32 and float64 data (a float32 sum of a zero-mean dy keeps an error of ~eps sqrt(n) |dy|,
+// above float32's bound from a few thousand columns), float32 for half types (their bound,
+// 1e-3, is far above float32's rounding).
+template <typename T>
+struct SumOf {
+    typedef float type;
+};
+template <>
+struct SumOf<float> {
+    typedef double type;
+};
+template <>
+struct SumOf<double> {
+    typedef double type;
+};
+template <typename T>
+using sum_t = typename SumOf<T>::type;
 
 __device__ __forceinline__ float to_acc(float v) { return v; }
 __device__ __forceinline__ double to_acc(double v) { return v; }
@@ -89,13 +157,25 @@ struct Convert<__nv_bfloat16> {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Maths in the compute type. Accurate expf/logf (no fast-math intrinsics): the kernels are
-// memory-bound, and float32 results must stay within 1e-6 + 1e-5 |ref|.
+// Maths in the compute type.
+//
+// exp_shifted(zs) = exp(zs) for an argument from which the row maximum was already subtracted
+// (zs = z - m <= 0): float32 as 2^(zs log2 e) on MUFU.EX2, 3 instructions. Subtracting m first
+// keeps the product's rounding relative to |zs|, so exp's relative error stays below about
+// 2.4e-7 + 4e-8 |zs|, within float32's 1e-6 + 1e-5 |ref| wherever the result is not negligible
+// (|zs| < 87). float64 keeps the accurate exp(). Per-row quantities (log s, expm1 of the target)
+// use the accurate library functions: they run once per row.
 
-__device__ __forceinline__ float sk_exp(float v) { return expf(v); }
-__device__ __forceinline__ double sk_exp(double v) { return exp(v); }
+constexpr float LOG2E_F = 1.4426950408889634f;
+
+__device__ __forceinline__ float exp_shifted(float zs) { return sk_ex2(zs * LOG2E_F); }
+__device__ __forceinline__ double exp_shifted(double zs) { return exp(zs); }
 __device__ __forceinline__ float sk_log(float v) { return logf(v); }
 __device__ __forceinline__ double sk_log(double v) { return log(v); }
+__device__ __forceinline__ float sk_expm1(float v) { return expm1f(v); }
+__device__ __forceinline__ double sk_expm1(double v) { return expm1(v); }
+__device__ __forceinline__ float sk_tanh(float v) { return tanhf(v); }
+__device__ __forceinline__ double sk_tanh(double v) { return tanh(v); }
 // fmax drops a NaN operand; a NaN element still reaches every row sum (exp(NaN - m) = NaN), so
 // the whole row comes out NaN, as in NumPy.
 __device__ __forceinline__ float sk_max(float a, float b) { return fmaxf(a, b); }
@@ -105,16 +185,14 @@ __device__ __forceinline__ double sk_max(double a, double b) { return fmax(a, b)
 // registers to the stack): the hardware approximation refined by one (float) or two (double)
 // Newton steps, within about one unit in the last place. 0, +-inf and NaN map as 1 / x does.
 __device__ __forceinline__ float sk_rcp(float x) {
-    float r;
-    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    float r = sk_rcp_approx(x);
     if (r - r == 0.0f && r != 0.0f) {  // finite, non-zero: refine
         r = fmaf(r, fmaf(-x, r, 1.0f), r);
     }
     return r;
 }
 __device__ __forceinline__ double sk_rcp(double x) {
-    double r;
-    asm("rcp.approx.ftz.f64 %0, %1;" : "=d"(r) : "d"(x));
+    double r = sk_rcp_approx(x);
     if (r - r == 0.0 && r != 0.0) {
         r = fma(r, fma(-x, r, 1.0), r);
         r = fma(r, fma(-x, r, 1.0), r);
@@ -144,29 +222,13 @@ __device__ __forceinline__ bool is_finite(A v) {
     return v - v == A(0);  // false for +-inf (inf - inf = NaN) and NaN
 }
 
-// exp(a - m) for the online merge, with exp(-inf - m) = 0 even when m = -inf (an all -inf
-// partial must not turn into exp(NaN)); +inf - +inf stays NaN, as the direct formula gives.
+// The reference every row sum is taken relative to: the row maximum, or 0 for a row whose
+// maximum is -inf (all -inf, or nothing kept), so that exp(-inf - ref) = 0 and no -inf - -inf
+// NaN appears. Applied once per row; the per-element code never tests for -inf.
 template <typename A>
-__device__ __forceinline__ A exp_rel(A a, A m) {
-    return a == neg_inf<A>() ? A(0) : sk_exp(a - m);
+__device__ __forceinline__ A row_ref(A m) {
+    return m == neg_inf<A>() ? A(0) : m;
 }
-
-// Online softmax statistics: running maximum m and sum s = sum(exp(v - m)).
-template <typename A>
-struct Online {
-    A m;
-    A s;
-    __device__ __forceinline__ void init() {
-        m = neg_inf<A>();
-        s = A(0);
-    }
-    // Merge another (m2, s2): m = max(m, m2), s = s exp(m_old - m) + s2 exp(m2 - m).
-    __device__ __forceinline__ void merge(A m2, A s2) {
-        const A mn = sk_max(m, m2);
-        s = s * exp_rel(m, mn) + s2 * exp_rel(m2, mn);
-        m = mn;
-    }
-};
 
 // ---------------------------------------------------------------------------------------------
 // 128-bit vector access with a per-row shift.
@@ -178,7 +240,8 @@ struct Online {
 // The host passes vec_ok = 1 only when every operand's rows have the same address mod 16 as x's
 // (equal base residues and row-stride residues, checked at run time), so one shift serves all
 // of a row's operands; otherwise vec_ok = 0, the shift is 0 and every access is scalar. Masks
-// (1 byte per element) have their own flag, mask_vec.
+// (1 byte per element) have their own flag, mask_vec. Strategy (a) has a FAST instance for rows
+// made of whole packs only (vec_ok, no shift, n a multiple of VEC, mask in step): no tail.
 
 template <typename T>
 struct Vec {
@@ -208,13 +271,18 @@ __device__ __forceinline__ I row_packs(I n, int shift) {
     return (n + shift + VEC - 1) / VEC;
 }
 
+template <int VEC, typename T>
+__device__ __forceinline__ Pack<T, VEC> load_pack(const T* p) {
+    return *reinterpret_cast<const Pack<T, VEC>*>(p);
+}
+
 // Load the pack starting at column c0 (may be negative in a row's first pack); elements outside
 // [0, n) are not read and come back as zero bits.
 template <int VEC, typename T, typename I>
 __device__ __forceinline__ void load_raw(const T* row, I c0, I n, bool vec_ok,
                                          Pack<T, VEC>& raw) {
     if (vec_ok && c0 >= 0 && c0 + VEC <= n) {
-        raw = *reinterpret_cast<const Pack<T, VEC>*>(row + c0);
+        raw = load_pack<VEC>(row + c0);
     } else {
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
@@ -265,22 +333,25 @@ __device__ __forceinline__ void store_full(T* dst, const acc_t<T> (&v)[VEC]) {
     *reinterpret_cast<Pack<T, VEC>*>(dst) = raw;
 }
 
-// Mask bytes (bool) for the VEC columns at c0; false outside [0, n).
-template <int VEC, typename I>
-__device__ __forceinline__ void load_keep(const unsigned char* row, I c0, I n, bool mask_vec,
-                                          bool (&keep)[VEC]) {
-    if (mask_vec && c0 >= 0 && c0 + VEC <= n) {
+// Mask bytes (bool) for the VEC columns at c0 as a bit set (bit i: column c0 + i kept); 0
+// outside [0, n). FULL: the pack lies inside the row and the mask's bytes line up (one load).
+template <int VEC, bool FULL, typename I>
+__device__ __forceinline__ unsigned load_keep(const unsigned char* row, I c0, I n,
+                                              bool mask_vec) {
+    unsigned bits = 0;
+    if (FULL || (mask_vec && c0 >= 0 && c0 + VEC <= n)) {
         const Pack<unsigned char, VEC> raw =
             *reinterpret_cast<const Pack<unsigned char, VEC>*>(row + c0);
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) keep[i] = raw.v[i] != 0;
+        for (int i = 0; i < VEC; ++i) bits |= (raw.v[i] != 0 ? 1u : 0u) << i;
     } else {
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
             const I c = c0 + i;
-            keep[i] = in_row(c, n) && row[c] != 0;
+            bits |= (in_row(c, n) && row[c] != 0 ? 1u : 0u) << i;
         }
     }
+    return bits;
 }
 
 // z = scale * x for one pack of a softmax forward, in place: -inf where the mask is 0, where
@@ -290,24 +361,27 @@ template <int VEC, typename A, typename I>
 __device__ __forceinline__ void scale_and_mask(A (&v)[VEC], A scale, const unsigned char* mk,
                                                bool has_mask, bool mask_vec, I c0, I n,
                                                bool live, bool full, int& any) {
-    bool keep[VEC];
-    if (live && has_mask) {
-        load_keep<VEC>(mk, c0, n, mask_vec, keep);
-    } else {
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) keep[i] = true;
-    }
+    const unsigned keep =
+        (live && has_mask) ? load_keep<VEC, false>(mk, c0, n, mask_vec) : ~0u;
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
-        const bool kept = live && (full || in_row(c0 + i, n)) && keep[i];
+        const bool kept = live && (full || in_row(c0 + i, n)) && ((keep >> i) & 1u);
         any |= kept;
         v[i] = kept ? scale * v[i] : neg_inf<A>();
     }
 }
 
+// Shared-memory slots per row buffer of strategy (b): every pack of a row, whatever its shift.
+// The host sizes the dynamic shared memory with the same formula (smem_slots in
+// cupy_backend.py).
+template <int VEC>
+__device__ __forceinline__ int smem_slots(int n_cols, bool vec_ok) {
+    return ((n_cols + VEC - 1) / VEC + (vec_ok ? 1 : 0)) * VEC;
+}
+
 // ---------------------------------------------------------------------------------------------
-// Pack loops of strategies (b) and (c): a block walks a row's packs, thread t owning packs
-// k = t, t + nt, t + 2 nt, ... (nt = blockDim.x) in every pass, so shared-memory slots need no
+// Pack loops of strategies (b) and (c): a group of nt threads walks a row's packs, thread t
+// owning packs k = t, t + nt, t + 2 nt, ... in every pass, so shared-memory slots need no
 // barrier between passes. Full packs (inside [0, n), vector path) go BATCH at a time with
 // several 16-byte loads in flight and no per-element checks; partial packs (a misaligned row's
 // first and last, or every pack on the scalar path) go one at a time, element by element.
@@ -330,11 +404,20 @@ struct Packs {
     __device__ __forceinline__ I c0(I k) const { return k * VEC - shift; }
 };
 
-// load(b, k) for the NB full packs of a step, then use(b, k) for each.
+// Who walks a row: thread t of nt (a (b) row group, or a whole (c) block).
+struct Walker {
+    int t, nt;
+};
+
+// load(b, k) for the NB full packs of a step, then use(b, k) for each: NB 16-byte loads in
+// flight per thread. One iteration handles NB packs; thread t owns the packs k = t (mod nt),
+// in this loop as in the others, so a thread finds its own packs in shared memory.
 template <int NB, int VEC, typename I, typename L, typename U>
-__device__ __forceinline__ void for_full_packs(const Packs<VEC, I>& p, L&& load, U&& use) {
-    const I nt = blockDim.x;
-    for (I kb = threadIdx.x; kb < p.hi; kb += NB * nt) {
+__device__ __forceinline__ void for_full_packs(const Packs<VEC, I>& p, Walker w, L&& load,
+                                               U&& use) {
+    const I nt = w.nt;
+#pragma unroll 1
+    for (I kb = w.t; kb < p.hi; kb += NB * nt) {  // sk:hot packs=NB
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
             const I k = kb + b * nt;
@@ -348,12 +431,22 @@ __device__ __forceinline__ void for_full_packs(const Packs<VEC, I>& p, L&& load,
     }
 }
 
+// f(k) for every pack of this thread, one at a time (passes over shared memory: no latency to
+// hide, so no batching).
+template <int VEC, typename I, typename F>
+__device__ __forceinline__ void for_all_packs(const Packs<VEC, I>& p, Walker w, F&& f) {
+#pragma unroll 1
+    for (I k = w.t; k < p.np; k += w.nt) f(k);  // sk:hot packs=1
+}
+
 // f(k) for this thread's partial packs: every pack on the scalar path, else at most the row's
 // first (k = 0) and last (k = hi).
 template <int VEC, typename I, typename F>
-__device__ __forceinline__ void for_partial_packs(const Packs<VEC, I>& p, bool vec_ok, F&& f) {
-    const I nt = blockDim.x, t = threadIdx.x;
+__device__ __forceinline__ void for_partial_packs(const Packs<VEC, I>& p, bool vec_ok, Walker w,
+                                                  F&& f) {
+    const I nt = w.nt, t = w.t;
     if (!vec_ok) {
+#pragma unroll 1
         for (I k = t; k < p.np; k += nt) f(k);
         return;
     }
@@ -387,7 +480,7 @@ __device__ __forceinline__ void smem_load(const A* src, A (&v)[VEC]) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Reductions. Each is a fixed tree, so results are bitwise the same run to run (no atomics).
+// Reductions. Each is a fixed tree, so results are bitwise the same run to run.
 
 // Over groups of WIDTH consecutive lanes (WIDTH a power of two <= 32); every lane of the warp
 // must call it (the shuffles name the full warp), and every lane of a group gets the result.
@@ -408,11 +501,171 @@ __device__ __forceinline__ A group_sum(A v) {
 }
 
 template <int WIDTH>
-__device__ __forceinline__ int group_or(int v) {
+__device__ __forceinline__ unsigned group_or(unsigned v) {
 #pragma unroll
     for (int off = WIDTH / 2; off > 0; off >>= 1) v |= __shfl_xor_sync(FULL_MASK, v, off, WIDTH);
     return v;
 }
+
+// A row group of strategies (b) and (c): G threads (a multiple of 32) starting at a multiple of
+// G; reductions go through warp shuffles, then red (static shared scratch of N * MAX_WARPS
+// values, indexed by the block's warp number, so groups never share a slot) with the group's
+// own named barrier (none for a single warp). Every thread of the group calls them and gets the
+// same bits: each folds the per-warp partials itself, in warp order.
+struct Group {
+    int g;       // group number in the block
+    int G;       // threads per group
+    int t;       // thread number in the group
+    __device__ __forceinline__ void sync() const {
+        if (G > WARP) sk_bar(1 + g, G);
+    }
+    __device__ __forceinline__ Walker walker() const { return Walker{t, G}; }
+};
+
+template <int N, typename A>
+__device__ __forceinline__ void group_sum_n(const Group& gr, A (&v)[N], A* red) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) v[k] = group_sum<WARP>(v[k]);
+    if (gr.G <= WARP) return;
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    const int w0 = (gr.g * gr.G) / WARP, nw = gr.G / WARP;
+    gr.sync();  // the previous reduction's readers are done with red
+    if (lane == 0) {
+#pragma unroll
+        for (int k = 0; k < N; ++k) red[k * MAX_WARPS + warp] = v[k];
+    }
+    gr.sync();
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+        A s = red[k * MAX_WARPS + w0];
+        for (int j = 1; j < nw; ++j) s += red[k * MAX_WARPS + w0 + j];
+        v[k] = s;
+    }
+}
+
+template <typename A>
+__device__ __forceinline__ A group_max_all(const Group& gr, A v, A* red) {
+    v = group_max<WARP>(v);
+    if (gr.G <= WARP) return v;
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    const int w0 = (gr.g * gr.G) / WARP, nw = gr.G / WARP;
+    gr.sync();
+    if (lane == 0) red[warp] = v;
+    gr.sync();
+    A m = red[w0];
+    for (int j = 1; j < nw; ++j) m = sk_max(m, red[w0 + j]);
+    return m;
+}
+
+__device__ __forceinline__ unsigned group_or_all(const Group& gr, unsigned v, unsigned* red) {
+    v = group_or<WARP>(v);
+    if (gr.G <= WARP) return v;
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    const int w0 = (gr.g * gr.G) / WARP, nw = gr.G / WARP;
+    gr.sync();
+    if (lane == 0) red[warp] = v;
+    gr.sync();
+    unsigned r = 0;
+    for (int j = 0; j < nw; ++j) r |= red[w0 + j];
+    return r;
+}
+
+// The whole block as one group (strategy (c), and the end-of-kernel reductions).
+__device__ __forceinline__ Group whole_block() {
+    return Group{0, int(blockDim.x), int(threadIdx.x)};
+}
+
+// Sum over the whole block, every thread calling it; thread 0 (and every thread) gets the
+// result. Uses __syncthreads (the block's barrier 0).
+template <int N>
+__device__ __forceinline__ void block_sum_d(double (&v)[N], double* red) {
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    const int nw = (blockDim.x + WARP - 1) / WARP;
+#pragma unroll
+    for (int k = 0; k < N; ++k) v[k] = group_sum<WARP>(v[k]);
+    __syncthreads();
+    if (lane == 0) {
+#pragma unroll
+        for (int k = 0; k < N; ++k) red[k * MAX_WARPS + warp] = v[k];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+        double s = red[k * MAX_WARPS];
+        for (int j = 1; j < nw; ++j) s += red[k * MAX_WARPS + j];
+        v[k] = s;
+    }
+    __syncthreads();
+}
+
+// Grid-wide sums of N values per block without a second launch or a memset: each block writes
+// its partials (slot [k * SK_WS_PARTIALS + blockIdx.x] of ws_partials), then takes a ticket
+// (atomicAdd on the counter after a __threadfence, so its partials are visible first); the last
+// block to finish sums every block's partials in block order (a fixed tree: bitwise the same
+// result run to run, whichever block finishes last), calls finish(totals) on thread 0 and resets
+// the counter to 0 for the next call on this stream. Every thread of every block must call it.
+template <int N, typename F>
+__device__ __forceinline__ void grid_sum_and_finish(double (&v)[N], unsigned* counter,
+                                                    double* ws_partials, F&& finish) {
+    __shared__ double red[N * MAX_WARPS];
+    __shared__ unsigned last;
+    block_sum_d<N>(v, red);
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int k = 0; k < N; ++k) ws_partials[k * SK_WS_PARTIALS + blockIdx.x] = v[k];
+        __threadfence();
+        const unsigned ticket = atomicAdd(counter, 1u);
+        last = ticket == gridDim.x - 1 ? 1u : 0u;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    double tot[N];
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+        double s = 0.0;
+        for (unsigned b = threadIdx.x; b < gridDim.x; b += blockDim.x) {
+            s += sk_load_cg(ws_partials + k * SK_WS_PARTIALS + b);
+        }
+        tot[k] = s;
+    }
+    block_sum_d<N>(tot, red);
+    if (threadIdx.x == 0) {
+        finish(tot);
+        *counter = 0u;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The one-block-per-row helpers of softmax.cu (accurate exp, online (max, sum) merge, block-wide
+// reductions over every thread of the block).
+
+__device__ __forceinline__ float sk_exp(float v) { return expf(v); }
+__device__ __forceinline__ double sk_exp(double v) { return exp(v); }
+
+// exp(a - m) for the online merge, with exp(-inf - m) = 0 even when m = -inf (an all -inf
+// partial must not turn into exp(NaN)); +inf - +inf stays NaN, as the direct formula gives.
+template <typename A>
+__device__ __forceinline__ A exp_rel(A a, A m) {
+    return a == neg_inf<A>() ? A(0) : sk_exp(a - m);
+}
+
+// Online softmax statistics: running maximum m and sum s = sum(exp(v - m)).
+template <typename A>
+struct Online {
+    A m;
+    A s;
+    __device__ __forceinline__ void init() {
+        m = neg_inf<A>();
+        s = A(0);
+    }
+    // Merge another (m2, s2): m = max(m, m2), s = s exp(m_old - m) + s2 exp(m2 - m).
+    __device__ __forceinline__ void merge(A m2, A s2) {
+        const A mn = sk_max(m, m2);
+        s = s * exp_rel(m, mn) + s2 * exp_rel(m2, mn);
+        m = mn;
+    }
+};
 
 template <typename A>
 __device__ __forceinline__ void warp_online(Online<A>& o) {
@@ -424,9 +677,6 @@ __device__ __forceinline__ void warp_online(Online<A>& o) {
     }
 }
 
-// Block-wide reductions for (b) and (c): every thread of the block calls them and gets the
-// result. red is static shared scratch of at least N * 32 values. Each warp folds the per-warp
-// partials itself, in the same order, so every thread holds the same bits.
 template <typename A>
 __device__ __forceinline__ A block_max(A v, A* red) {
     v = group_max<WARP>(v);
@@ -474,7 +724,7 @@ __device__ __forceinline__ void block_online(Online<A>& o, A* red) {
     warp_online(o);
 }
 
-// Grid-stride row loops: (a) hands rows to warps, (b) and (c) to blocks.
+// Grid-stride row loops: (a) hands rows to warps.
 __device__ __forceinline__ idx_t global_warp() {
     return (idx_t(blockIdx.x) * blockDim.x + threadIdx.x) / WARP;
 }

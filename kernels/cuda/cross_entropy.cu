@@ -1,40 +1,72 @@
-// Softmax cross-entropy: per-row loss, and with grad_ptr != nullptr the gradient in the same
-// pass, for class-index targets (int32/int64, SOFT = false) or probability targets (SOFT = true).
+// Softmax cross-entropy for class-index targets (int32/int64, SOFT = false) or probability
+// targets (SOFT = true): the loss (per row, or reduced over rows in the same launch), the
+// log-sum-exp, the gradient in the same pass, and the two vocabulary-parallel modes (per-row
+// statistics; the gradient from merged statistics). The maths is dispatch.py's docstring:
 //
-// With m = max(x), xs = x - m, s = sum(exp(xs)), log_s = log(s), lse = m + log_s,
-// p = exp(xs) / s, eps = label_smoothing, w = weight (or ones), W = sum(w):
-//   class target t:  loss = (1-eps) w_t (log_s - xs_t) + eps/C (W log_s - sum_c w_c xs_c)
-//                    grad = [(1-eps) w_t + eps/C W] p - (1-eps) w_t onehot_t - eps/C w
-//   soft target q:   q' = (1-eps) q + eps/C,  wq = w q'
-//                    loss = log_s sum(wq) - sum(wq xs),   grad = sum(wq) p - wq
-//   z-loss:          loss += z lse^2,  grad += 2 z lse p
-// then grad *= grad_scale (/ denom[0] when denom_ptr is given: reduction "mean", read on the
-// device). A target equal to ignore_index: loss 0 and a zero gradient row, without reading the
-// logits. A target outside [0, C) that is not ignore_index: loss NaN and a NaN gradient row,
-// and no access at that target.
-// Memory traffic per row of C: reads C (+ C soft targets), writes C gradients (+ 1 loss);
-// strategy (c) with a gradient reads the inputs a second time.
-// The gradient may be written over the logits (in-place): every logit of a row is read before
-// any gradient element of that row is written.
+//   z = c tanh(x / c) with softcap c (else z = x),  m = max(z),  zs = z - m,  s = sum(exp(zs)),
+//   log_s = log(s),  lse = m + log_s,  p = exp(zs) / s,  eps = label_smoothing,  keep = 1 - eps,
+//   w = weight (or ones),  W = sum(w),  C = n_cols,  eps_c = eps / C:
+//   class target t:  loss = keep w_t (log_s - zs_t) + eps_c (W log_s - sum_c w_c zs_c)
+//                    a    = keep w_t + eps_c W                 (the coefficient of p)
+//                    grad = a p - keep w_t onehot_t - eps_c w, the target entry as
+//                           (a - keep w_t) p_t - keep w_t (1 - p_t), 1 - p_t = -expm1(zs_t - log_s)
+//   soft target q:   q' = keep q + eps_c,  loss = log_s sum(w q') - sum(w q' zs),  a = sum(w q')
+//                    grad = a p - w q'
+//   z-loss:          loss += z_loss lse^2,  a += 2 z_loss lse
+//   softcap:         grad *= 1 - (z / c)^2
+// then grad *= row_scale = grad_scale (/ denom for "mean"). Every sum is taken relative to the
+// row maximum (0 for a row of -inf), so no term cancels: zs <= 0, and the loss terms are >= 0.
+//
+// Targets: a target equal to ignore_index counts for nothing (loss 0, gradient row 0, its
+// logits unread unless the lse is wanted); a class target outside [0, C) that is not
+// ignore_index gives a NaN loss and a NaN gradient row, and nothing is read through it.
+// Reductions: per-block partial sums (in float64) in a fixed order, then the last block to
+// finish sums them in block order (common.cuh's grid_sum_and_finish): "sum", and "mean" divided
+// by the denominator -- the caller's, the one cross_entropy_denom_kernel wrote into the
+// workspace (launched first when a gradient needs it before any row is scaled), or, without a
+// gradient, the one this kernel sums alongside (the summed w_t of counted rows: their count
+// without a weight, the row count for soft targets; a bad target adds NaN); 0.0 when no row
+// is counted.
+//
+// Memory traffic per row of C: reads C (+ C soft targets), writes C gradients (+ 1 loss / lse);
+// strategy (c) with a gradient reads the inputs a second time. The gradient may be written over
+// the logits (in-place): every logit of a row (x[t] included) is read before any gradient
+// element of that row is written, and each thread writes only packs it read itself.
 
 #include "common.cuh"
 
+// flags, bit by bit (the host's cupy_backend.CE_* constants)
+#define SK_CE_T64 1         // class targets are int64 (else int32)
+#define SK_CE_SMOOTH 2      // label_smoothing > 0: the smoothing sums
+#define SK_CE_ZLOSS 4       // z_loss > 0
+#define SK_CE_VEC 8         // 16-byte packs legal for logits, soft targets and gradient
+#define SK_CE_SOFTCAP 16    // z = softcap tanh(x / softcap) (GENERAL instances only)
+#define SK_CE_STATS 32      // write cross_entropy_stats rows instead of losses
+#define SK_CE_SUM 64        // reduction "sum" into loss[0]
+#define SK_CE_MEAN 128      // reduction "mean" into loss[0]
+#define SK_CE_DENOM_WS 256  // mean: the denominator is in the workspace (denom kernel)
+#define SK_CE_DENOM_ARG 512 // mean: the denominator is the caller's 0-d array
+
 namespace sk {
 
-// Per-call scalars, converted once to the compute type.
-template <typename A>
-struct CeArgs {
-    const A* weight;   // (C,) or nullptr
-    idx_t ignore_index;
-    bool vec_ok;       // 16-byte packs are legal for logits, soft targets and gradient
-    bool target64;     // class targets are int64 (else int32)
-    bool smooth;       // label_smoothing > 0
-    bool zl;           // z_loss > 0
-    A one_m_eps;       // 1 - eps
-    A eps_c;           // eps / C
-    A z;               // z_loss
-    A two_z;           // 2 z_loss
-    A row_scale;       // grad_scale (/ denom)
+// Per-call arguments, decoded once.
+template <typename T>
+struct CeParams {
+    typedef acc_t<T> A;
+    const T* x;
+    const void* target;
+    T* grad;
+    A* loss;
+    A* lse;
+    A* stats;
+    const A* weight;
+    idx_t n_rows, n_cols, row_stride, target_row_stride, grad_row_stride, ignore_index,
+        vocab_start;
+    int row_threads;  // (b): threads per row
+    int n_stats;      // stats columns
+    bool target64, smooth, zl, vec_ok, softcap_on, stats_mode, reduce, mean, denom_in_kernel;
+    A keep, eps_c, z, softcap, inv_softcap;
+    A row_scale;      // grad_scale (/ denom)
 };
 
 __device__ __forceinline__ idx_t read_target(const void* target_ptr, bool target64, idx_t row) {
@@ -42,239 +74,365 @@ __device__ __forceinline__ idx_t read_target(const void* target_ptr, bool target
                     : idx_t(static_cast<const int*>(target_ptr)[row]);
 }
 
+// A row's class target: t local to this array's classes [vocab_start, vocab_start + C) (0 when
+// not owned), counted (t != ignore_index), owned (counted and inside). Soft rows: counted.
+struct RowTarget {
+    idx_t t;
+    bool counted, owned;
+};
+
+template <bool SOFT, typename T>
+__device__ __forceinline__ RowTarget row_target(const CeParams<T>& P, idx_t row) {
+    RowTarget rt{0, true, false};
+    if (SOFT) return rt;
+    const idx_t tg = read_target(P.target, P.target64, row);
+    rt.counted = tg != P.ignore_index;
+    const idx_t t = tg - P.vocab_start;
+    rt.owned = rt.counted && t >= 0 && t < P.n_cols;
+    rt.t = rt.owned ? t : 0;
+    return rt;
+}
+
+// Whether the row's logits are read at all: always for soft targets and when the lse is
+// wanted; else (forward) only an owned target, or (statistics) any counted one.
+template <bool SOFT, typename T>
+__device__ __forceinline__ bool row_read(const CeParams<T>& P, const RowTarget& rt) {
+    return SOFT || P.lse != nullptr || (P.stats_mode ? rt.counted : rt.owned);
+}
+
 template <typename A>
 __device__ __forceinline__ A weight_at(const A* w, idx_t c) {
     return w != nullptr ? w[c] : A(1);
 }
 
-// The row's loss from its statistics. For class targets d1 = sum(w xs) and d2 = W (used with
-// label smoothing only); for soft targets d1 = sum(wq), d2 = sum(wq xs).
-template <bool SOFT, typename A>
-__device__ __forceinline__ A row_loss(const CeArgs<A>& a, A m, A log_s, A d1, A d2, A w_t,
-                                      A xs_t) {
-    A loss;
-    if (SOFT) {
-        loss = log_s * d1 - d2;
-    } else {
-        loss = a.one_m_eps * w_t * (log_s - xs_t);
-        if (a.smooth) loss += a.eps_c * (d2 * log_s - d1);
-    }
-    if (a.zl) {
-        const A lse = m + log_s;
-        loss += a.z * lse * lse;
-    }
-    return loss;
+template <bool GENERAL, typename T>
+__device__ __forceinline__ acc_t<T> cap(const CeParams<T>& P, acc_t<T> v) {
+    if (GENERAL && P.softcap_on) v = P.softcap * sk_tanh(v * P.inv_softcap);
+    return v;
 }
 
-// The gradient's coefficient of p: (1-eps) w_t + eps/C W (class) or sum(wq) (soft), + 2 z lse.
-template <bool SOFT, typename A>
-__device__ __forceinline__ A p_coef(const CeArgs<A>& a, A m, A log_s, A d1, A d2, A w_t) {
-    A c = SOFT ? d1 : a.one_m_eps * w_t;
-    if (!SOFT && a.smooth) c += a.eps_c * d2;
-    if (a.zl) c += a.two_z * (m + log_s);
-    return c;
-}
-
-// Smoothed, weighted soft target wq_c for probability q at column c. Branch-free: with eps = 0
-// the smoothing is q * 1 + 0 = q exactly, and a missing weight multiplies by 1.
-template <typename A>
-__device__ __forceinline__ A soft_wq(const CeArgs<A>& a, A q, idx_t c) {
-    return (q * a.one_m_eps + a.eps_c) * weight_at(a.weight, c);
-}
-
-// Gradient element at column c of a counted row with probability pr = p_c (selects rather
-// than branches: this runs per element in unrolled loops).
-template <bool SOFT, typename A>
-__device__ __forceinline__ A grad_at(const CeArgs<A>& a, A pr, A coef, A wq, idx_t c, idx_t t,
-                                     A w_t) {
-    A g = pr * coef;
-    if (SOFT) {
-        g -= wq;
-    } else {
-        g -= a.smooth ? a.eps_c * weight_at(a.weight, c) : A(0);
-        g -= c == t ? a.one_m_eps * w_t : A(0);
-    }
-    return g * a.row_scale;
-}
-
-// Row of a target that is ignored (0) or out of range (NaN), written without reading logits.
-template <int VEC, typename T, typename I>
-__device__ __forceinline__ void fill_pack(T* g, I c0, I n_cols, bool vec_ok, acc_t<T> value) {
-    acc_t<T> v[VEC];
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) v[i] = value;
-    store_acc<VEC>(g, c0, n_cols, vec_ok, v);
-}
-
-// Strategies (b) and (c), one block per row: reads the row's class target into t and, when
-// it is ignored (loss 0, gradient 0) or out of range (loss and gradient NaN), writes that row
-// without reading its logits and returns true. The target is the same for the whole block, so
-// the caller's branch on the result is block-uniform.
-template <bool SOFT, int VEC, typename T, typename I>
-__device__ __forceinline__ bool block_row_skipped(const void* target_ptr,
-                                                  const CeArgs<acc_t<T>>& a, idx_t row,
-                                                  I n_cols, const Packs<VEC, I>& pk,
-                                                  acc_t<T>* loss_ptr, T* grad_ptr,
-                                                  idx_t grad_row_stride, idx_t& t) {
+// d(softcap)/dx = 1 - (z / c)^2 for a softcapped z (1 without a softcap).
+template <bool GENERAL, typename T>
+__device__ __forceinline__ acc_t<T> cap_chain(const CeParams<T>& P, acc_t<T> z) {
     typedef acc_t<T> A;
-    t = 0;
-    if (SOFT) return false;
-    t = read_target(target_ptr, a.target64, row);
-    const bool counted = t != a.ignore_index;
-    if (counted && t >= 0 && t < n_cols) return false;
-    const A fill = counted ? quiet_nan<A>() : A(0);
-    if (threadIdx.x == 0) loss_ptr[row] = fill;
-    if (grad_ptr != nullptr) {
-        T* g = grad_ptr + row * grad_row_stride;
-        for (I k = threadIdx.x; k < pk.np; k += I(blockDim.x)) {
-            fill_pack<VEC>(g, pk.c0(k), n_cols, a.vec_ok, fill);
+    if (GENERAL && P.softcap_on) {
+        const A th = z * P.inv_softcap;
+        return A(1) - th * th;
+    }
+    return A(1);
+}
+
+// Row sums, each relative to the row's reference mr (its maximum; 0 for a row of -inf).
+template <typename A>
+struct RowSums {
+    A s;   // sum exp(zs)
+    A S;   // sum w zs          (label smoothing)
+    A W;   // sum w             (label smoothing; elements seen, without a weight)
+    A Q1;  // sum w q           (soft)
+    A Q2;  // sum w q zs        (soft)
+    __device__ __forceinline__ void zero() { s = S = W = Q1 = Q2 = A(0); }
+};
+
+// What a row's epilogue hands the gradient pass.
+template <typename A>
+struct RowOut {
+    A ar;    // a / s * row_scale: the coefficient of exp(zs)
+    A er;    // eps_c * row_scale
+    A kr;    // keep * row_scale (soft)
+    A g_t;   // the target's gradient entry (class, owned)
+};
+
+// The row epilogue, once per row, by one thread (the leader writes): loss or statistics, lse,
+// the reduction accumulators racc = {loss, w_t, count}; returns the gradient coefficients.
+template <bool SOFT, bool GENERAL, typename T>
+__device__ __forceinline__ RowOut<acc_t<T>> row_epilogue(const CeParams<T>& P, idx_t row,
+                                                         const RowTarget& rt, acc_t<T> m,
+                                                         acc_t<T> mr, const RowSums<acc_t<T>>& rs,
+                                                         acc_t<T> z_t, bool leader,
+                                                         double (&racc)[3]) {
+    typedef acc_t<T> A;
+    RowOut<A> o{A(0), A(0), A(0), A(0)};
+    const A zs_t = z_t - mr;
+    const A w_t = (!SOFT && rt.owned) ? weight_at(P.weight, rt.t) : A(0);
+    if (P.stats_mode) {
+        if (leader) {
+            A* st = P.stats + row * P.n_stats;
+            st[0] = m;
+            st[1] = rs.s;
+            int k = 2;
+            if (SOFT) {
+                st[2] = rs.Q1;
+                st[3] = rs.Q2;
+                k = 4;
+            } else {
+                st[2] = rt.owned ? zs_t : A(0);
+                k = 3;
+                if (P.weight != nullptr) st[k++] = rt.owned ? w_t : A(0);
+            }
+            if (P.smooth) st[k] = rs.S;
+        }
+        return o;
+    }
+    const A log_s = sk_log(rs.s);
+    const A lse = m + log_s;
+    const A W_all = P.weight != nullptr ? rs.W : A(P.n_cols);
+    A loss, a;
+    if (SOFT) {
+        a = P.keep * rs.Q1;
+        loss = -P.keep * rs.Q2;
+        if (P.smooth) {
+            a += P.eps_c * W_all;
+            loss -= P.eps_c * rs.S;
+        }
+        loss += log_s * a;
+    } else {
+        const A kw = P.keep * w_t;
+        loss = kw * (log_s - zs_t);
+        a = kw;
+        if (P.smooth) {
+            loss += P.eps_c * (W_all * log_s - rs.S);
+            a += P.eps_c * W_all;
         }
     }
-    return true;
+    if (P.zl) {
+        loss += P.z * lse * lse;
+        a += A(2) * P.z * lse;
+    }
+    if (!SOFT && !rt.owned) loss = rt.counted ? quiet_nan<A>() : A(0);
+    if (leader) {
+        if (P.lse != nullptr) P.lse[row] = lse;
+        if (!P.reduce) {
+            P.loss[row] = loss;
+        } else {
+            racc[0] += double(loss);
+            if (P.denom_in_kernel && rt.counted) {
+                racc[1] += SOFT ? 1.0 : (rt.owned ? double(w_t) : double(quiet_nan<A>()));
+                racc[2] += 1.0;
+            }
+        }
+    }
+    if (P.grad != nullptr && (SOFT || rt.owned)) {
+        const A r = sk_rcp(rs.s);
+        o.ar = a * r * P.row_scale;
+        o.er = P.eps_c * P.row_scale;  // eps_c is 0 without smoothing
+        o.kr = P.keep * P.row_scale;
+        if (!SOFT) {
+            const A kw = P.keep * w_t;
+            const A d = zs_t - log_s;  // log p_t
+            const A p_t = exp_shifted(d);
+            const A q_t = -sk_expm1(d);  // 1 - p_t without rounding p_t first
+            A g = (a - kw) * p_t - kw * q_t - P.eps_c * w_t;
+            o.g_t = g * P.row_scale * cap_chain<GENERAL>(P, z_t);
+        }
+    }
+    return o;
+}
+
+// A class row that is not read (ignored, or a bad target, and no lse wanted): loss 0 / NaN
+// (statistics: a neutral row [0, 1, 0, ...], never used), its gradient row 0 / NaN.
+template <int VEC, typename T, typename I>
+__device__ __forceinline__ void skipped_row(const CeParams<T>& P, idx_t row, const RowTarget& rt,
+                                            const Packs<VEC, I>& pk, Walker w, bool leader,
+                                            double (&racc)[3]) {
+    typedef acc_t<T> A;
+    const A fill = rt.counted ? quiet_nan<A>() : A(0);
+    if (leader) {
+        if (P.stats_mode) {
+            A* st = P.stats + row * P.n_stats;
+            for (int k = 0; k < P.n_stats; ++k) st[k] = k == 1 ? A(1) : A(0);
+        } else if (!P.reduce) {
+            P.loss[row] = fill;
+        } else {
+            racc[0] += double(fill);
+            if (P.denom_in_kernel && rt.counted) {
+                racc[1] += double(quiet_nan<A>());
+                racc[2] += 1.0;
+            }
+        }
+    }
+    if (P.grad != nullptr && !P.stats_mode) {
+        T* g = P.grad + row * P.grad_row_stride;
+        A v[VEC];
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) v[i] = fill;
+#pragma unroll 1
+        for (I k = w.t; k < pk.np; k += w.nt) store_acc<VEC>(g, pk.c0(k), I(P.n_cols), P.vec_ok, v);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
-// (a) WARP_ROWS: LANES lanes per row, the row (and soft targets) in registers.
+// (a) WARP_ROWS: LANES lanes per row (32 / LANES rows per warp), lane l holding the packs
+// k = p * LANES + l, p < PACKS, in registers: one read, one write. Only FAST instances: rows of
+// whole packs (vector path, no shift, C a multiple of VEC), no softcap; other short rows go to
+// (b) with a warp per row.
 
-template <typename T, bool SOFT, int LANES, int PACKS>
-__device__ __forceinline__ void ce_warp(const T* x_ptr, const void* target_ptr, T* grad_ptr,
-                                        acc_t<T>* loss_ptr, idx_t n_rows, int n_cols,
-                                        idx_t row_stride, idx_t target_row_stride,
-                                        idx_t grad_row_stride, const CeArgs<acc_t<T>>& a) {
+template <typename T, bool SOFT, int LANES, int PACKS, bool FAST>
+__device__ __forceinline__ void ce_warp(const CeParams<T>& P, double (&racc)[3]) {
+    static_assert(FAST, "strategy (a) of cross-entropy takes rows of whole packs only");
     typedef acc_t<T> A;
     constexpr int VEC = Vec<T>::value;
     constexpr int ROWS = WARP / LANES;
     constexpr int QP = SOFT ? PACKS : 1;
     const int lane = threadIdx.x % WARP;
     const int l = lane % LANES;
-    for (idx_t row0 = global_warp() * ROWS; row0 < n_rows; row0 += grid_warps() * ROWS) {
+    const int n = int(P.n_cols);
+    for (idx_t row0 = global_warp() * ROWS; row0 < P.n_rows; row0 += grid_warps() * ROWS) {  // sk:hot packs=PACKS
         const idx_t row = row0 + lane / LANES;
-        const bool active = row < n_rows;
-        idx_t t = 0;
-        bool counted = true, in_range = true;
-        if (!SOFT && active) {
-            t = read_target(target_ptr, a.target64, row);
-            counted = t != a.ignore_index;
-            in_range = t >= 0 && t < n_cols;
-        }
-        const bool live_row = active && counted && in_range;
-        // (the row's own address even when it is skipped: the shift must match its gradient row)
-        const T* x = x_ptr + (active ? row * row_stride : 0);
-        const T* q = static_cast<const T*>(target_ptr) + (SOFT && active ? row * target_row_stride : 0);
-        const int shift = row_shift(x, a.vec_ok);
+        const bool active = row < P.n_rows;
+        RowTarget rt{0, false, false};
+        if (active) rt = row_target<SOFT>(P, row);
+        const bool read = active && row_read<SOFT>(P, rt);
+        const T* x = P.x + (active ? row * P.row_stride : 0);
+        const T* q = static_cast<const T*>(P.target) + (SOFT && active ? row * P.target_row_stride : 0);
+        // z_t: read with the rest of the row, before any lane stores (ordered by the __syncwarp
+        // below: in place, another lane's gradient may overwrite x[t])
+        A z_t = A(0);
+        if (!SOFT && read && rt.owned) z_t = to_acc(x[rt.t]);
+        // pack p of this lane covers columns c0(p) = (p * LANES + l) * VEC .. + VEC - 1, all
+        // inside the row when c0(p) < n (whole packs)
         A xv[PACKS][VEC], qv[QP][VEC];
         A m = neg_inf<A>();
 #pragma unroll
         for (int p = 0; p < PACKS; ++p) {
-            const int c0 = (p * LANES + l) * VEC - shift;
-            const bool live = live_row && c0 < n_cols;
-            if (live) {
-                load_acc<VEC>(x, c0, n_cols, a.vec_ok, xv[p]);
-                if (SOFT) load_acc<VEC>(q, c0, n_cols, a.vec_ok, qv[SOFT ? p : 0]);
-            } else {
+            const int c0 = (p * LANES + l) * VEC;
+            if (read && c0 < n) {
+                raw_to_acc<VEC>(load_pack<VEC>(x + c0), xv[p]);
+                if (SOFT) raw_to_acc<VEC>(load_pack<VEC>(q + c0), qv[SOFT ? p : 0]);
 #pragma unroll
-                for (int i = 0; i < VEC; ++i) xv[p][i] = qv[SOFT ? p : 0][i] = A(0);
-            }
-#pragma unroll
-            for (int i = 0; i < VEC; ++i) {
-                const int c = c0 + i;
-                if (live && in_row(c, n_cols)) m = sk_max(m, xv[p][i]);
+                for (int i = 0; i < VEC; ++i) m = sk_max(m, xv[p][i]);
             }
         }
-        // the target's logit, read with the rest of the row (before any gradient is written)
-        const A x_t = (!SOFT && live_row) ? to_acc(x[t]) : A(0);
         m = group_max<LANES>(m);
-        A s = A(0), d1 = A(0), d2 = A(0);
+        const A mr = row_ref(m);
+        RowSums<A> rs;
+        rs.zero();
+        if (P.smooth) {  // sum w zs and W only with label smoothing (a uniform branch)
 #pragma unroll
-        for (int p = 0; p < PACKS; ++p) {
-            const int c0 = (p * LANES + l) * VEC - shift;
+            for (int p = 0; p < PACKS; ++p) {
+                const int c0 = (p * LANES + l) * VEC;
+                if (read && c0 < n) {
 #pragma unroll
-            for (int i = 0; i < VEC; ++i) {
-                const int c = c0 + i;
-                if (live_row && in_row(c, n_cols)) {
-                    const A xs = xv[p][i] - m;
-                    const A e = sk_exp(xs);
-                    s += e;
-                    xv[p][i] = e;  // keep exp(xs) for the gradient
-                    if (SOFT) {
-                        const A wq = soft_wq(a, qv[SOFT ? p : 0][i], c);
-                        qv[SOFT ? p : 0][i] = wq;
-                        d1 += wq;
-                        d2 += wq * xs;
-                    } else {  // used with label smoothing only; summing always avoids a branch
-                        const A w = weight_at(a.weight, c);
-                        d1 += w * xs;
-                        d2 += w;
+                    for (int i = 0; i < VEC; ++i) {
+                        const A w = weight_at(P.weight, c0 + i);
+                        rs.S += w * (xv[p][i] - mr);
+                        rs.W += w;
                     }
                 }
             }
         }
-        s = group_sum<LANES>(s);
-        d1 = group_sum<LANES>(d1);
-        d2 = group_sum<LANES>(d2);
-        if (!active) continue;  // after the last shuffle: the loop condition is warp-uniform
-        if (!SOFT && a.smooth && a.weight == nullptr) d2 = A(n_cols);
-        const A log_s = sk_log(s);
-        const A w_t = (!SOFT && live_row) ? weight_at(a.weight, t) : A(0);
-        if (l == 0) {
-            A loss = row_loss<SOFT>(a, m, log_s, d1, d2, w_t, x_t - m);
-            if (!counted) loss = A(0);
-            if (!in_range && counted) loss = quiet_nan<A>();
-            loss_ptr[row] = loss;
-        }
-        if (grad_ptr == nullptr) continue;
-        T* g = grad_ptr + row * grad_row_stride;
-        const A coef = p_coef<SOFT>(a, m, log_s, d1, d2, w_t);
-        const A r = sk_rcp(s);
-        const A fill = counted ? quiet_nan<A>() : A(0);
 #pragma unroll
         for (int p = 0; p < PACKS; ++p) {
-            const int c0 = (p * LANES + l) * VEC - shift;
-            if (c0 < n_cols) {
+            const int c0 = (p * LANES + l) * VEC;
+            if (read && c0 < n) {
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) {
+                    const A zs = xv[p][i] - mr;
+                    const A e = exp_shifted(zs);
+                    rs.s += e;
+                    if (SOFT) {
+                        const A wq = weight_at(P.weight, c0 + i) * qv[SOFT ? p : 0][i];
+                        rs.Q1 += wq;
+                        rs.Q2 += wq * zs;
+                    }
+                    xv[p][i] = e;  // keep exp(zs) for the gradient
+                }
+            }
+        }
+        rs.s = group_sum<LANES>(rs.s);
+        if (SOFT) {
+            rs.Q1 = group_sum<LANES>(rs.Q1);
+            rs.Q2 = group_sum<LANES>(rs.Q2);
+        }
+        if (P.smooth) {
+            rs.S = group_sum<LANES>(rs.S);
+            rs.W = group_sum<LANES>(rs.W);
+        }
+        __syncwarp();  // every lane's reads of this row happen before any lane's store
+        if (!active) continue;  // after the last shuffle: the loop condition is warp-uniform
+        if (!read) {  // sk:cold {
+            const Packs<VEC, int> pk(n, 0, true);
+            // lanes of this row walk its packs as they would hold them
+            skipped_row<VEC>(P, row, rt, pk, Walker{l, LANES}, l == 0, racc);
+            continue;
+        }  // sk:cold }
+        const RowOut<A> o = row_epilogue<SOFT, false>(P, row, rt, m, mr, rs, z_t, l == 0, racc);
+        if (P.grad == nullptr || P.stats_mode) continue;
+        T* g = P.grad + row * P.grad_row_stride;
+        if (!SOFT && !rt.owned) {  // sk:cold { read for the lse only: an ignored or bad row
+            const A fill = rt.counted ? quiet_nan<A>() : A(0);
+            A v[VEC];
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) v[i] = fill;
+#pragma unroll
+            for (int p = 0; p < PACKS; ++p) {
+                const int c0 = (p * LANES + l) * VEC;
+                if (c0 < n) store_full<VEC>(g + c0, v);
+            }
+            continue;
+        }  // sk:cold }
+#pragma unroll
+        for (int p = 0; p < PACKS; ++p) {
+            const int c0 = (p * LANES + l) * VEC;
+            if (c0 < n) {
                 A out[VEC];
 #pragma unroll
                 for (int i = 0; i < VEC; ++i) {
-                    const int c = c0 + i;
-                    // (columns outside the row are not stored: skip their weight reads)
-                    out[i] = !live_row                 ? fill
-                             : in_row(c, n_cols) ? grad_at<SOFT>(a, xv[p][i] * r, coef,
-                                                                      qv[SOFT ? p : 0][i], c, t,
-                                                                      w_t)
-                                                      : A(0);
+                    const A e = xv[p][i];
+                    if (SOFT) {
+                        const A wc = weight_at(P.weight, c0 + i);
+                        out[i] = e * o.ar - wc * (qv[SOFT ? p : 0][i] * o.kr + o.er);
+                    } else {
+                        const A wc = P.smooth ? weight_at(P.weight, c0 + i) : A(1);
+                        out[i] = e * o.ar - o.er * wc;
+                    }
                 }
-                store_acc<VEC>(g, c0, n_cols, a.vec_ok, out);
+                store_full<VEC>(g + c0, out);
             }
+        }
+        if (!SOFT) {  // the target entry, by the lane that stored its pack (program order)
+            const int kt = int(rt.t / VEC);
+            if (kt % LANES == l) g[rt.t] = Convert<T>::from(o.g_t);
         }
     }
 }
 
 // ---------------------------------------------------------------------------------------------
-// (b) BLOCK_SMEM: a block per row, the raw logits (and soft targets) parked in shared memory by
-// pack (slot k * VEC for pack k, owned by thread k mod blockDim.x, as in softmax.cu).
+// (b) BLOCK_SMEM: a group of G threads per row (256 / G rows per block), the raw logits (and
+// soft targets) parked in the group's shared memory by pack (slot k * VEC for pack k, owned by
+// thread k mod G). Used with a gradient only (without one, (c) reads each logit once too).
 
-template <typename T, bool SOFT>
-__device__ __forceinline__ void ce_block(const T* x_ptr, const void* target_ptr, T* grad_ptr,
-                                         acc_t<T>* loss_ptr, idx_t n_rows, int n_cols,
-                                         idx_t row_stride, idx_t target_row_stride,
-                                         idx_t grad_row_stride, const CeArgs<acc_t<T>>& a) {
+// A (b) row group of this block: G = min(row_threads, blockDim.x) threads.
+__device__ __forceinline__ Group row_group(int row_threads) {
+    const int G = row_threads < int(blockDim.x) ? row_threads : int(blockDim.x);
+    return Group{int(threadIdx.x) / G, G, int(threadIdx.x) % G};
+}
+
+template <typename T, bool SOFT, bool FAST>
+__device__ __forceinline__ void ce_block(const CeParams<T>& P, double (&racc)[3]) {
     typedef acc_t<T> A;
+    constexpr bool GENERAL = !FAST;
     constexpr int VEC = Vec<T>::value;
     // full packs per batch: 4 (2 with soft targets: two operands, the same bytes in flight)
     constexpr int NB = SOFT ? BATCH / 2 : BATCH;
-    __shared__ A red[3 * WARP];
-    T* xb = reinterpret_cast<T*>(sk_dyn_smem);
-    T* qb = xb + ((n_cols + VEC - 1) / VEC + (a.vec_ok ? 1 : 0)) * VEC;  // soft targets only
-    const int nt = blockDim.x;
-    for (idx_t row = blockIdx.x; row < n_rows; row += gridDim.x) {
-        const T* x = x_ptr + row * row_stride;
-        const Packs<VEC, int> pk(n_cols, row_shift(x, a.vec_ok), a.vec_ok);
-        idx_t t;
-        if (block_row_skipped<SOFT>(target_ptr, a, row, n_cols, pk, loss_ptr, grad_ptr,
-                                    grad_row_stride, t)) {
+    __shared__ A red[5 * MAX_WARPS];
+    const Group gr = row_group(P.row_threads);
+    const int R = int(blockDim.x) / gr.G;
+    const int n = int(P.n_cols);
+    const int slots = smem_slots<VEC>(n, P.vec_ok);
+    T* xb = reinterpret_cast<T*>(sk_dyn_smem) + gr.g * slots * (SOFT ? 2 : 1);
+    T* qb = xb + slots;  // soft targets only
+    const Walker w = gr.walker();
+    const bool leader = gr.t == 0;
+    for (idx_t row = idx_t(blockIdx.x) * R + gr.g; row < P.n_rows; row += idx_t(gridDim.x) * R) {
+        const T* x = P.x + row * P.row_stride;
+        const Packs<VEC, int> pk(n, row_shift(x, P.vec_ok), P.vec_ok);
+        const RowTarget rt = row_target<SOFT>(P, row);
+        if (!row_read<SOFT>(P, rt)) {
+            skipped_row<VEC>(P, row, rt, pk, w, leader, racc);
             continue;
         }
-        const T* q = static_cast<const T*>(target_ptr) + (SOFT ? row * target_row_stride : 0);
-        const A x_t = (!SOFT && threadIdx.x == 0) ? to_acc(x[t]) : A(0);
+        const T* q = static_cast<const T*>(P.target) + (SOFT ? row * P.target_row_stride : 0);
+        const A z_t = (!SOFT && rt.owned) ? cap<GENERAL>(P, to_acc(x[rt.t])) : A(0);
         A m = neg_inf<A>();
         // pass 1: global -> shared, row maximum (reads C, + C soft targets)
         auto park = [&](int k, const Pack<T, VEC>& x_raw, const Pack<T, VEC>& q_raw, bool full) {
@@ -284,248 +442,517 @@ __device__ __forceinline__ void ce_block(const T* x_ptr, const void* target_ptr,
             raw_to_acc<VEC>(x_raw, v);
 #pragma unroll
             for (int i = 0; i < VEC; ++i) {
-                if (full || in_row(pk.c0(k) + i, n_cols)) m = sk_max(m, v[i]);
+                if (full || in_row(pk.c0(k) + i, n)) m = sk_max(m, cap<GENERAL>(P, v[i]));
             }
         };
         Pack<T, VEC> rx[NB], rq[SOFT ? NB : 1];
         for_full_packs<NB>(
-            pk,
+            pk, w,
             [&](int b, int k) {
-                rx[b] = *reinterpret_cast<const Pack<T, VEC>*>(x + pk.c0(k));
-                if (SOFT) rq[SOFT ? b : 0] = *reinterpret_cast<const Pack<T, VEC>*>(q + pk.c0(k));
+                rx[b] = load_pack<VEC>(x + pk.c0(k));
+                if (SOFT) rq[SOFT ? b : 0] = load_pack<VEC>(q + pk.c0(k));
             },
             [&](int b, int k) { park(k, rx[b], rq[SOFT ? b : 0], true); });
-        for_partial_packs(pk, a.vec_ok, [&](int k) {
+        for_partial_packs(pk, P.vec_ok, w, [&](int k) {
             Pack<T, VEC> x_raw, q_raw;
-            load_raw<VEC>(x, pk.c0(k), n_cols, false, x_raw);
-            if (SOFT) load_raw<VEC>(q, pk.c0(k), n_cols, false, q_raw);
+            load_raw<VEC>(x, pk.c0(k), n, false, x_raw);
+            if (SOFT) load_raw<VEC>(q, pk.c0(k), n, false, q_raw);
             park(k, x_raw, q_raw, false);
         });
-        m = block_max(m, red);
+        m = group_max_all(gr, m, red);
+        const A mr = row_ref(m);
         // pass 2: sums over shared memory
-        A sums[3] = {A(0), A(0), A(0)};  // s, d1, d2
-        for (int k = threadIdx.x; k < pk.np; k += nt) {
+        RowSums<A> rs;
+        rs.zero();
+        for_all_packs(pk, w, [&](int k) {
             A v[VEC], qv[VEC];
             raw_to_acc<VEC>(*reinterpret_cast<const Pack<T, VEC>*>(xb + k * VEC), v);
             if (SOFT) raw_to_acc<VEC>(*reinterpret_cast<const Pack<T, VEC>*>(qb + k * VEC), qv);
+            const int c0 = pk.c0(k);
+            const bool full = k >= pk.lo && k < pk.hi;
 #pragma unroll
             for (int i = 0; i < VEC; ++i) {
-                const int c = pk.c0(k) + i;
-                if (in_row(c, n_cols)) {
-                    const A xs = v[i] - m;
-                    sums[0] += sk_exp(xs);
+                const A zs = cap<GENERAL>(P, v[i]) - mr;
+                v[i] = zs;
+                if (full || in_row(c0 + i, n)) {
+                    rs.s += exp_shifted(zs);
                     if (SOFT) {
-                        const A wq = soft_wq(a, qv[i], c);
-                        sums[1] += wq;
-                        sums[2] += wq * xs;
-                    } else {  // used with label smoothing only; summing always avoids a branch
-                        const A w = weight_at(a.weight, c);
-                        sums[1] += w * xs;
-                        sums[2] += w;
+                        const A wq = weight_at(P.weight, c0 + i) * qv[i];
+                        rs.Q1 += wq;
+                        rs.Q2 += wq * zs;
                     }
                 }
             }
+            if (P.smooth) {
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) {
+                    if (full || in_row(c0 + i, n)) {
+                        const A wc = weight_at(P.weight, c0 + i);
+                        rs.S += wc * v[i];
+                        rs.W += wc;
+                    }
+                }
+            }
+        });
+        A sums[5] = {rs.s, rs.S, rs.W, rs.Q1, rs.Q2};
+        group_sum_n<5>(gr, sums, red);
+        rs.s = sums[0], rs.S = sums[1], rs.W = sums[2], rs.Q1 = sums[3], rs.Q2 = sums[4];
+        const RowOut<A> o = row_epilogue<SOFT, GENERAL>(P, row, rt, m, mr, rs, z_t, leader, racc);
+        if (gr.G <= WARP) __syncwarp();  // (larger groups: their barriers order the reads)
+        if (P.grad == nullptr || P.stats_mode) continue;
+        T* g = P.grad + row * P.grad_row_stride;
+        if (!SOFT && !rt.owned) {
+            skipped_row<VEC>(P, row, RowTarget{0, rt.counted, false}, pk, w, false, racc);
+            continue;
         }
-        block_sum<3>(sums, red);
-        const A log_s = sk_log(sums[0]);
-        const A d1 = sums[1];
-        const A d2 = (!SOFT && a.smooth && a.weight == nullptr) ? A(n_cols) : sums[2];
-        const A w_t = SOFT ? A(0) : weight_at(a.weight, t);
-        if (threadIdx.x == 0) loss_ptr[row] = row_loss<SOFT>(a, m, log_s, d1, d2, w_t, x_t - m);
-        if (grad_ptr == nullptr) continue;
         // pass 3: gradient, shared -> global (writes C)
-        const A coef = p_coef<SOFT>(a, m, log_s, d1, d2, w_t);
-        const A r = sk_rcp(sums[0]);
-        T* g = grad_ptr + row * grad_row_stride;
-        for (int k = threadIdx.x; k < pk.np; k += nt) {
+        for_all_packs(pk, w, [&](int k) {
             A v[VEC], qv[VEC];
             raw_to_acc<VEC>(*reinterpret_cast<const Pack<T, VEC>*>(xb + k * VEC), v);
             if (SOFT) raw_to_acc<VEC>(*reinterpret_cast<const Pack<T, VEC>*>(qb + k * VEC), qv);
+            const int c0 = pk.c0(k);
+            const bool full = k >= pk.lo && k < pk.hi;
 #pragma unroll
             for (int i = 0; i < VEC; ++i) {
-                const int c = pk.c0(k) + i;
-                if (in_row(c, n_cols)) {  // outside the row: not stored, no weight to read
-                    const A wq = SOFT ? soft_wq(a, qv[i], c) : A(0);
-                    v[i] = grad_at<SOFT>(a, sk_exp(v[i] - m) * r, coef, wq, c, t, w_t);
+                const bool in = full || in_row(c0 + i, n);
+                const A z = cap<GENERAL>(P, v[i]);
+                const A e = exp_shifted(z - mr);
+                A gv;
+                if (SOFT) {
+                    const A wc = in ? weight_at(P.weight, c0 + i) : A(0);
+                    gv = e * o.ar - wc * (qv[i] * o.kr + o.er);
+                } else {
+                    const A wc = (P.smooth && in) ? weight_at(P.weight, c0 + i) : A(1);
+                    gv = e * o.ar - o.er * wc;
                 }
+                if (GENERAL) gv *= cap_chain<GENERAL>(P, z);
+                v[i] = gv;
             }
-            store_acc<VEC>(g, pk.c0(k), n_cols, a.vec_ok, v);
+            if (full) {
+                store_full<VEC>(g + c0, v);
+            } else {
+                store_acc<VEC>(g, c0, n, false, v);
+            }
+        });
+        if (!SOFT) {
+            const int kt = int((rt.t + pk.shift) / VEC);
+            if (kt % gr.G == gr.t) g[rt.t] = Convert<T>::from(o.g_t);
         }
     }
 }
 
 // ---------------------------------------------------------------------------------------------
-// (c) ONLINE: a block per row; pass 1 folds the row into an online (max, sum) plus the linear
-// sums, taken relative to a reference logit (the row's first, if finite) so that shifting them
-// to the final maximum afterwards does not cancel digits; pass 2 (gradient only) reads the row
-// again. Without a gradient this is the single-read path for every row longer than (a) serves.
+// (c) ONLINE: a block per row (columns as 32-bit indices: rows of fewer than 2**31 elements, as
+// the host checks; rows are addressed with 64-bit offsets). Pass 1 folds the row into per-thread running statistics (max m,
+// reference r = m or 0 while m = -inf, and the sums relative to r, shifted when m grows: every
+// shift term has the sums' sign, so nothing cancels), merged over the block by shifting each
+// thread's sums to the block maximum; pass 2 (gradient only) reads the row again. Without a
+// gradient this is the single-read path for every row longer than (a) serves.
 
-template <typename T, bool SOFT>
-__device__ __forceinline__ void ce_online(const T* x_ptr, const void* target_ptr, T* grad_ptr,
-                                          acc_t<T>* loss_ptr, idx_t n_rows, idx_t n_cols,
-                                          idx_t row_stride, idx_t target_row_stride,
-                                          idx_t grad_row_stride, const CeArgs<acc_t<T>>& a) {
+template <typename A>
+struct OnlineCe {
+    A m, r;
+    RowSums<A> rs;
+    __device__ __forceinline__ void init() {
+        m = neg_inf<A>();
+        r = A(0);
+        rs.zero();
+    }
+    // Move the sums to the reference nr >= m: s exp(r - nr), S + W (r - nr), Q2 + Q1 (r - nr).
+    // While m = -inf every element seen was -inf: s = 0 and S, Q2 are 0 or -inf already, and
+    // exp(r - nr) may overflow (nr = -1e30), so only the reference moves.
+    __device__ __forceinline__ void shift_to(A nr) {
+        if (m == neg_inf<A>()) {
+            r = nr;
+            return;
+        }
+        const A d = r - nr;
+        rs.s *= exp_shifted(d);
+        rs.S += rs.W * d;
+        rs.Q2 += rs.Q1 * d;
+        r = nr;
+    }
+};
+
+template <typename T, bool SOFT, bool FAST>
+__device__ __forceinline__ void ce_online(const CeParams<T>& P, double (&racc)[3]) {
     typedef acc_t<T> A;
+    constexpr bool GENERAL = !FAST;
     constexpr int VEC = Vec<T>::value;
-    // full packs per batch: 4 (2 with soft targets: two operands, the same bytes in flight)
     constexpr int NB = SOFT ? BATCH / 2 : BATCH;
-    __shared__ A red[2 * WARP];
-    const idx_t nt = blockDim.x;
-    for (idx_t row = blockIdx.x; row < n_rows; row += gridDim.x) {
-        const T* x = x_ptr + row * row_stride;
-        const Packs<VEC, idx_t> pk(n_cols, row_shift(x, a.vec_ok), a.vec_ok);
-        idx_t t;
-        if (block_row_skipped<SOFT>(target_ptr, a, row, n_cols, pk, loss_ptr, grad_ptr,
-                                    grad_row_stride, t)) {
+    __shared__ A red[5 * MAX_WARPS];
+    const Group gr = whole_block();
+    const Walker w = gr.walker();
+    const bool leader = gr.t == 0;
+    const int n = int(P.n_cols);
+    for (idx_t row = blockIdx.x; row < P.n_rows; row += gridDim.x) {
+        const T* x = P.x + row * P.row_stride;
+        const Packs<VEC, int> pk(n, row_shift(x, P.vec_ok), P.vec_ok);
+        const RowTarget rt = row_target<SOFT>(P, row);
+        if (!row_read<SOFT>(P, rt)) {
+            skipped_row<VEC>(P, row, rt, pk, w, leader, racc);
             continue;
         }
-        const T* q = static_cast<const T*>(target_ptr) + (SOFT ? row * target_row_stride : 0);
-        const A x_t = (!SOFT && threadIdx.x == 0) ? to_acc(x[t]) : A(0);
-        const A x0 = to_acc(x[0]);
-        const A ref = is_finite(x0) ? x0 : A(0);
-        Online<A> o;
-        o.init();
-        A sums[2] = {A(0), A(0)};  // d1, d2 relative to ref
-        // pass 1 (reads C, + C soft targets): one online merge per pack
-        auto fold = [&](idx_t k, const Pack<T, VEC>& x_raw, const Pack<T, VEC>& q_raw,
+        const T* q = static_cast<const T*>(P.target) + (SOFT ? row * P.target_row_stride : 0);
+        const A z_t = (!SOFT && rt.owned) ? cap<GENERAL>(P, to_acc(x[rt.t])) : A(0);
+        OnlineCe<A> st;
+        st.init();
+        // pass 1 (reads C, + C soft targets)
+        auto fold = [&](int k, const Pack<T, VEC>& x_raw, const Pack<T, VEC>& q_raw,
                         bool full) {
-            const idx_t c0 = pk.c0(k);
+            const int c0 = pk.c0(k);
             A v[VEC], qv[VEC];
             raw_to_acc<VEC>(x_raw, v);
             if (SOFT) raw_to_acc<VEC>(q_raw, qv);
             A pm = neg_inf<A>();
 #pragma unroll
             for (int i = 0; i < VEC; ++i) {
-                if (full || in_row(c0 + i, n_cols)) pm = sk_max(pm, v[i]);
+                v[i] = cap<GENERAL>(P, v[i]);
+                if (full || in_row(c0 + i, n)) pm = sk_max(pm, v[i]);
             }
-            const A mn = sk_max(o.m, pm);
-            A s = o.s * exp_rel(o.m, mn);
+            if (pm > st.m) {  // the running maximum grows (rarely, after the first packs)
+                st.shift_to(pm);
+                st.m = pm;
+            }
 #pragma unroll
             for (int i = 0; i < VEC; ++i) {
-                const idx_t c = c0 + i;
-                if (full || in_row(c, n_cols)) {
-                    s += exp_rel(v[i], mn);
+                const A zs = v[i] - st.r;
+                v[i] = zs;
+                if (full || in_row(c0 + i, n)) {
+                    st.rs.s += exp_shifted(zs);
                     if (SOFT) {
-                        const A wq = soft_wq(a, qv[i], c);
-                        sums[0] += wq;
-                        sums[1] += wq * (v[i] - ref);
-                    } else {  // used with label smoothing only (no branch)
-                        const A w = weight_at(a.weight, c);
-                        sums[0] += w * (v[i] - ref);
-                        sums[1] += w;
+                        const A wq = weight_at(P.weight, c0 + i) * qv[i];
+                        st.rs.Q1 += wq;
+                        st.rs.Q2 += wq * zs;
                     }
                 }
             }
-            o.m = mn;
-            o.s = s;
+            if (P.smooth) {
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) {
+                    if (full || in_row(c0 + i, n)) {
+                        const A wc = weight_at(P.weight, c0 + i);
+                        st.rs.S += wc * v[i];
+                        st.rs.W += wc;
+                    }
+                }
+            }
         };
         Pack<T, VEC> rx[NB], rq[SOFT ? NB : 1];
-        auto load_full = [&](int b, idx_t k) {
-            rx[b] = *reinterpret_cast<const Pack<T, VEC>*>(x + pk.c0(k));
-            if (SOFT) rq[SOFT ? b : 0] = *reinterpret_cast<const Pack<T, VEC>*>(q + pk.c0(k));
+        auto load_full = [&](int b, int k) {
+            rx[b] = load_pack<VEC>(x + pk.c0(k));
+            if (SOFT) rq[SOFT ? b : 0] = load_pack<VEC>(q + pk.c0(k));
         };
-        for_full_packs<NB>(pk, load_full, [&](int b, idx_t k) {
-            fold(k, rx[b], rq[SOFT ? b : 0], true);
-        });
-        for_partial_packs(pk, a.vec_ok, [&](idx_t k) {
+        for_full_packs<NB>(pk, w, load_full,
+                           [&](int b, int k) { fold(k, rx[b], rq[SOFT ? b : 0], true); });
+        for_partial_packs(pk, P.vec_ok, w, [&](int k) {
             Pack<T, VEC> x_raw, q_raw;
-            load_raw<VEC>(x, pk.c0(k), n_cols, false, x_raw);
-            if (SOFT) load_raw<VEC>(q, pk.c0(k), n_cols, false, q_raw);
+            load_raw<VEC>(x, pk.c0(k), n, false, x_raw);
+            if (SOFT) load_raw<VEC>(q, pk.c0(k), n, false, q_raw);
             fold(k, x_raw, q_raw, false);
         });
-        block_online(o, red);
-        block_sum<2>(sums, red);
-        const A m = o.m;
-        const A log_s = sk_log(o.s);
-        A d1 = sums[0], d2 = sums[1];
-        if (SOFT) {
-            d2 += (ref - m) * d1;  // sum(wq (x - m))
-        } else if (a.smooth) {
-            if (a.weight == nullptr) d2 = A(n_cols);
-            d1 += (ref - m) * d2;  // sum(w (x - m))
+        // merge: every thread shifts its sums to the block maximum, then one fixed-order sum
+        const A m = group_max_all(gr, st.m, red);
+        const A mr = row_ref(m);
+        st.shift_to(mr);
+        A sums[5] = {st.rs.s, st.rs.S, st.rs.W, st.rs.Q1, st.rs.Q2};
+        group_sum_n<5>(gr, sums, red);
+        RowSums<A> rs;
+        rs.s = sums[0], rs.S = sums[1], rs.W = sums[2], rs.Q1 = sums[3], rs.Q2 = sums[4];
+        const RowOut<A> o = row_epilogue<SOFT, GENERAL>(P, row, rt, m, mr, rs, z_t, leader, racc);
+        if (P.grad == nullptr || P.stats_mode) continue;
+        T* g = P.grad + row * P.grad_row_stride;
+        if (!SOFT && !rt.owned) {
+            skipped_row<VEC>(P, row, RowTarget{0, rt.counted, false}, pk, w, false, racc);
+            continue;
         }
-        const A w_t = SOFT ? A(0) : weight_at(a.weight, t);
-        if (threadIdx.x == 0) loss_ptr[row] = row_loss<SOFT>(a, m, log_s, d1, d2, w_t, x_t - m);
-        if (grad_ptr == nullptr) continue;
         // pass 2: gradient (reads C again, + C soft targets, writes C); in-place safe: the same
         // thread reads then writes each element
-        const A coef = p_coef<SOFT>(a, m, log_s, d1, d2, w_t);
-        const A r = sk_rcp(o.s);
-        T* g = grad_ptr + row * grad_row_stride;
-        auto result = [&](idx_t k, const Pack<T, VEC>& x_raw, const Pack<T, VEC>& q_raw,
+        auto result = [&](int k, const Pack<T, VEC>& x_raw, const Pack<T, VEC>& q_raw,
                           A (&v)[VEC], bool full) {
-            const idx_t c0 = pk.c0(k);
+            const int c0 = pk.c0(k);
             A qv[VEC];
             raw_to_acc<VEC>(x_raw, v);
             if (SOFT) raw_to_acc<VEC>(q_raw, qv);
 #pragma unroll
             for (int i = 0; i < VEC; ++i) {
-                const idx_t c = c0 + i;
-                if (full || in_row(c, n_cols)) {  // else: not stored
-                    const A wq = SOFT ? soft_wq(a, qv[i], c) : A(0);
-                    v[i] = grad_at<SOFT>(a, sk_exp(v[i] - m) * r, coef, wq, c, t, w_t);
+                const bool in = full || in_row(c0 + i, n);
+                const A z = cap<GENERAL>(P, v[i]);
+                const A e = exp_shifted(z - mr);
+                A gv;
+                if (SOFT) {
+                    const A wc = in ? weight_at(P.weight, c0 + i) : A(0);
+                    gv = e * o.ar - wc * (qv[i] * o.kr + o.er);
+                } else {
+                    const A wc = (P.smooth && in) ? weight_at(P.weight, c0 + i) : A(1);
+                    gv = e * o.ar - o.er * wc;
                 }
+                if (GENERAL) gv *= cap_chain<GENERAL>(P, z);
+                v[i] = gv;
             }
         };
-        for_full_packs<NB>(pk, load_full, [&](int b, idx_t k) {
+        for_full_packs<NB>(pk, w, load_full, [&](int b, int k) {
             A v[VEC];
             result(k, rx[b], rq[SOFT ? b : 0], v, true);
             store_full<VEC>(g + pk.c0(k), v);
         });
-        for_partial_packs(pk, a.vec_ok, [&](idx_t k) {
+        for_partial_packs(pk, P.vec_ok, w, [&](int k) {
             Pack<T, VEC> x_raw, q_raw;
-            load_raw<VEC>(x, pk.c0(k), n_cols, false, x_raw);
-            if (SOFT) load_raw<VEC>(q, pk.c0(k), n_cols, false, q_raw);
+            load_raw<VEC>(x, pk.c0(k), n, false, x_raw);
+            if (SOFT) load_raw<VEC>(q, pk.c0(k), n, false, q_raw);
             A v[VEC];
             result(k, x_raw, q_raw, v, false);
-            store_acc<VEC>(g, pk.c0(k), n_cols, false, v);
+            store_acc<VEC>(g, pk.c0(k), n, false, v);
         });
+        if (!SOFT) {
+            const int kt = int((rt.t + pk.shift) / VEC);
+            if (kt % w.nt == w.t) g[rt.t] = Convert<T>::from(o.g_t);
+        }
     }
 }
 
+// The workspace of the reductions (per device and stream, zeroed once by the host): the ticket
+// counter, the denominator the denom kernel leaves for the main kernel, and the partial sums.
+struct CeWorkspace {
+    double* base;
+    __device__ __forceinline__ unsigned* counter() const { return reinterpret_cast<unsigned*>(base); }
+    __device__ __forceinline__ double& denom() const { return base[1]; }
+    __device__ __forceinline__ double& count() const { return base[2]; }
+    __device__ __forceinline__ double* partials() const { return base + 8; }
+};
+
 }  // namespace sk
 
-// target_ptr: (N,) int32/int64 class indices, or for SOFT the (N, C) probabilities in the
-// logits' dtype with row stride target_row_stride. weight_ptr: (C,) or nullptr; denom_ptr: 0-d
-// or nullptr; loss, weight, denom and the scalars are in the compute type, the scalars
-// precomputed on the host: one_m_eps = 1 - eps, eps_c = eps / C, two_z = 2 z_loss.
-// flags: bit 0 class targets are int64 (else int32), bit 1 label smoothing (eps > 0), bit 2
-// z-loss (z_loss > 0), bit 3 vec_ok (16-byte packs legal for logits, soft targets, gradient).
-template <typename T, bool SOFT, int STRATEGY, int LANES, int PACKS>
-__global__ void SK_LAUNCH_BOUNDS(STRATEGY, SOFT && STRATEGY == SK_WARP_ROWS ? 2 : SK_MIN_BLOCKS(STRATEGY))
+// ---------------------------------------------------------------------------------------------
+// Kernels. target: (N,) int32/int64 class indices, or for SOFT the (N, C) probabilities in the
+// logits' dtype with row stride target_row_stride. loss, lse, stats, weight, denom and the
+// scalars are in the compute type; loss: (N,) for reduction "none", else 0-d. stats: (N, K),
+// K = n_stats (SK_CE_STATS mode). ws: the reduction workspace (CeWorkspace). Scalars
+// precomputed on the host: keep = 1 - eps, eps_c = eps / C (0 without smoothing),
+// inv_softcap = 1 / softcap. row_threads: threads per row of strategy (b).
+
+// Register budgets: (a) with soft targets holds twice the row (logits and probabilities): 2
+// blocks of 4 warps per SM at least (255 registers); (b) and (c) carry the row's five running
+// sums, the reduction's accumulators and the option scalars on top of the batched loads: 2
+// blocks of 8 warps (128 registers; ptxas spills at 85).
+#define SK_CE_MIN_BLOCKS(STRATEGY, SOFT) ((STRATEGY) == SK_WARP_ROWS ? ((SOFT) ? 2 : 4) : 2)
+
+template <typename T, bool SOFT, int STRATEGY, int LANES, int PACKS, bool FAST>
+__global__ void SK_LAUNCH_BOUNDS_MIN(STRATEGY, SK_CE_MIN_BLOCKS(STRATEGY, SOFT))
     cross_entropy_fwd_kernel(const T* x_ptr, const void* target_ptr, T* grad_ptr,
-                             sk::acc_t<T>* loss_ptr, const sk::acc_t<T>* weight_ptr,
-                             const sk::acc_t<T>* denom_ptr, long long n_rows, long long n_cols,
-                             long long row_stride, long long target_row_stride,
-                             long long grad_row_stride, long long ignore_index, int flags,
-                             sk::acc_t<T> one_m_eps, sk::acc_t<T> eps_c, sk::acc_t<T> z_loss,
-                             sk::acc_t<T> two_z, sk::acc_t<T> grad_scale) {
+                             sk::acc_t<T>* loss_ptr, sk::acc_t<T>* lse_ptr,
+                             sk::acc_t<T>* stats_ptr, const sk::acc_t<T>* weight_ptr,
+                             const sk::acc_t<T>* denom_ptr, double* ws, long long n_rows,
+                             long long n_cols, long long row_stride, long long target_row_stride,
+                             long long grad_row_stride, long long ignore_index,
+                             long long vocab_start, long long row_threads, long long n_stats,
+                             int flags, sk::acc_t<T> keep, sk::acc_t<T> eps_c,
+                             sk::acc_t<T> z_loss, sk::acc_t<T> softcap,
+                             sk::acc_t<T> inv_softcap, sk::acc_t<T> grad_scale) {
     typedef sk::acc_t<T> A;
-    sk::CeArgs<A> a;
-    a.weight = weight_ptr;
-    a.ignore_index = ignore_index;
-    a.target64 = (flags & 1) != 0;
-    a.smooth = (flags & 2) != 0;
-    a.zl = (flags & 4) != 0;
-    a.vec_ok = (flags & 8) != 0;
-    a.one_m_eps = one_m_eps;
-    a.eps_c = eps_c;
-    a.z = z_loss;
-    a.two_z = two_z;
-    // grad_scale / denom, read on the device (reduction "mean"; never synchronised to the host)
-    a.row_scale = grad_scale;
-    if (denom_ptr != nullptr && grad_ptr != nullptr) {
-        a.row_scale = grad_scale * sk::sk_rcp(denom_ptr[0]);
+    sk::CeParams<T> P;
+    P.x = x_ptr;
+    P.target = target_ptr;
+    P.grad = grad_ptr;
+    P.loss = loss_ptr;
+    P.lse = lse_ptr;
+    P.stats = stats_ptr;
+    P.weight = weight_ptr;
+    P.n_rows = n_rows;
+    P.n_cols = n_cols;
+    P.row_stride = row_stride;
+    P.target_row_stride = target_row_stride;
+    P.grad_row_stride = grad_row_stride;
+    P.ignore_index = ignore_index;
+    P.vocab_start = vocab_start;
+    P.row_threads = int(row_threads);
+    P.n_stats = int(n_stats);
+    P.target64 = (flags & SK_CE_T64) != 0;
+    P.smooth = (flags & SK_CE_SMOOTH) != 0;
+    P.zl = (flags & SK_CE_ZLOSS) != 0;
+    P.vec_ok = (flags & SK_CE_VEC) != 0;
+    P.softcap_on = (flags & SK_CE_SOFTCAP) != 0;
+    P.stats_mode = (flags & SK_CE_STATS) != 0;
+    P.mean = (flags & SK_CE_MEAN) != 0;
+    P.reduce = P.mean || (flags & SK_CE_SUM) != 0;
+    P.denom_in_kernel = P.mean && (flags & (SK_CE_DENOM_WS | SK_CE_DENOM_ARG)) == 0;
+    P.keep = keep;
+    P.eps_c = eps_c;
+    P.z = z_loss;
+    P.softcap = softcap;
+    P.inv_softcap = inv_softcap;
+    const sk::CeWorkspace W{ws};
+    // grad_scale / denom for "mean" with a gradient, read on the device (never synchronised)
+    A row_scale = grad_scale;
+    if (grad_ptr != nullptr && P.mean) {
+        if (flags & SK_CE_DENOM_ARG) row_scale = grad_scale * sk::sk_rcp(denom_ptr[0]);
+        if (flags & SK_CE_DENOM_WS) row_scale = A(double(grad_scale) * sk::sk_rcp(W.denom()));
     }
+    P.row_scale = row_scale;
+    double racc[3] = {0.0, 0.0, 0.0};  // loss, w_t, counted rows of this thread's rows
     if constexpr (STRATEGY == SK_WARP_ROWS) {
-        sk::ce_warp<T, SOFT, LANES, PACKS>(x_ptr, target_ptr, grad_ptr, loss_ptr, n_rows,
-                                           int(n_cols), row_stride, target_row_stride,
-                                           grad_row_stride, a);
+        sk::ce_warp<T, SOFT, LANES, PACKS, FAST>(P, racc);
     } else if constexpr (STRATEGY == SK_BLOCK_SMEM) {
-        sk::ce_block<T, SOFT>(x_ptr, target_ptr, grad_ptr, loss_ptr, n_rows, int(n_cols),
-                              row_stride, target_row_stride, grad_row_stride, a);
+        sk::ce_block<T, SOFT, FAST>(P, racc);
     } else {
-        sk::ce_online<T, SOFT>(x_ptr, target_ptr, grad_ptr, loss_ptr, n_rows, n_cols, row_stride,
-                               target_row_stride, grad_row_stride, a);
+        sk::ce_online<T, SOFT, FAST>(P, racc);
+    }
+    if (!P.reduce || P.stats_mode) return;
+    sk::grid_sum_and_finish<3>(racc, W.counter(), W.partials(), [&](const double (&tot)[3]) {
+        double out = tot[0];
+        if (P.mean) {
+            double d;
+            bool nothing;
+            if (flags & SK_CE_DENOM_ARG) {
+                d = double(denom_ptr[0]);
+                nothing = d == 0.0;
+            } else if (flags & SK_CE_DENOM_WS) {
+                d = W.denom();
+                nothing = W.count() == 0.0;
+            } else {
+                d = tot[1];
+                nothing = tot[2] == 0.0;
+            }
+            out = nothing ? 0.0 : out * sk::sk_rcp(d);
+        }
+        loss_ptr[0] = A(out);
+    });
+}
+
+// The denominator of reduction "mean" for class targets, when a gradient must be scaled by it:
+// the summed w_t of the counted rows (their count without a weight; a bad target adds NaN) and
+// the count, into the workspace for the main kernel launched next on the stream.
+// Reads N targets (+ N weights).
+template <typename A>
+__global__ void __launch_bounds__(SK_BLOCK_THREADS)
+    cross_entropy_denom_kernel(const void* target_ptr, const A* weight_ptr, double* ws,
+                               long long n_rows, long long n_cols, long long ignore_index,
+                               int flags) {
+    const bool t64 = (flags & SK_CE_T64) != 0;
+    double v[2] = {0.0, 0.0};
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long row = (long long)blockIdx.x * blockDim.x + threadIdx.x; row < n_rows;
+         row += stride) {
+        const long long t = sk::read_target(target_ptr, t64, row);
+        if (t == ignore_index) continue;
+        const bool inside = t >= 0 && t < n_cols;
+        v[0] += inside ? double(sk::weight_at(weight_ptr, t)) : double(sk::quiet_nan<A>());
+        v[1] += 1.0;
+    }
+    const sk::CeWorkspace W{ws};
+    sk::grid_sum_and_finish<2>(v, W.counter(), W.partials(), [&](const double (&tot)[2]) {
+        W.denom() = tot[0];
+        W.count() = tot[1];
+    });
+}
+
+// The vocabulary-parallel gradient from merged statistics (dispatch.py's cross_entropy_grad):
+// grad = (row_coef p - keep w_t onehot_{t_local} - eps_c w) * grad_scale * row_scale[0], soft:
+// - w (keep q + eps_c), times the softcap's chain rule, p = exp(z - row_lse); the owned target
+// entry as (a - keep w_t) p_t - keep w_t (1 - p_t) - eps_c w_t, 1 - p_t = -expm1(z_t - lse).
+// Ignored rows: 0. A block per row; reads C (+ C soft targets), writes C. flags: SK_CE_T64,
+// SK_CE_SMOOTH (eps_c != 0), SK_CE_VEC, SK_CE_SOFTCAP.
+template <typename T, bool SOFT, bool FAST>
+__global__ void SK_LAUNCH_BOUNDS_MIN(SK_ONLINE, 2)
+    cross_entropy_grad_kernel(const T* x_ptr, const void* target_ptr, T* grad_ptr,
+                              const sk::acc_t<T>* row_lse, const sk::acc_t<T>* row_coef,
+                              const sk::acc_t<T>* row_scale, const sk::acc_t<T>* weight_ptr,
+                              long long n_rows, long long n_cols, long long row_stride,
+                              long long target_row_stride, long long grad_row_stride,
+                              long long ignore_index, long long vocab_start, int flags,
+                              sk::acc_t<T> keep, sk::acc_t<T> eps_c, sk::acc_t<T> softcap,
+                              sk::acc_t<T> inv_softcap, sk::acc_t<T> grad_scale) {
+    using namespace sk;
+    typedef acc_t<T> A;
+    constexpr bool GENERAL = !FAST;
+    constexpr int VEC = Vec<T>::value;
+    constexpr int NB = SOFT ? BATCH / 2 : BATCH;
+    CeParams<T> P;  // the fields the shared helpers read
+    P.target = target_ptr;
+    P.weight = weight_ptr;
+    P.n_cols = n_cols;
+    P.ignore_index = ignore_index;
+    P.vocab_start = vocab_start;
+    P.target64 = (flags & SK_CE_T64) != 0;
+    P.smooth = (flags & SK_CE_SMOOTH) != 0;
+    P.vec_ok = (flags & SK_CE_VEC) != 0;
+    P.softcap_on = (flags & SK_CE_SOFTCAP) != 0;
+    P.softcap = softcap;
+    P.inv_softcap = inv_softcap;
+    const A rs = grad_scale * row_scale[0];
+    const Walker w = whole_block().walker();
+    const int n = int(n_cols);
+    for (idx_t row = blockIdx.x; row < n_rows; row += gridDim.x) {
+        const T* x = x_ptr + row * row_stride;
+        T* g = grad_ptr + row * grad_row_stride;
+        const Packs<VEC, int> pk(n, row_shift(x, P.vec_ok), P.vec_ok);
+        const RowTarget rt = row_target<SOFT>(P, row);
+        if (!rt.counted) {  // ignored: a zero row, logits unread
+            A v[VEC];
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) v[i] = A(0);
+#pragma unroll 1
+            for (int k = w.t; k < pk.np; k += w.nt) store_acc<VEC>(g, pk.c0(k), n, P.vec_ok, v);
+            continue;
+        }
+        const T* q = static_cast<const T*>(target_ptr) + (SOFT ? row * target_row_stride : 0);
+        const A L = row_lse[row];
+        const A a = row_coef[row];
+        const A ar = a * rs, er = eps_c * rs, kr = keep * rs;
+        const int kt = int((rt.t + pk.shift) / VEC);
+        const bool t_owner = !SOFT && rt.owned && kt % w.nt == w.t;
+        A g_t = A(0);
+        if (t_owner) {  // read before this thread stores the pack holding it
+            const A z_t = cap<GENERAL>(P, to_acc(x[rt.t]));
+            const A w_t = weight_at(weight_ptr, rt.t);
+            const A kw = keep * w_t;
+            const A d = z_t - L;
+            g_t = ((a - kw) * exp_shifted(d) + kw * sk_expm1(d) - eps_c * w_t) * rs *
+                  cap_chain<GENERAL>(P, z_t);
+        }
+        auto result = [&](int k, const Pack<T, VEC>& x_raw, const Pack<T, VEC>& q_raw,
+                          A (&v)[VEC], bool full) {
+            const int c0 = pk.c0(k);
+            A qv[VEC];
+            raw_to_acc<VEC>(x_raw, v);
+            if (SOFT) raw_to_acc<VEC>(q_raw, qv);
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) {
+                const bool in = full || in_row(c0 + i, n);
+                const A z = cap<GENERAL>(P, v[i]);
+                const A e = exp_shifted(z - L);
+                A gv;
+                if (SOFT) {
+                    const A wc = in ? weight_at(weight_ptr, c0 + i) : A(0);
+                    gv = e * ar - wc * (qv[i] * kr + er);
+                } else {
+                    const A wc = (P.smooth && in) ? weight_at(weight_ptr, c0 + i) : A(1);
+                    gv = e * ar - er * wc;
+                }
+                if (GENERAL) gv *= cap_chain<GENERAL>(P, z);
+                v[i] = gv;
+            }
+        };
+        Pack<T, VEC> rx[NB], rq[SOFT ? NB : 1];
+        for_full_packs<NB>(
+            pk, w,
+            [&](int b, int k) {
+                rx[b] = load_pack<VEC>(x + pk.c0(k));
+                if (SOFT) rq[SOFT ? b : 0] = load_pack<VEC>(q + pk.c0(k));
+            },
+            [&](int b, int k) {
+                A v[VEC];
+                result(k, rx[b], rq[SOFT ? b : 0], v, true);
+                store_full<VEC>(g + pk.c0(k), v);
+            });
+        for_partial_packs(pk, P.vec_ok, w, [&](int k) {
+            Pack<T, VEC> x_raw, q_raw;
+            load_raw<VEC>(x, pk.c0(k), n, false, x_raw);
+            if (SOFT) load_raw<VEC>(q, pk.c0(k), n, false, q_raw);
+            A v[VEC];
+            result(k, x_raw, q_raw, v, false);
+            store_acc<VEC>(g, pk.c0(k), n, false, v);
+        });
+        if (t_owner) g[rt.t] = Convert<T>::from(g_t);
     }
 }

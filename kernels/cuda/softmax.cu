@@ -164,13 +164,6 @@ __device__ __forceinline__ void softmax_bwd_warp(const T* dy_ptr, const T* y_ptr
 // shared memory at slot k * VEC; as each thread only ever touches its own slots, the passes
 // need no barrier besides the reductions'.
 
-// Shared-memory slots per row buffer: every pack of a row, whatever its shift. The host sizes
-// the dynamic shared memory with the same formula (smem_slots in cupy_backend.py).
-template <int VEC>
-__device__ __forceinline__ int smem_slots(int n_cols, bool vec_ok) {
-    return ((n_cols + VEC - 1) / VEC + (vec_ok ? 1 : 0)) * VEC;
-}
-
 template <typename T, bool IS_LOG>
 __device__ __forceinline__ void softmax_fwd_block(const T* x_ptr, T* y_ptr,
                                                   const unsigned char* mask_ptr, idx_t n_rows,
@@ -201,9 +194,9 @@ __device__ __forceinline__ void softmax_fwd_block(const T* x_ptr, T* y_ptr,
         };
         Pack<T, VEC> raw[BATCH];
         for_full_packs<BATCH>(
-            pk, [&](int b, int k) { raw[b] = *reinterpret_cast<const Pack<T, VEC>*>(x + pk.c0(k)); },
+            pk, Walker{int(threadIdx.x), int(blockDim.x)}, [&](int b, int k) { raw[b] = *reinterpret_cast<const Pack<T, VEC>*>(x + pk.c0(k)); },
             [&](int b, int k) { park(k, raw[b], true); });
-        for_partial_packs(pk, vec_ok, [&](int k) {
+        for_partial_packs(pk, vec_ok, Walker{int(threadIdx.x), int(blockDim.x)}, [&](int k) {
             Pack<T, VEC> r;
             load_raw<VEC>(x, pk.c0(k), n_cols, false, r);
             park(k, r, false);
@@ -278,13 +271,13 @@ __device__ __forceinline__ void softmax_bwd_block(const T* dy_ptr, const T* y_pt
         };
         Pack<T, VEC> rd[NB], ry[NB];
         for_full_packs<NB>(
-            pk,
+            pk, Walker{int(threadIdx.x), int(blockDim.x)},
             [&](int b, int k) {
                 rd[b] = *reinterpret_cast<const Pack<T, VEC>*>(dyr + pk.c0(k));
                 ry[b] = *reinterpret_cast<const Pack<T, VEC>*>(yr + pk.c0(k));
             },
             [&](int b, int k) { park(k, rd[b], ry[b]); });
-        for_partial_packs(pk, vec_ok, [&](int k) {
+        for_partial_packs(pk, vec_ok, Walker{int(threadIdx.x), int(blockDim.x)}, [&](int k) {
             Pack<T, VEC> d_raw, y_raw;
             load_raw<VEC>(dyr, pk.c0(k), n_cols, false, d_raw);
             load_raw<VEC>(yr, pk.c0(k), n_cols, false, y_raw);
@@ -351,9 +344,9 @@ __device__ __forceinline__ void softmax_fwd_online(const T* x_ptr, T* y_ptr,
         };
         Pack<T, VEC> raw[BATCH];
         for_full_packs<BATCH>(
-            pk, [&](int b, idx_t k) { raw[b] = *reinterpret_cast<const Pack<T, VEC>*>(x + pk.c0(k)); },
+            pk, Walker{int(threadIdx.x), int(blockDim.x)}, [&](int b, idx_t k) { raw[b] = *reinterpret_cast<const Pack<T, VEC>*>(x + pk.c0(k)); },
             [&](int b, idx_t k) { fold(k, raw[b], true); });
-        for_partial_packs(pk, vec_ok, [&](idx_t k) {
+        for_partial_packs(pk, vec_ok, Walker{int(threadIdx.x), int(blockDim.x)}, [&](idx_t k) {
             Pack<T, VEC> r;
             load_raw<VEC>(x, pk.c0(k), n_cols, false, r);
             fold(k, r, false);
@@ -376,7 +369,7 @@ __device__ __forceinline__ void softmax_fwd_online(const T* x_ptr, T* y_ptr,
             for (int i = 0; i < VEC; ++i) v[i] = IS_LOG ? (v[i] - o.m) - lse : sk_exp(v[i] - o.m) * r;
         };
         for_full_packs<BATCH>(
-            pk,
+            pk, Walker{int(threadIdx.x), int(blockDim.x)},
             [&](int b, idx_t k) {
                 if (!empty) raw[b] = *reinterpret_cast<const Pack<T, VEC>*>(x + pk.c0(k));
             },
@@ -385,7 +378,7 @@ __device__ __forceinline__ void softmax_fwd_online(const T* x_ptr, T* y_ptr,
                 result(k, raw[b], v, true);
                 store_full<VEC>(y + pk.c0(k), v);
             });
-        for_partial_packs(pk, vec_ok, [&](idx_t k) {
+        for_partial_packs(pk, vec_ok, Walker{int(threadIdx.x), int(blockDim.x)}, [&](idx_t k) {
             Pack<T, VEC> rr;
             load_raw<VEC>(x, pk.c0(k), n_cols, false, rr);
             A v[VEC];
@@ -420,13 +413,13 @@ __device__ __forceinline__ void softmax_bwd_online(const T* dy_ptr, const T* y_p
         };
         Pack<T, VEC> rd[NB], ry[NB];
         for_full_packs<NB>(
-            pk,
+            pk, Walker{int(threadIdx.x), int(blockDim.x)},
             [&](int b, idx_t k) {
                 rd[b] = *reinterpret_cast<const Pack<T, VEC>*>(dyr + pk.c0(k));
                 if (!is_log) ry[b] = *reinterpret_cast<const Pack<T, VEC>*>(yr + pk.c0(k));
             },
             [&](int b, idx_t k) { accumulate(rd[b], ry[b]); });
-        for_partial_packs(pk, vec_ok, [&](idx_t k) {
+        for_partial_packs(pk, vec_ok, Walker{int(threadIdx.x), int(blockDim.x)}, [&](idx_t k) {
             Pack<T, VEC> d_raw, y_raw;
             load_raw<VEC>(dyr, pk.c0(k), n_cols, false, d_raw);
             if (!is_log) load_raw<VEC>(yr, pk.c0(k), n_cols, false, y_raw);
@@ -446,7 +439,7 @@ __device__ __forceinline__ void softmax_bwd_online(const T* dy_ptr, const T* y_p
             }
         };
         for_full_packs<NB>(
-            pk,
+            pk, Walker{int(threadIdx.x), int(blockDim.x)},
             [&](int b, idx_t k) {
                 rd[b] = *reinterpret_cast<const Pack<T, VEC>*>(dyr + pk.c0(k));
                 ry[b] = *reinterpret_cast<const Pack<T, VEC>*>(yr + pk.c0(k));
@@ -456,7 +449,7 @@ __device__ __forceinline__ void softmax_bwd_online(const T* dy_ptr, const T* y_p
                 result(rd[b], ry[b], d);
                 store_full<VEC>(dx + pk.c0(k), d);
             });
-        for_partial_packs(pk, vec_ok, [&](idx_t k) {
+        for_partial_packs(pk, vec_ok, Walker{int(threadIdx.x), int(blockDim.x)}, [&](idx_t k) {
             Pack<T, VEC> d_raw, y_raw;
             load_raw<VEC>(dyr, pk.c0(k), n_cols, false, d_raw);
             load_raw<VEC>(yr, pk.c0(k), n_cols, false, y_raw);
@@ -475,7 +468,7 @@ __device__ __forceinline__ void softmax_bwd_online(const T* dy_ptr, const T* y_p
 // common.cuh). Grids are capped to fill the GPU once and loop over rows (grid-stride).
 
 template <typename T, bool IS_LOG, int STRATEGY, int LANES, int PACKS>
-__global__ void SK_LAUNCH_BOUNDS(STRATEGY, SK_MIN_BLOCKS(STRATEGY))
+__global__ void SK_LAUNCH_BOUNDS_MIN(STRATEGY, (STRATEGY) == SK_WARP_ROWS ? 4 : 2)
     softmax_fwd_kernel(const T* x_ptr, T* y_ptr, const unsigned char* mask_ptr, long long n_rows,
                        long long n_cols, long long row_stride, long long y_row_stride,
                        long long mask_row_stride, sk::acc_t<T> scale, int vec_ok, int mask_vec) {
@@ -496,7 +489,7 @@ __global__ void SK_LAUNCH_BOUNDS(STRATEGY, SK_MIN_BLOCKS(STRATEGY))
 
 // is_log: log_softmax backward (y is the log_softmax output), else softmax backward.
 template <typename T, int STRATEGY, int LANES, int PACKS>
-__global__ void SK_LAUNCH_BOUNDS(STRATEGY, SK_MIN_BLOCKS(STRATEGY))
+__global__ void SK_LAUNCH_BOUNDS_MIN(STRATEGY, (STRATEGY) == SK_WARP_ROWS ? 4 : 2)
     softmax_bwd_kernel(const T* dy_ptr, const T* y_ptr, T* dx_ptr, long long n_rows,
                        long long n_cols, long long dy_row_stride, long long y_row_stride,
                        long long dx_row_stride, sk::acc_t<T> scale, int is_log, int vec_ok) {

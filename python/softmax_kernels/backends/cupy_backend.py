@@ -8,8 +8,15 @@ CuPy has no dtype for, works like the rest. Nothing synchronises with the host.
 One module per (device, dtype) holds every kernel instance the launch planner can pick; it is
 compiled on first use and cached (CuPy also caches the binary on disk, so later processes skip
 NVRTC). ``plan_launch`` -- pure Python, testable without a GPU -- chooses the strategy for a
-row length: (a) a warp or part of one per row with the row in registers, (b) a block per row
-with the row in shared memory, (c) a block per row with a two-pass online loop.
+row length: (a) a warp or part of one per row with the row in registers, (b) a group of 32..256
+threads per row with the row in shared memory, (c) a block per row with a two-pass online loop.
+
+Cross-entropy (dispatch.py's interface: cross_entropy_fwd with its reductions, lse and
+softcap; cross_entropy_stats and cross_entropy_grad for the vocabulary-parallel loss) does the
+whole call in at most two launches and no other device operation: the "mean" denominator and
+the reduction are folded into the kernels (per-block partial sums, summed in block order by the
+last block to finish through a ticket counter in a per-(device, stream) workspace that the
+kernels leave zeroed).
 
 CuPy is imported on first use only: importing softmax_kernels never imports it.
 """
@@ -35,7 +42,10 @@ NAME = "cupy"
 WARP_ROWS, BLOCK_SMEM, ONLINE = 0, 1, 2  # SK_WARP_ROWS, SK_BLOCK_SMEM, SK_ONLINE in common.cuh
 STRATEGY_NAMES = {WARP_ROWS: "warp_rows", BLOCK_SMEM: "block_smem", ONLINE: "online"}
 
-OPS = ("softmax_fwd", "softmax_bwd", "cross_entropy_fwd")
+# Ops the planner knows. cross_entropy_fwd also serves cross_entropy_stats (the same kernel in
+# its statistics mode); cross_entropy_grad is the vocabulary-parallel gradient;
+# cross_entropy_denom the first launch of a "mean" with a gradient.
+OPS = ("softmax_fwd", "softmax_bwd", "cross_entropy_fwd", "cross_entropy_grad")
 KERNEL_FILES = ("common.cuh", "softmax.cu", "cross_entropy.cu")
 
 # dtype name -> (C++ type, bytes per element). Half types compute (and keep shared-memory
@@ -49,13 +59,23 @@ CTYPES = {
 
 WARP = 32
 WARP_BLOCK_THREADS = 128  # SK_WARP_BLOCK_THREADS: blocks of (a) are 4 warps
-MAX_BLOCK_THREADS = 512  # SK_MAX_BLOCK_THREADS: the launch bound of (b) and (c)
-MIN_BLOCK_THREADS = 128
-# Static shared memory of the (b) kernels (reduction scratch: at most 3 x 32 doubles = 768 B),
-# kept free below the device's per-block opt-in limit when sizing the row buffer.
+BLOCK_THREADS = 256  # SK_BLOCK_THREADS: blocks of (b) and (c) are 8 warps (their launch bound)
+# Static shared memory of the (b) kernels (reduction scratch: at most 5 x 8 doubles + the grid
+# reduction's 3 x 8 doubles), kept free below the device's per-block opt-in limit when sizing
+# the row buffers.
 STATIC_SMEM_RESERVE = 1024
 # Shared memory per block without opting in (any CUDA GPU): the planner's default.
 DEFAULT_SMEM_LIMIT = 48 * 1024
+# Cross-entropy kernels index a row's columns in 32 bits (fewer registers in the long-row loops).
+MAX_CE_COLS = 2**31 - 64
+# Slots of the grid reductions' partial sums (SK_WS_PARTIALS): reducing grids are capped here.
+WS_PARTIALS = 8192
+# Packs per thread strategy (b) wants at least: with fewer, a thread's loads are not enough to
+# keep the memory system busy, and the group shrinks instead (more rows per block).
+MIN_PACKS_PER_THREAD = 4
+# Elements each lane of strategy (a) holds at least: the row's fixed cost (reductions, log,
+# the loss) spreads over this many elements (16: 4 float32 packs, 2 half packs, 8 float64).
+WARP_MIN_ELEMS = 16
 
 
 def vec_width(itemsize: int) -> int:
@@ -70,8 +90,8 @@ def warp_max_cols(itemsize: int) -> int:
     1024 = 32 compute-type values per lane of a warp (float32 for 2- and 4-byte types): with
     cross-entropy's soft targets that is 64 registers of data, which still compiles without a
     spill, and 4 warps per block keep several rows in flight per SM. Longer rows would spill or
-    starve occupancy, and a whole block then reads a row faster. float64 values take two
-    registers each, so the same budget holds 512 columns."""
+    starve occupancy, and a group of threads with the row in shared memory reads it as fast.
+    float64 values take two registers each, so the same budget holds 512 columns."""
     return 512 if itemsize == 8 else 1024
 
 
@@ -86,13 +106,15 @@ def _pow2_floor(n: int) -> int:
 def warp_configs(itemsize: int) -> list[tuple[int, int]]:
     """Every (LANES, PACKS) shape strategy (a) uses for this element size.
 
-    Short rows share a warp: LANES = 1, 2, 4, 8 or 16 lanes per row with one pack each (rows of
-    up to 16 packs); longer rows get the whole warp and PACKS = 1, 2, 4, ... packs per lane up to
-    warp_max_cols. Powers of two keep the instance count (and the compile time) small; a lane's
-    unused packs cost only predicated-off instructions."""
-    out = [(lanes, 1) for lanes in (1, 2, 4, 8, 16)]
-    packs = 1
-    while WARP * packs * vec_width(itemsize) <= warp_max_cols(itemsize):
+    Each lane holds at least WARP_MIN_ELEMS elements (PACKS = 16 / VEC packs); short rows share
+    a warp with LANES = 1, 4 or 16 lanes per row, longer rows get the whole warp and PACKS
+    doubles up to warp_max_cols. Few shapes keep the instance count (and the compile time)
+    small; a lane's unused packs cost only predicated-off instructions."""
+    vec = vec_width(itemsize)
+    base = max(1, WARP_MIN_ELEMS // vec)
+    out = [(lanes, base) for lanes in (1, 4, 16)]
+    packs = base
+    while WARP * packs * vec <= warp_max_cols(itemsize):
         out.append((WARP, packs))
         packs *= 2
     return out
@@ -108,6 +130,8 @@ class LaunchPlan:
     threads: int  # threads per block
     smem: int  # dynamic shared memory per block, bytes
     rows_per_block: int  # rows one block handles at a time
+    fast: bool = False  # the FAST instance (see kernel_name)
+    row_threads: int = 0  # (b): threads per row (a group of the block); 0 otherwise
 
     @property
     def strategy_name(self) -> str:
@@ -127,15 +151,18 @@ def smem_bytes_per_col(op: str, itemsize: int, soft: bool = False) -> int:
 
 def smem_slots(n_cols: int, vec: int, vec_ok: bool) -> int:
     """Shared-memory elements per row buffer of strategy (b): every pack of a row, one more
-    when rows may start misaligned (smem_slots in softmax.cu, the same formula)."""
+    when rows may start misaligned (smem_slots in the .cu files, the same formula)."""
     return (-(-n_cols // vec) + (1 if vec_ok else 0)) * vec
 
 
-def _block_threads(n_packs: int) -> int:
-    """Threads per block for (b) and (c): about one pack per thread up to 512 threads (their
-    launch bound; at most 128 registers per thread), at least 4 warps so the block reductions
-    amortise over enough work."""
-    return max(MIN_BLOCK_THREADS, min(MAX_BLOCK_THREADS, _pow2_floor(n_packs)))
+def block_row_threads(n_packs: int) -> int:
+    """Threads per row of strategy (b): at least MIN_PACKS_PER_THREAD packs each, so a 256-thread
+    block takes 256 / G rows of G = 32..256 threads (rows of fewer than 1024 packs share it)."""
+    return max(WARP, min(BLOCK_THREADS, _pow2_floor(max(1, n_packs // MIN_PACKS_PER_THREAD))))
+
+
+# Ops whose (b) kernels run row groups (the others, softmax's, still give a block to each row).
+GROUP_OPS = ("cross_entropy_fwd",)
 
 
 def plan_launch(
@@ -148,75 +175,122 @@ def plan_launch(
     smem_limit: int = DEFAULT_SMEM_LIMIT,
     soft: bool = False,
     with_grad: bool = True,
+    whole_packs: bool | None = None,
+    softcap: bool = False,
 ) -> LaunchPlan:
     """Choose the strategy and block shape for rows of n_cols elements; the one place where the
     launch thresholds live.
 
     vec_ok: the rows are read in 16-byte packs (every operand's rows share x's address mod 16);
     shifted: some rows start off a 16-byte boundary, so a row may span one pack more.
+    whole_packs: every row is made of whole packs (vec_ok, not shifted, n_cols a multiple of
+    the pack, a mask in step); None: derived from vec_ok, shifted and n_cols.
     smem_limit: the device's opt-in shared memory per block (``sharedMemPerBlockOptin``: 227 KiB
-    on H100/H200, 163 KiB on A100). soft / with_grad: cross-entropy's target kind and whether
-    the gradient is written."""
+    on H100/H200, 163 KiB on A100). soft / with_grad / softcap: cross-entropy's target kind,
+    whether the gradient is written, whether a softcap applies."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}")
     itemsize = CTYPES[dtype_name][1]
     vec = vec_width(itemsize)
+    if whole_packs is None:
+        whole_packs = vec_ok and not shifted and n_cols % vec == 0
     n_packs = -(-(n_cols + (vec - 1 if vec_ok and shifted else 0)) // vec)
+    ce = op.startswith("cross_entropy")
+    if op == "cross_entropy_grad":
+        # elementwise given the rows' statistics: a block per row streams it (reads n, writes n)
+        return LaunchPlan(ONLINE, 1, 1, BLOCK_THREADS, 0, 1, fast=not softcap)
     # (a) rows of up to warp_max_cols (1024; 512 for float64) live in registers: one read, one
     # write, no shared memory, no block barrier; short rows share a warp so no lane idles.
-    if n_packs * vec <= warp_max_cols(itemsize):
-        if n_packs <= 16:
-            lanes, packs = _pow2_ceil(n_packs), 1
-        else:
-            lanes, packs = WARP, _pow2_ceil(-(-n_packs // WARP))
+    # Cross-entropy takes (a) only for rows of whole packs (its FAST instance: no per-element
+    # bounds checks) without a softcap; other short rows go to (b) with a warp per row (8 rows
+    # per block), whose per-pack loops need no second, bounds-checked copy of the unrolled row.
+    if n_packs * vec <= warp_max_cols(itemsize) and not (ce and (softcap or not whole_packs)):
+        per_lane = max(1, WARP_MIN_ELEMS // vec)
+        lanes = next(la for la in (1, 4, 16, WARP) if la * per_lane >= n_packs or la == WARP)
+        packs = per_lane if lanes < WARP else max(per_lane, _pow2_ceil(-(-n_packs // WARP)))
         return LaunchPlan(
-            WARP_ROWS, lanes, packs, WARP_BLOCK_THREADS, 0, WARP_BLOCK_THREADS // lanes
+            WARP_ROWS, lanes, packs, WARP_BLOCK_THREADS, 0, WARP_BLOCK_THREADS // lanes, ce
         )
-    threads = _block_threads(n_packs)
+    fast = not softcap if ce else True
     # Cross-entropy without a gradient reads each logit once whatever the strategy: the online
-    # loop (c) needs no shared memory, so it serves every row longer than (a) does.
-    if op == "cross_entropy_fwd" and not with_grad:
-        return LaunchPlan(ONLINE, 1, 1, threads, 0, 1)
-    # (b) while the row fits in the block's shared memory (the device's opt-in limit, less the
+    # loop (c) needs no shared memory, so it serves every row longer than (a) does (short
+    # softcapped rows excepted: a 256-thread block per row would idle).
+    if op == "cross_entropy_fwd" and not with_grad and n_packs * vec > warp_max_cols(itemsize):
+        return LaunchPlan(ONLINE, 1, 1, BLOCK_THREADS, 0, 1, fast)
+    # (b) while the rows fit in the block's shared memory (the device's opt-in limit, less the
     # reduction scratch): still one read and one write.
     buffers = 2 if op == "softmax_bwd" or (op == "cross_entropy_fwd" and soft) else 1
     per_elem = smem_bytes_per_col(op, itemsize, soft) // buffers
-    smem = buffers * smem_slots(n_cols, vec, vec_ok) * per_elem
-    if smem <= smem_limit - STATIC_SMEM_RESERVE:
-        return LaunchPlan(BLOCK_SMEM, 1, 1, threads, smem, 1)
+    row_bytes = buffers * smem_slots(n_cols, vec, vec_ok) * per_elem
+    if op in GROUP_OPS:
+        g = block_row_threads(n_packs)
+        rows = BLOCK_THREADS // g
+        if rows * row_bytes <= smem_limit - STATIC_SMEM_RESERVE:
+            return LaunchPlan(BLOCK_SMEM, 1, 1, BLOCK_THREADS, rows * row_bytes, rows, fast, g)
+        if row_bytes <= smem_limit - STATIC_SMEM_RESERVE:  # fewer rows per block
+            rows = max(1, (smem_limit - STATIC_SMEM_RESERVE) // row_bytes)
+            rows = _pow2_floor(rows)
+            return LaunchPlan(
+                BLOCK_SMEM, 1, 1, BLOCK_THREADS, rows * row_bytes, rows, fast,
+                BLOCK_THREADS // rows,
+            )  # fmt: skip
+    elif row_bytes <= smem_limit - STATIC_SMEM_RESERVE:
+        return LaunchPlan(BLOCK_SMEM, 1, 1, BLOCK_THREADS, row_bytes, 1, fast)
     # (c) beyond: the online (max, sum) pass then the write pass read the row twice.
-    return LaunchPlan(ONLINE, 1, 1, threads, 0, 1)
+    return LaunchPlan(ONLINE, 1, 1, BLOCK_THREADS, 0, 1, fast)
 
 
 # The bool template flag of each op's kernel: IS_LOG (softmax_fwd_kernel), SOFT
-# (cross_entropy_fwd_kernel). softmax_bwd_kernel takes is_log as a run-time argument: both
-# backward formulas share one instance, which keeps the instance count (and compile time) down.
-FLAG_OPS = ("softmax_fwd", "cross_entropy_fwd")
+# (cross_entropy_fwd_kernel, cross_entropy_grad_kernel). softmax_bwd_kernel takes is_log as a
+# run-time argument: both backward formulas share one instance.
+FLAG_OPS = ("softmax_fwd", "cross_entropy_fwd", "cross_entropy_grad")
+# Ops whose kernels take the FAST flag: (a) rows of whole packs without a softcap, (b)/(c)
+# without a softcap; the GENERAL instances (FAST = false) take any row.
+FAST_OPS = ("cross_entropy_fwd", "cross_entropy_grad")
 
 
 def kernel_name(op: str, dtype_name: str, flag: bool, plan: LaunchPlan) -> str:
     """The C++ name expression of a kernel instance, e.g.
-    ``softmax_fwd_kernel<float, true, 0, 32, 2>``. flag: IS_LOG (softmax_fwd) or SOFT
-    (cross_entropy_fwd); ignored for softmax_bwd."""
+    ``softmax_fwd_kernel<float, true, 0, 32, 2>`` or
+    ``cross_entropy_fwd_kernel<float, false, 0, 32, 4, true>``. flag: IS_LOG (softmax_fwd) or
+    SOFT (cross-entropy); ignored for softmax_bwd."""
     args = [CTYPES[dtype_name][0]]
     if op in FLAG_OPS:
         args.append("true" if flag else "false")
-    args += [str(plan.strategy), str(plan.lanes), str(plan.packs)]
+    if op != "cross_entropy_grad":
+        args += [str(plan.strategy), str(plan.lanes), str(plan.packs)]
+    if op in FAST_OPS:
+        args.append("true" if plan.fast else "false")
     return f"{op}_kernel<{', '.join(args)}>"
+
+
+def denom_kernel_name(dtype_name: str) -> str:
+    return f"cross_entropy_denom_kernel<{'double' if dtype_name == 'float64' else 'float'}>"
 
 
 def all_kernel_names(dtype_name: str) -> list[str]:
     """Every kernel instance plan_launch can pick for this dtype (the module's name
     expressions, and what kernels/cuda/check.py instantiates)."""
     itemsize = CTYPES[dtype_name][1]
-    shapes = [(WARP_ROWS, lanes, packs) for lanes, packs in warp_configs(itemsize)]
-    shapes += [(BLOCK_SMEM, 1, 1), (ONLINE, 1, 1)]
+    warp = [(WARP_ROWS, lanes, packs) for lanes, packs in warp_configs(itemsize)]
     names = []
     for op in OPS:
         for flag in (False, True) if op in FLAG_OPS else (False,):
+            if op == "cross_entropy_grad":
+                shapes = [(ONLINE, 1, 1)]
+            else:
+                shapes = warp + [(BLOCK_SMEM, 1, 1), (ONLINE, 1, 1)]
             for strategy, lanes, packs in shapes:
-                plan = LaunchPlan(strategy, lanes, packs, 0, 0, 1)
-                names.append(kernel_name(op, dtype_name, flag, plan))
+                if op in FAST_OPS and strategy == WARP_ROWS:  # (a): whole packs only
+                    fasts = (True,)
+                elif op in FAST_OPS:
+                    fasts = (True, False)
+                else:
+                    fasts = (strategy != WARP_ROWS,)
+                for fast in fasts:
+                    plan = LaunchPlan(strategy, lanes, packs, 0, 0, 1, fast)
+                    names.append(kernel_name(op, dtype_name, flag, plan))
+    names.append(denom_kernel_name(dtype_name))
     return names
 
 
@@ -524,17 +598,52 @@ def _module(dev: int, dtype_name: str) -> _Module:
     return mod
 
 
-def _launch(op: str, flag: bool, x, plan: LaunchPlan, n_rows: int, args: tuple) -> None:
+def _launch(
+    name: str, x, plan: LaunchPlan, n_rows: int, args: tuple, max_grid: int | None = None
+) -> None:
+    """Launch kernel instance `name` on x's device and stream: enough blocks for n_rows rows, at
+    most what fills the GPU once (and max_grid)."""
     cupy = _cupy()
     dtype_name = _arrays.dtype_name(x)
     dev = _device_of(x)
     stream = _stream_for(x, dev)
-    name = kernel_name(op, dtype_name, flag, plan)
     with cupy.cuda.Device(dev):
         mod = _module(dev, dtype_name)
         kernel = mod.kernel(name, plan)
         grid = mod.grid(name, kernel, plan, n_rows)
+        if max_grid is not None:
+            grid = min(grid, max_grid)
         kernel((grid,), (plan.threads,), args, shared_mem=plan.smem, stream=stream)
+
+
+# The reductions' workspace (CeWorkspace in cross_entropy.cu), one per (device, stream): the
+# ticket counter, the denominator, and WS_PARTIALS x 3 partial sums, in float64. Zeroed once
+# when created; every reducing kernel's last block resets the counter, so calls need no memset.
+WS_DOUBLES = 8 + 3 * WS_PARTIALS
+_workspaces: dict[tuple[int, int], Any] = {}
+
+
+def _stream_ptr(x, dev: int) -> int:
+    if _arrays.kind_of(x) == _arrays.TORCH:
+        import torch
+
+        return int(torch.cuda.current_stream(x.device).cuda_stream)
+    return int(_cupy().cuda.get_current_stream(dev).ptr)
+
+
+def _workspace(x) -> int:
+    """The device address of the reductions' workspace for x's device and current stream."""
+    dev = _device_of(x)
+    key = (dev, _stream_ptr(x, dev))
+    ws = _workspaces.get(key)
+    if ws is None:
+        cupy = _cupy()
+        with cupy.cuda.Device(dev):
+            ws = cupy.zeros(WS_DOUBLES, dtype=cupy.float64)  # once per (device, stream)
+        if len(_workspaces) > 64:
+            _workspaces.clear()
+        _workspaces[key] = ws
+    return int(ws.data.ptr)
 
 
 def _acc(dtype_name: str):
@@ -571,7 +680,7 @@ def softmax_fwd(x, out, *, scale: float, mask, is_log: bool) -> None:
         np.int32(vec_ok),
         np.int32(mask_vec),
     )
-    _launch("softmax_fwd", is_log, x, plan, n_rows, args)
+    _launch(kernel_name("softmax_fwd", dn, is_log, plan), x, plan, n_rows, args)
 
 
 def softmax_bwd(dy, y, out, *, scale: float, is_log: bool) -> None:
@@ -599,87 +708,241 @@ def softmax_bwd(dy, y, out, *, scale: float, is_log: bool) -> None:
         np.int32(is_log),
         np.int32(vec_ok),
     )
-    _launch("softmax_bwd", False, y, plan, n_rows, args)
+    _launch(kernel_name("softmax_bwd", dn, False, plan), y, plan, n_rows, args)
 
 
-def cross_entropy_fwd(
-    logits,
-    target,
-    loss,
-    grad,
-    *,
-    soft: bool,
-    weight,
-    ignore_index: int,
-    label_smoothing: float,
-    z_loss: float,
-    grad_scale: float,
-    denom,
-) -> None:
-    # With p = softmax(x), lse = logsumexp(x), eps = label_smoothing, w = weight (or ones):
-    #   integer target t: loss = (1-eps) w_t (lse - x_t) + eps/C sum_c w_c (lse - x_c)
-    #                     grad = [(1-eps) w_t + eps/C W] p - (1-eps) w_t onehot_t - eps/C w
-    #   soft target q:    q' = (1-eps) q + eps/C,  loss = sum_c w_c q'_c (lse - x_c)
-    #                     grad = sum(w q') p - w q'
-    #   z-loss:           loss += z lse^2,  grad += 2 z lse p
-    # then grad *= grad_scale (/ denom for mean, read on the device). Ignored rows: loss 0,
-    # grad 0; a target outside [0, C) that is not ignore_index: loss and grad row NaN.
-    # Reads the logits once (and the soft targets), writes the loss and the gradient once.
-    n_rows, n_cols = (int(d) for d in logits.shape)
-    if n_rows == 0:
-        return
-    dn = _arrays.dtype_name(logits)
-    cdt = "float64" if dn == "float64" else "float32"
-    for name, a in (("loss", loss), ("weight", weight), ("denom", denom)):
+# Cross-entropy flags (SK_CE_* in cross_entropy.cu).
+CE_T64, CE_SMOOTH, CE_ZLOSS, CE_VEC, CE_SOFTCAP = 1, 2, 4, 8, 16
+CE_STATS, CE_SUM, CE_MEAN, CE_DENOM_WS, CE_DENOM_ARG = 32, 64, 128, 256, 512
+REDUCTIONS = ("none", "sum", "mean")
+
+
+def _check_cdt(fn: str, cdt: str, **arrays) -> None:
+    for name, a in arrays.items():
         if a is not None and _arrays.dtype_name(a) != cdt:
-            raise TypeError(f"cross_entropy_fwd: {name} must be {cdt}, got {_arrays.dtype_name(a)}")
-    xr = _rows(logits)
-    operands = [xr]
-    gr = _rows(grad) if grad is not None else None
-    if gr is not None:
-        operands.append(gr)
+            raise TypeError(f"{fn}: {name} must be {cdt}, got {_arrays.dtype_name(a)}")
+
+
+def _ce_targets(fn: str, target, soft: bool) -> tuple[_Rows, int]:
+    """(target rows, flag bits) of soft or class targets."""
     if soft:
-        tr = _rows(target)
-        operands.append(tr)
-        target64 = False
-    else:
-        tn = _arrays.dtype_name(target)
-        if tn not in ("int32", "int64"):
-            raise TypeError(f"cross_entropy_fwd: class targets must be int32 or int64, got {tn}")
-        tr = _Rows(_ptr(target), 0, 8 if tn == "int64" else 4)
-        target64 = tn == "int64"
+        return _rows(target), 0
+    tn = _arrays.dtype_name(target)
+    if tn not in ("int32", "int64"):
+        raise TypeError(f"{fn}: class targets must be int32 or int64, got {tn}")
+    return _Rows(_ptr(target), 0, 8 if tn == "int64" else 4), (CE_T64 if tn == "int64" else 0)
+
+
+def _clamp_i64(v: int) -> int:
+    return min(max(int(v), -(2**63)), 2**63 - 1)
+
+
+def _ce_plan(fn, logits, target, grad, soft, with_grad, softcap):
+    """Rows, vector flags and the plan of a cross-entropy kernel over logits (and grad)."""
+    n_cols = int(logits.shape[1])
+    if n_cols >= MAX_CE_COLS:
+        raise ValueError(
+            f"{fn}: rows of {n_cols} classes; the CuPy backend's cross-entropy kernels take rows "
+            f"of fewer than {MAX_CE_COLS} (32-bit column indices)"
+        )
+    dn = _arrays.dtype_name(logits)
+    xr = _rows(logits)
+    tr, tflags = _ce_targets(fn, target, soft)
+    operands = [xr] + ([_rows(grad)] if grad is not None else []) + ([tr] if soft else [])
     vec_ok, shifted, _ = vector_flags(operands)
+    op = "cross_entropy_grad" if fn == "cross_entropy_grad" else "cross_entropy_fwd"
     plan = plan_launch(
-        "cross_entropy_fwd",
+        op,
         dn,
         n_cols,
         vec_ok=vec_ok,
         shifted=shifted,
         smem_limit=_smem_limit(logits),
         soft=soft,
-        with_grad=grad is not None,
+        with_grad=with_grad,
+        softcap=softcap is not None,
     )
-    eps, z = float(label_smoothing), float(z_loss)
-    flags = int(target64) | (2 if eps > 0 else 0) | (4 if z > 0 else 0) | (8 if vec_ok else 0)
+    flags = tflags | (CE_VEC if vec_ok else 0) | (CE_SOFTCAP if softcap is not None else 0)
+    return dn, xr, tr, plan, flags
+
+
+def _ce_fwd_launch(
+    logits, target, *, loss, grad, lse, stats, soft, weight, ignore_index, vocab_start,
+    label_smoothing, z_loss, softcap, grad_scale, reduction, denom,
+):  # fmt: skip
+    """cross_entropy_fwd_kernel in forward (loss / lse / gradient) or statistics mode (at most
+    two launches: the denominator first when a "mean" gradient needs it)."""
+    fn = "cross_entropy_stats" if stats is not None else "cross_entropy_fwd"
+    n_rows, n_cols = (int(d) for d in logits.shape)
+    dn, xr, tr, plan, flags = _ce_plan(fn, logits, target, grad, soft, grad is not None, softcap)
+    cdt = "float64" if dn == "float64" else "float32"
     acc = _acc(dn)
+    _check_cdt(fn, cdt, loss=loss, lse=lse, stats=stats, weight=weight, denom=denom)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{fn}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    eps, z = float(label_smoothing), float(z_loss)
+    flags |= (CE_SMOOTH if eps > 0 else 0) | (CE_ZLOSS if z > 0 else 0)
+    gs = float(grad_scale)
+    if stats is not None:
+        flags |= CE_STATS
+    elif reduction == "sum":
+        flags |= CE_SUM
+    elif reduction == "mean":
+        flags |= CE_MEAN
+        if denom is not None:
+            flags |= CE_DENOM_ARG
+        elif grad is not None and soft:
+            gs /= max(n_rows, 1)  # the denominator is the row count, known here
+        elif grad is not None:
+            flags |= CE_DENOM_WS
+    reducing = stats is None and reduction != "none"
+    ws = _workspace(logits) if reducing else 0
+    wptr = _ptr(weight) if weight is not None else 0
+    if flags & CE_DENOM_WS:
+        dplan = LaunchPlan(ONLINE, 1, 1, BLOCK_THREADS, 0, 4 * BLOCK_THREADS)
+        dargs = (
+            np.uint64(tr.ptr),
+            np.uint64(wptr),
+            np.uint64(ws),
+            np.int64(n_rows),
+            np.int64(n_cols),
+            np.int64(_clamp_i64(ignore_index)),
+            np.int32(flags & CE_T64),
+        )
+        _launch(denom_kernel_name(dn), logits, dplan, n_rows, dargs, WS_PARTIALS)
+    n_stats = int(stats.shape[1]) if stats is not None else 0
     args = (
         np.uint64(xr.ptr),
         np.uint64(tr.ptr),
-        np.uint64(gr.ptr if gr is not None else 0),
-        np.uint64(_ptr(loss)),
-        np.uint64(_ptr(weight) if weight is not None else 0),
+        np.uint64(_ptr(grad) if grad is not None else 0),
+        np.uint64(_ptr(loss) if loss is not None else 0),
+        np.uint64(_ptr(lse) if lse is not None else 0),
+        np.uint64(_ptr(stats) if stats is not None else 0),
+        np.uint64(wptr),
         np.uint64(_ptr(denom) if denom is not None else 0),
+        np.uint64(ws),
         np.int64(n_rows),
         np.int64(n_cols),
         np.int64(xr.row_stride),
         np.int64(tr.row_stride if soft else 0),
-        np.int64(gr.row_stride if gr is not None else 0),
-        np.int64(min(max(int(ignore_index), -(2**63)), 2**63 - 1)),  # (targets are int64)
+        np.int64(_rows(grad).row_stride if grad is not None else 0),
+        np.int64(_clamp_i64(ignore_index)),  # (targets are int64)
+        np.int64(vocab_start),
+        np.int64(plan.row_threads or plan.threads),
+        np.int64(n_stats),
         np.int32(flags),
         acc(1.0 - eps),
-        acc(eps / n_cols),
+        acc(eps / n_cols if n_cols else 0.0),
         acc(z),
-        acc(2.0 * z),
+        acc(softcap if softcap is not None else 0.0),
+        acc(1.0 / softcap if softcap is not None else 0.0),
+        acc(gs),
+    )
+    name = kernel_name("cross_entropy_fwd", dn, soft, plan)
+    _launch(name, logits, plan, n_rows, args, WS_PARTIALS if reducing else None)
+
+
+def cross_entropy_fwd(
+    logits,
+    target,
+    *,
+    loss,
+    grad,
+    lse,
+    soft: bool,
+    weight,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap,
+    grad_scale: float,
+    reduction: str,
+    denom,
+) -> None:
+    # dispatch.py's maths (cross_entropy.cu has it in full). Reads the logits once (and the
+    # soft targets), writes the loss (and lse) and the gradient once; the reduction and the
+    # "mean" denominator happen on the device, in at most 2 launches and nothing else.
+    _ce_fwd_launch(
+        logits, target, loss=loss, grad=grad, lse=lse, stats=None, soft=soft, weight=weight,
+        ignore_index=ignore_index, vocab_start=0, label_smoothing=label_smoothing,
+        z_loss=z_loss, softcap=softcap, grad_scale=grad_scale, reduction=reduction, denom=denom,
+    )  # fmt: skip
+
+
+def cross_entropy_stats(
+    logits,
+    target,
+    stats,
+    *,
+    soft: bool,
+    weight,
+    ignore_index: int,
+    vocab_start: int,
+    label_smoothing: float,
+    softcap,
+) -> None:
+    # Per row: class [m, s, z_t - m, (w_t), (sum w (z - m))], soft [m, s, sum w q,
+    # sum w q (z - m), (sum w (z - m))] (dispatch.py). Reads the logits (and soft targets) once;
+    # ignored rows are not read (their row is [0, 1, 0, ...], never used).
+    if int(logits.shape[0]) == 0:
+        return
+    _ce_fwd_launch(
+        logits, target, loss=None, grad=None, lse=None, stats=stats, soft=soft, weight=weight,
+        ignore_index=ignore_index, vocab_start=int(vocab_start),
+        label_smoothing=label_smoothing, z_loss=0.0, softcap=softcap, grad_scale=1.0,
+        reduction="none", denom=None,
+    )  # fmt: skip
+
+
+def cross_entropy_grad(
+    logits,
+    target,
+    grad,
+    *,
+    row_lse,
+    row_coef,
+    row_scale,
+    soft: bool,
+    weight,
+    ignore_index: int,
+    vocab_start: int,
+    keep: float,
+    eps_c: float,
+    softcap,
+    grad_scale: float,
+) -> None:
+    # grad = (coef p - keep w_t onehot - eps_c w) * grad_scale * row_scale, p = exp(z - lse)
+    # (soft: coef p - w (keep q + eps_c)), times the softcap chain rule. Reads the logits (and
+    # soft targets) once, writes the gradient once: one launch.
+    fn = "cross_entropy_grad"
+    n_rows, n_cols = (int(d) for d in logits.shape)
+    if n_rows == 0 or n_cols == 0:
+        return
+    dn, xr, tr, plan, flags = _ce_plan(fn, logits, target, grad, soft, True, softcap)
+    cdt = "float64" if dn == "float64" else "float32"
+    _check_cdt(fn, cdt, row_lse=row_lse, row_coef=row_coef, row_scale=row_scale, weight=weight)
+    acc = _acc(dn)
+    flags |= CE_SMOOTH if float(eps_c) != 0.0 else 0
+    args = (
+        np.uint64(xr.ptr),
+        np.uint64(tr.ptr),
+        np.uint64(_ptr(grad)),
+        np.uint64(_ptr(row_lse)),
+        np.uint64(_ptr(row_coef)),
+        np.uint64(_ptr(row_scale)),
+        np.uint64(_ptr(weight) if weight is not None else 0),
+        np.int64(n_rows),
+        np.int64(n_cols),
+        np.int64(xr.row_stride),
+        np.int64(tr.row_stride if soft else 0),
+        np.int64(_rows(grad).row_stride),
+        np.int64(_clamp_i64(ignore_index)),
+        np.int64(vocab_start),
+        np.int32(flags),
+        acc(keep),
+        acc(eps_c),
+        acc(softcap if softcap is not None else 0.0),
+        acc(1.0 / softcap if softcap is not None else 0.0),
         acc(grad_scale),
     )
-    _launch("cross_entropy_fwd", soft, logits, plan, n_rows, args)
+    _launch(kernel_name(fn, dn, soft, plan), logits, plan, n_rows, args)
