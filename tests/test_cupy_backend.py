@@ -1155,6 +1155,57 @@ def test_emulated_backward_every_strategy(emu, dtype, rng):
     assert emu.strategies == {WARP_ROWS, BLOCK_SMEM, ONLINE}
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_emulated_backward_cancelling_sums(emu, dtype, rng, monkeypatch):
+    """Issue 10 item 2: row sums that nearly cancel (a zero-mean dy, one class dominating: logits
+    with z[:, 0] = 20) meet the contract's bound in every strategy: (a) at its longest row, (b)
+    at 4096 and 8192 (an H100's shared memory), (c) at 65536. A float32 accumulation of sum(dy)
+    failed by up to 10x at 8192 and 65536."""
+    monkeypatch.setattr(cb, "_smem_limit", lambda x: H100_SMEM)
+    for n in (_wmax(dtype), 4096, 8192, 65536):
+        z = rng.standard_normal((8, n))
+        z[:, 0] = 20.0
+        dy64 = rng.standard_normal((8, n))
+        dy64 -= dy64.mean(axis=1, keepdims=True)
+        dy = emu.make(dy64, dtype)
+        for is_log in (True, False):
+            y = emu.make(ref_softmax(z, -1, is_log=is_log), dtype)
+            out = np.empty_like(y)
+            cb.softmax_bwd(dy, y, out, scale=1.0, is_log=is_log)
+            ref = ref_softmax_backward(emu.f64(dy, dtype), emu.f64(y, dtype), -1, 1.0, is_log)
+            what = f"{dtype} n={n} log={is_log} {emu.launched[-1][0]}"
+            assert_close(emu.f64(out, dtype), ref, dtype, what)
+    assert emu.strategies == {WARP_ROWS, BLOCK_SMEM, ONLINE}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emulated_masked_entries_in_nan_rows(emu, dtype, rng):
+    """Issue 10 item 7: masked entries are 0 (softmax) / -inf (log_softmax) even in a row that an
+    unmasked NaN makes NaN; kept entries of that row are NaN; rows without NaN as the
+    reference. Every strategy, broadcast and per-row masks, aligned and misaligned."""
+    for n in _emu_lengths(dtype, "softmax_fwd"):
+        x64 = rng.standard_normal((4, n))
+        keep = rng.random((4, n)) < 0.5
+        keep[:, 0] = True
+        x64[0, 0] = np.nan  # kept NaN
+        x64[2, -1] = np.nan
+        keep[2, -1] = n == 1  # a masked NaN takes no part (n = 1: the only entry, kept)
+        x = emu.make(x64, dtype)
+        xr = emu.f64(x, dtype)
+        for mask in (keep, np.broadcast_to(keep[0], keep.shape)):
+            for is_log in (False, True):
+                out = np.empty(x.shape, x.dtype)
+                cb.softmax_fwd(x, out, scale=1.0, mask=mask, is_log=is_log)
+                ref = ref_softmax(np.where(mask, xr, 0.0), -1, where=mask, is_log=is_log)
+                fill = -np.inf if is_log else 0.0
+                ref = np.where(mask, ref, fill)
+                nan_row = np.isnan(np.where(mask, xr, 0.0)).any(axis=1)
+                ref[nan_row] = np.where(mask[nan_row], np.nan, fill)
+                what = f"{dtype} n={n} log={is_log} {emu.launched[-1][0]}"
+                assert_close(emu.f64(out, dtype), ref, dtype, what)
+    assert emu.strategies == {WARP_ROWS, BLOCK_SMEM, ONLINE}
+
+
 # -- cross-entropy in the emulation ------------------------------------------------------------
 
 

@@ -356,11 +356,14 @@ __device__ __forceinline__ unsigned load_keep(const unsigned char* row, I c0, I 
 
 // z = scale * x for one pack of a softmax forward, in place: -inf where the mask is 0, where
 // the pack is not live, or (unless `full`) outside [0, n). `any` records whether some entry
-// was kept (a row with none gives all 0 / all -inf). Shared by the three strategies.
+// was kept (a row with none gives all 0 / all -inf). Returns the pack's mask bits (bit i: entry
+// i kept by the mask), which the output uses: masked entries are 0 / -inf even in a row that a
+// NaN makes NaN. Shared by the three strategies.
 template <int VEC, typename A, typename I>
-__device__ __forceinline__ void scale_and_mask(A (&v)[VEC], A scale, const unsigned char* mk,
-                                               bool has_mask, bool mask_vec, I c0, I n,
-                                               bool live, bool full, int& any) {
+__device__ __forceinline__ unsigned scale_and_mask(A (&v)[VEC], A scale,
+                                                   const unsigned char* mk, bool has_mask,
+                                                   bool mask_vec, I c0, I n, bool live,
+                                                   bool full, int& any) {
     const unsigned keep =
         (live && has_mask) ? load_keep<VEC, false>(mk, c0, n, mask_vec) : ~0u;
 #pragma unroll
@@ -369,6 +372,7 @@ __device__ __forceinline__ void scale_and_mask(A (&v)[VEC], A scale, const unsig
         any |= kept;
         v[i] = kept ? scale * v[i] : neg_inf<A>();
     }
+    return keep;
 }
 
 // Shared-memory slots per row buffer of strategy (b): every pack of a row, whatever its shift.

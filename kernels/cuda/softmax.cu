@@ -45,6 +45,7 @@ __device__ __forceinline__ void softmax_fwd_warp(const T* x_ptr, T* y_ptr,
                                            : nullptr;
         const int shift = row_shift(x, vec_ok);
         A v[PACKS][VEC];
+        unsigned keep[PACKS];  // mask bits per pack
         A m = neg_inf<A>();
         int any = 0;
 #pragma unroll
@@ -57,7 +58,8 @@ __device__ __forceinline__ void softmax_fwd_warp(const T* x_ptr, T* y_ptr,
 #pragma unroll
                 for (int i = 0; i < VEC; ++i) v[p][i] = A(0);
             }
-            scale_and_mask<VEC>(v[p], scale, mk, has_mask, mask_vec, c0, n_cols, live, false, any);
+            keep[p] = scale_and_mask<VEC>(v[p], scale, mk, has_mask, mask_vec, c0, n_cols, live,
+                                          false, any);
 #pragma unroll
             for (int i = 0; i < VEC; ++i) m = sk_max(m, v[p][i]);
         }
@@ -90,7 +92,7 @@ __device__ __forceinline__ void softmax_fwd_warp(const T* x_ptr, T* y_ptr,
                 A out[VEC];
 #pragma unroll
                 for (int i = 0; i < VEC; ++i) {
-                    if (empty) {
+                    if (empty || !((keep[p] >> i) & 1u)) {  // masked: 0 / -inf, NaN row or not
                         out[i] = IS_LOG ? neg_inf<A>() : A(0);
                     } else {
                         out[i] = IS_LOG ? (v[p][i] - m) - lse : v[p][i] * r;
@@ -121,7 +123,9 @@ __device__ __forceinline__ void softmax_bwd_warp(const T* dy_ptr, const T* y_ptr
         const int shift = row_shift(dyr, vec_ok);
         // the rows stay in registers as loaded (half types: two per register)
         Pack<T, VEC> dy[PACKS], yv[PACKS];
-        A dot = A(0);  // softmax: dot(dy, y); log_softmax: sum(dy)
+        // softmax: dot(dy, y); log_softmax: sum(dy). Accumulated in sum_t (float64 for float32
+        // data): the terms may nearly cancel (a zero-mean dy), and the error would reach dx.
+        sum_t<T> dot = 0;
 #pragma unroll
         for (int p = 0; p < PACKS; ++p) {
             const int c0 = (p * LANES + l) * VEC - shift;
@@ -135,10 +139,12 @@ __device__ __forceinline__ void softmax_bwd_warp(const T* dy_ptr, const T* y_ptr
             // (elements outside the row load as 0 and add nothing)
 #pragma unroll
             for (int i = 0; i < VEC; ++i) {
-                dot += is_log ? to_acc(dy[p].v[i]) : to_acc(dy[p].v[i]) * to_acc(yv[p].v[i]);
+                // (a float32 product is exact to 6e-8 |dy y|: only the sum needs float64)
+                dot += sum_t<T>(is_log ? to_acc(dy[p].v[i])
+                                       : to_acc(dy[p].v[i]) * to_acc(yv[p].v[i]));
             }
         }
-        dot = group_sum<LANES>(dot);
+        const A dsum = A(group_sum<LANES>(dot));
         if (!active) continue;
         T* dx = dx_ptr + row * dx_row_stride;
 #pragma unroll
@@ -150,8 +156,8 @@ __device__ __forceinline__ void softmax_bwd_warp(const T* dy_ptr, const T* y_ptr
                 raw_to_acc<VEC>(yv[p], yy);
 #pragma unroll
                 for (int i = 0; i < VEC; ++i) {
-                    d[i] = is_log ? (d[i] - sk_exp(yy[i]) * dot) * scale
-                                  : (d[i] - dot) * yy[i] * scale;
+                    d[i] = is_log ? (d[i] - sk_exp(yy[i]) * dsum) * scale
+                                  : (d[i] - dsum) * yy[i] * scale;
                 }
                 store_acc<VEC>(dx, c0, n_cols, vec_ok, d);
             }
@@ -218,17 +224,21 @@ __device__ __forceinline__ void softmax_fwd_block(const T* x_ptr, T* y_ptr,
             if (!IS_LOG) smem_store<VEC>(buf + k * VEC, v);
         }
         block_sum<1>(s, red);
-        // pass 3: shared -> global (writes n)
+        // pass 3: shared -> global (writes n). In a row a NaN makes NaN (s = NaN), the masked
+        // entries still get 0 / -inf: only there is the mask read again.
         const bool empty = has_mask && !any;
+        const bool nan_masked = has_mask && !(s[0] == s[0]);
         const A lse = IS_LOG ? sk_log(s[0]) : A(0);
         const A r = IS_LOG ? A(0) : sk_rcp(s[0]);
         T* y = y_ptr + row * y_row_stride;
         for (int k = threadIdx.x; k < pk.np; k += nt) {
             A v[VEC];
             smem_load<VEC>(buf + k * VEC, v);
+            const unsigned keep =
+                nan_masked ? load_keep<VEC, false>(mk, pk.c0(k), n_cols, mask_vec) : ~0u;
 #pragma unroll
             for (int i = 0; i < VEC; ++i) {
-                if (empty) {
+                if (empty || !((keep >> i) & 1u)) {
                     v[i] = IS_LOG ? neg_inf<A>() : A(0);
                 } else {
                     v[i] = IS_LOG ? (v[i] - m) - lse : v[i] * r;
@@ -248,7 +258,7 @@ __device__ __forceinline__ void softmax_bwd_block(const T* dy_ptr, const T* y_pt
     typedef acc_t<T> A;
     constexpr int VEC = Vec<T>::value;
     constexpr int NB = BATCH / 2;  // full packs per batch: two operands, the same bytes in flight
-    __shared__ A red[WARP];
+    __shared__ sum_t<T> red[WARP];  // the row sum, in sum_t (see softmax_bwd_warp)
     // dy and y rows as raw T, by pack (each buffer a multiple of 16 bytes)
     T* dyb = reinterpret_cast<T*>(sk_dyn_smem);
     T* yb = dyb + smem_slots<VEC>(n_cols, vec_ok);
@@ -257,7 +267,7 @@ __device__ __forceinline__ void softmax_bwd_block(const T* dy_ptr, const T* y_pt
         const T* dyr = dy_ptr + row * dy_row_stride;
         const T* yr = y_ptr + row * y_row_stride;
         const Packs<VEC, int> pk(n_cols, row_shift(dyr, vec_ok), vec_ok);
-        A dot[1] = {A(0)};
+        sum_t<T> dot[1] = {0};
         // pass 1: global -> shared, dot(dy, y) or sum(dy) (reads 2 x n; elements outside the
         // row load as 0 and add nothing)
         auto park = [&](int k, const Pack<T, VEC>& d_raw, const Pack<T, VEC>& y_raw) {
@@ -267,7 +277,7 @@ __device__ __forceinline__ void softmax_bwd_block(const T* dy_ptr, const T* y_pt
             raw_to_acc<VEC>(d_raw, d);
             raw_to_acc<VEC>(y_raw, yv);
 #pragma unroll
-            for (int i = 0; i < VEC; ++i) dot[0] += is_log ? d[i] : d[i] * yv[i];
+            for (int i = 0; i < VEC; ++i) dot[0] += sum_t<T>(is_log ? d[i] : d[i] * yv[i]);
         };
         Pack<T, VEC> rd[NB], ry[NB];
         for_full_packs<NB>(
@@ -284,6 +294,7 @@ __device__ __forceinline__ void softmax_bwd_block(const T* dy_ptr, const T* y_pt
             park(k, d_raw, y_raw);
         });
         block_sum<1>(dot, red);
+        const A dsum = A(dot[0]);
         // pass 2: shared -> global (writes n)
         T* dx = dx_ptr + row * dx_row_stride;
         for (int k = threadIdx.x; k < pk.np; k += nt) {
@@ -292,8 +303,8 @@ __device__ __forceinline__ void softmax_bwd_block(const T* dy_ptr, const T* y_pt
             raw_to_acc<VEC>(*reinterpret_cast<const Pack<T, VEC>*>(yb + k * VEC), yv);
 #pragma unroll
             for (int i = 0; i < VEC; ++i) {
-                d[i] = is_log ? (d[i] - sk_exp(yv[i]) * dot[0]) * scale
-                              : (d[i] - dot[0]) * yv[i] * scale;
+                d[i] = is_log ? (d[i] - sk_exp(yv[i]) * dsum) * scale
+                              : (d[i] - dsum) * yv[i] * scale;
             }
             store_acc<VEC>(dx, pk.c0(k), n_cols, vec_ok, d);
         }
@@ -326,7 +337,8 @@ __device__ __forceinline__ void softmax_fwd_online(const T* x_ptr, T* y_ptr,
         auto values = [&](idx_t k, const Pack<T, VEC>& raw, A (&v)[VEC], bool full) {
             const idx_t c0 = pk.c0(k);
             raw_to_acc<VEC>(raw, v);
-            scale_and_mask<VEC>(v, scale, mk, has_mask, mask_vec, c0, n_cols, true, full, any);
+            return scale_and_mask<VEC>(v, scale, mk, has_mask, mask_vec, c0, n_cols, true, full,
+                                       any);
         };
         // pass 1 (reads n): one online merge per pack
         auto fold = [&](idx_t k, const Pack<T, VEC>& raw, bool full) {
@@ -364,9 +376,14 @@ __device__ __forceinline__ void softmax_fwd_online(const T* x_ptr, T* y_ptr,
                 for (int i = 0; i < VEC; ++i) v[i] = IS_LOG ? neg_inf<A>() : A(0);
                 return;
             }
-            values(k, raw, v, full);
+            const unsigned keep = values(k, raw, v, full);
 #pragma unroll
-            for (int i = 0; i < VEC; ++i) v[i] = IS_LOG ? (v[i] - o.m) - lse : sk_exp(v[i] - o.m) * r;
+            for (int i = 0; i < VEC; ++i) {
+                // masked entries: 0 / -inf, also in a row that a NaN makes NaN
+                v[i] = !((keep >> i) & 1u) ? (IS_LOG ? neg_inf<A>() : A(0))
+                       : IS_LOG          ? (v[i] - o.m) - lse
+                                         : sk_exp(v[i] - o.m) * r;
+            }
         };
         for_full_packs<BATCH>(
             pk, Walker{int(threadIdx.x), int(blockDim.x)},
@@ -397,19 +414,19 @@ __device__ __forceinline__ void softmax_bwd_online(const T* dy_ptr, const T* y_p
     typedef acc_t<T> A;
     constexpr int VEC = Vec<T>::value;
     constexpr int NB = BATCH / 2;  // full packs per batch: two operands, the same bytes in flight
-    __shared__ A red[WARP];
+    __shared__ sum_t<T> red[WARP];  // the row sum, in sum_t (see softmax_bwd_warp)
     for (idx_t row = blockIdx.x; row < n_rows; row += gridDim.x) {
         const T* dyr = dy_ptr + row * dy_row_stride;
         const T* yr = y_ptr + row * y_row_stride;
         const Packs<VEC, idx_t> pk(n_cols, row_shift(dyr, vec_ok), vec_ok);
-        A dot[1] = {A(0)};
+        sum_t<T> dot[1] = {0};
         // pass 1 (reads 2 x n; log_softmax: n, dy only)
         auto accumulate = [&](const Pack<T, VEC>& d_raw, const Pack<T, VEC>& y_raw) {
             A d[VEC], yv[VEC];
             raw_to_acc<VEC>(d_raw, d);
             if (!is_log) raw_to_acc<VEC>(y_raw, yv);
 #pragma unroll
-            for (int i = 0; i < VEC; ++i) dot[0] += is_log ? d[i] : d[i] * yv[i];
+            for (int i = 0; i < VEC; ++i) dot[0] += sum_t<T>(is_log ? d[i] : d[i] * yv[i]);
         };
         Pack<T, VEC> rd[NB], ry[NB];
         for_full_packs<NB>(
@@ -426,6 +443,7 @@ __device__ __forceinline__ void softmax_bwd_online(const T* dy_ptr, const T* y_p
             accumulate(d_raw, y_raw);
         });
         block_sum<1>(dot, red);
+        const A dsum = A(dot[0]);
         // pass 2 (reads 2 x n again, writes n)
         T* dx = dx_ptr + row * dx_row_stride;
         auto result = [&](const Pack<T, VEC>& d_raw, const Pack<T, VEC>& y_raw, A (&d)[VEC]) {
@@ -434,8 +452,8 @@ __device__ __forceinline__ void softmax_bwd_online(const T* dy_ptr, const T* y_p
             raw_to_acc<VEC>(y_raw, yv);
 #pragma unroll
             for (int i = 0; i < VEC; ++i) {
-                d[i] = is_log ? (d[i] - sk_exp(yv[i]) * dot[0]) * scale
-                              : (d[i] - dot[0]) * yv[i] * scale;
+                d[i] = is_log ? (d[i] - sk_exp(yv[i]) * dsum) * scale
+                              : (d[i] - dsum) * yv[i] * scale;
             }
         };
         for_full_packs<NB>(
