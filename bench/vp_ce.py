@@ -130,9 +130,12 @@ def _recording_gather(dist, sink: list):
 
     def wrap(real):
         def gather(out, inp, *a, **k):
-            sink.append({"shape": list(inp.shape), "dtype": str(inp.dtype).replace("torch.", ""),
-                         "nbytes": int(inp.numel() * inp.element_size())})  # fmt: skip
-            return real(out, inp, *a, **k)
+            rec = {"shape": list(inp.shape), "dtype": str(inp.dtype).replace("torch.", ""),
+                   "nbytes": int(inp.numel() * inp.element_size())}  # fmt: skip
+            sink.append(rec)
+            r = real(out, inp, *a, **k)
+            rec["gathered"] = out  # what every rank merges
+            return r
 
         return gather
 
@@ -174,6 +177,27 @@ def _byte_case(sk, torch, n_rows, v_local, start, world, opts, group, dtype=None
             "values_per_row": k}  # fmt: skip
 
 
+def _merge_fn(gathered, world: int, n: int, t, v_local: int):
+    """The merge alone: ``_parallel._merge`` and ``_reduce`` (the torch operations between the
+    statistics and the gradient kernels) on a gathered (P, N + 1, K) statistics tensor of a
+    plain mean call; None where _parallel's internals differ from what this expects."""
+    try:
+        from softmax_kernels import _core, _parallel
+
+        g = gathered.reshape(world, n + 1, -1).clone()
+        rows = _parallel._Rows(n, False, t, False, g.device)
+        o = _core.CEOptions()
+
+        def merge():
+            mg = _parallel._merge(g, rows, o, equal=True, n_local=v_local, process_group=None)
+            return _parallel._reduce(mg, "mean")
+
+        merge()
+        return merge
+    except Exception:  # noqa: BLE001 - the merge column reads n/a
+        return None
+
+
 # ----------------------------------------------------------------------------------------------
 # CPU: P processes over gloo
 
@@ -206,9 +230,13 @@ def cpu_worker(rank, world, port, result_dir, n, v, reps, seed):
         rows = np.unique(np.linspace(0, n - 1, min(n, CHECK_ROWS)).astype(np.int64))
         ref_loss, ref_grad = _ref_loss_and_grad_rows(x_full, t, rows, v_local, start)
         del x_full
-        loss, grad = sk.cross_entropy_with_grad(shard, tt, process_group=group)
+        sink: list = []
+        with _recording_gather(dist, sink):
+            loss, grad = sk.cross_entropy_with_grad(shard, tt, process_group=group)
         out["check"] = _check(loss, grad, ref_loss, ref_grad, rows, "fp32")
         loss = grad = None
+        merge = _merge_fn(sink[0]["gathered"], world, n, tt, v_local) if sink else None
+        sink = None
         stats_rows, k = n + 1, _n_stats_plain()
         gbuf = torch.zeros((stats_rows, k), dtype=torch.float32)
         gout = torch.empty((world * stats_rows, k), dtype=torch.float32)
@@ -218,6 +246,8 @@ def cpu_worker(rank, world, port, result_dir, n, v, reps, seed):
             "vp": lambda: sk.cross_entropy_with_grad(shard, tt, process_group=group),
             "gather": lambda: gather(gout, gbuf, group=group),
         }
+        if merge is not None:
+            fns["merge"] = merge
         times: dict[str, list[float]] = {k_: [] for k_ in fns}
         for fn in fns.values():  # warm-up
             dist.barrier(group)
@@ -297,8 +327,9 @@ def _aggregate(row: dict[str, Any], ranks: list[dict[str, Any]]) -> None:
         row.update(status="mismatch", message=f"rank {bad[0]['rank']}: {bad[0]['check']}")
         return
     # the slowest rank sets the pace of a collective step: report the max over ranks
-    for k in ("local", "vp", "gather"):
-        row[f"{k}_ms"] = max(r["ms"][k] for r in ranks)
+    for k in ("local", "vp", "gather", "merge"):
+        vals = [r["ms"][k] for r in ranks if k in r["ms"]]
+        row[f"{k}_ms"] = max(vals) if len(vals) == len(ranks) else None
     row["per_rank_ms"] = [r["ms"] for r in ranks]
     row["reps"] = ranks[0]["reps"]
     row["threads_per_rank"] = ranks[0]["threads"]
@@ -340,7 +371,8 @@ def _world_one_group(torch, backend: str):
 
 
 @contextlib.contextmanager
-def _simulated(parallel, world: int, rank: int, others: list | None, capture: list | None):
+def _simulated(parallel, world: int, rank: int, others: list | None, capture: list | None,
+               stacked: list | None = None):  # fmt: skip
     """Within: ``_parallel``'s group facts say (world, rank * V_local, equal shards) and its
     gather returns this rank's statistics stacked with ``others`` in rank order (a copy), or,
     with ``capture``, records this rank's statistics (and returns them P times)."""
@@ -357,7 +389,10 @@ def _simulated(parallel, world: int, rank: int, others: list | None, capture: li
 
         parts = list(others)
         parts.insert(rank, stats)
-        return torch.stack(parts)
+        g = torch.stack(parts)
+        if stacked is not None:
+            stacked[:] = [g]
+        return g
 
     parallel._group_facts, parallel._gather = facts, gather
     try:
@@ -449,6 +484,8 @@ def _sim_point(row, torch, sk, parallel, group, timer, x_full, t_full, rows_idx,
         with _recording_gather(dist, sink):
             loss, grad = vp()
         bytes_row = sink[0]["nbytes"] // sink[0]["shape"][0] if sink else None
+        gathered = sink[0]["gathered"] if sink else None
+        sink = None
     else:
         others = []
         for r in range(1, world):
@@ -458,11 +495,14 @@ def _sim_point(row, torch, sk, parallel, group, timer, x_full, t_full, rows_idx,
             others.append(cap[0])
         bytes_row = int(others[0].shape[1] * others[0].element_size())
 
+        stacked: list = []
+
         def vp():
-            with _simulated(parallel, world, 0, others, None):
+            with _simulated(parallel, world, 0, others, None, stacked):
                 return sk.cross_entropy_with_grad(shards[0], tt, process_group=group, **kw)
 
         loss, grad = vp()
+        gathered = stacked[0] if stacked else None
     chk = _check(loss, grad, ref_loss, ref_grad, rows_idx, dtype)
     row["check"] = chk
     loss = grad = None
@@ -473,6 +513,9 @@ def _sim_point(row, torch, sk, parallel, group, timer, x_full, t_full, rows_idx,
     row["local_ms"], row["local_reps"] = timer(local)
     row["vp_ms"], row["reps"] = timer(vp)
     row["gather_ms"] = None  # simulated: a device copy inside the vp call
+    merge = None if gathered is None else _merge_fn(gathered, world, row["n"], tt, v_local)
+    gathered = None
+    row["merge_ms"] = timer(merge)[0] if merge is not None else None
     row["bytes"] = {"plain": {"bytes_per_row": bytes_row, "header_rows": 1}}
     _derive(row)
     # what a real all-gather would add: its latency and (P - 1) x N x K x 4 bytes per rank
@@ -493,9 +536,10 @@ def summary_markdown(record: dict[str, Any]) -> str:
         "",
         "Per rank, forward + gradient of its (N, V/P) shard: `local` without a process group, "
         "`vp` the whole call with one (the statistics kernel, one all-gather, the merge, the "
-        "gradient kernel), `gather` the all-gather alone on the statistics buffer. The slowest "
-        "rank's median. Bytes per row: the statistics row each rank sends (it receives P - 1 of "
-        "them per row).",
+        "gradient kernel), `gather` the all-gather alone on the statistics buffer, `merge` the "
+        "rank-order merge and reduction alone (torch operations on the gathered statistics). "
+        "The slowest rank's median. Bytes per row: the statistics row each rank sends (it "
+        "receives P - 1 of them per row).",
         "",
         *(
             [f"**Warning: {record['settings']['busy_warning']}.**", ""]
@@ -503,8 +547,8 @@ def summary_markdown(record: dict[str, Any]) -> str:
             else []
         ),
         "| N x V | dtype | P | mode | V/P | local ms | vp ms | vp - local ms | vp / local | "
-        "gather ms | bytes/row sent | bytes/row received | check |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "gather ms | merge ms | bytes/row sent | bytes/row received | check |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ok = r["status"] == "ok"
@@ -516,10 +560,11 @@ def summary_markdown(record: dict[str, Any]) -> str:
             cells += [f"{r['local_ms']:.3f}", f"{r['vp_ms']:.3f}", f"{r['overhead_ms']:.3f}",
                       f"{r['vp_over_local']:.2f}",
                       "simulated" if r.get("gather_ms") is None else f"{r['gather_ms']:.3f}",
+                      "n/a" if r.get("merge_ms") is None else f"{r['merge_ms']:.3f}",
                       str(r.get("bytes_per_row_sent", "n/a")),
                       str(r.get("bytes_per_row_received", "n/a")), chk]  # fmt: skip
         else:
-            cells += [r["status"], "", "", "", "", "", "", (r["message"] or chk)[:100]]
+            cells += [r["status"], "", "", "", "", "", "", "", (r["message"] or chk)[:100]]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     cases = next((r["bytes"] for r in rows if r["status"] == "ok" and len(r.get("bytes") or {})

@@ -564,7 +564,8 @@ def test_vp_ce_worker_and_single_device_simulation(tmp_path):
     V.cpu_worker(0, 1, V._free_port(), str(tmp_path), 33, 50, 2, 0)
     out = json.loads((tmp_path / "rank0.json").read_text())
     assert "error" not in out, out.get("traceback")
-    assert out["check"]["ok"] and set(out["ms"]) == {"local", "vp", "gather"}
+    # the merge alone too (softmax_kernels._parallel's internals as this bench knows them)
+    assert out["check"]["ok"] and set(out["ms"]) == {"local", "vp", "gather", "merge"}
     b = out["bytes"]
     assert all(c["collectives"] == 1 and c["header_rows"] == 1 for c in b.values())
     # the issue's bound: at most 16 bytes per row per rank, plus the weights' column
@@ -580,6 +581,7 @@ def test_vp_ce_worker_and_single_device_simulation(tmp_path):
     for r in rows:
         assert r["check"]["loss_err_ratio"] <= 1 and r["check"]["grad_err_ratio"] <= 1
         assert r["bytes_per_row_sent"] == 4 * _parallel._n_stats(False, False, False)
+        assert 0 < r["merge_ms"] and 0 < r["local_ms"] and 0 < r["vp_ms"]
     assert rows[2]["bytes_per_row_received"] == 2 * rows[2]["bytes_per_row_sent"]
     assert not torch_dist_initialized()  # the world-size-1 group is torn down
     rec = {"device": {"name": "test"}, "created": "2026-01-01", "vp_ce": {"rows": rows}}
