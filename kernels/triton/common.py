@@ -111,16 +111,23 @@ def tanh_c(u, IS_FP64: tl.constexpr):
 
 
 @triton.jit
-def lane_online_update(m, s, z, IS_FP64: tl.constexpr):
-    """One element per lane of the online (running max, sum) pair: with d = z - m, either the
-    maximum rises (d > 0: s <- s exp(-d) + 1, m <- z) or it does not (s <- s + exp(d)); both are
-    exp(-|d|), one exponential per element. A -inf element changes nothing (this also covers a
-    lane that has seen only -inf, where d = -inf - -inf would be NaN); a NaN element makes s
-    NaN (the row comes out NaN); m never takes a NaN. Returns (m, s, up, d)."""
-    d = z - m
-    up = d > 0
-    e = exp_c(-tl.abs(d), IS_FP64)
-    s_new = tl.where(up, s * e + 1.0, s + e)
-    s = tl.where(z == NEG_INF, s, s_new)
-    m = tl.where(up, z, m)
-    return m, s, up, d
+def group_online_update(m, s, z, IS_FP64: tl.constexpr):
+    """One chunk of the online (running max, sum) pair, per lane: ``z`` is [LANES, GROUP], each
+    lane's GROUP elements contiguous in one thread (a 16-byte vector), ``m`` and ``s`` are
+    [LANES]: the lane's running maximum and s = sum exp(z - m). The maximum moves once per
+    lane and chunk (GROUP - 1 in-thread max, no block-wide reduction, no barrier), so the cost is
+    1 + 1/GROUP exponentials per element. Rebasing by exp(m - shift) with the raw old maximum
+    (not 0 in place of -inf, which could overflow to inf * 0) keeps a lane that has seen only
+    -inf at s = 0; a NaN element makes s NaN (the row comes out NaN); m never takes a NaN.
+    Returns (m, s, shift_old, shift): the safe shifts before and after (for rebased sums)."""
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    shift = safe_shift(m_new)
+    s = s * exp_c(m - shift, IS_FP64) + tl.sum(exp_c(z - shift[:, None], IS_FP64), axis=1)
+    return m_new, s, safe_shift(m), shift
+
+
+@triton.jit
+def merge_lanes(m, s, IS_FP64: tl.constexpr):
+    """(row max, shift, s of the row relative to shift) from the lanes' running pairs."""
+    shift = safe_shift(tl.max(m, axis=0))
+    return tl.max(m, axis=0), shift, tl.sum(s * exp_c(m - shift, IS_FP64), axis=0)

@@ -22,11 +22,16 @@ load through it (``x_t``, ``w_t``) is masked, so it never reads out of bounds.
 
 Strategies (``triton_backend._launch_config`` chooses): a tile of ``ROWS`` whole rows held on
 chip, one pass (reads the logits once, writes the gradient once; the target logit is picked out
-of the registers, so an in-place gradient cannot race with it); or, for long rows, ``ONLINE``:
-a first pass over ``BLOCK_N`` chunks keeping a running maximum and sum per lane (no block-wide
-reduction per chunk; one exponential per element, see ``common.lane_online_update``), merged
+of the registers, so an in-place gradient cannot race with it; only z - m stays live across the
+row reductions, p = exp(z - m - log s) is recomputed for the gradient); or, for long rows,
+``ONLINE``: a first pass over ``BLOCK_N`` chunks laid out as [LANES, GROUP] (a 16-byte vector
+per lane) keeping a running maximum and sum per lane (``common.group_online_update``: no
+block-wide reduction and no barrier per chunk, 1 + 1/GROUP exponentials per element), merged
 once per row, then, for the gradient only, a second pass (reads the logits again, last chunk
-first, for L2 reuse, and writes the gradient).
+first, for L2 reuse, and writes the gradient). ``NUM_STAGES`` tiles / chunks are in flight per
+program: the next ones' loads are issued (into registers, in the storage dtype) before the
+current one is computed; a tile's class targets are loaded one tile earlier still, so that the
+logits of ignored rows can be left unread without waiting for them.
 
 Reductions ("sum", "mean") are folded into the forward kernel: every program adds its rows'
 losses in a fixed order into one float64 partial, stores it, and takes a ticket from a counter
@@ -47,7 +52,8 @@ from .common import (
     expm1_c,
     f64_scalar,
     full_vec,
-    lane_online_update,
+    group_online_update,
+    merge_lanes,
     safe_shift,
     tanh_c,
     to_compute,
@@ -61,7 +67,14 @@ from .common import (
 def _load_z(ptrs, mask, cap_c, inv_cap_c, SOFTCAP: tl.constexpr, IS_FP64: tl.constexpr):
     """(z, tanh(x / c)) for the logits at ``ptrs``, -inf where ``mask`` is False. Without a
     softcap z = x (and the second value is unused)."""
-    x = to_compute(tl.load(ptrs, mask=mask, other=NEG_INF), IS_FP64)
+    x = tl.load(ptrs, mask=mask, other=NEG_INF)
+    return _to_z(x, mask, cap_c, inv_cap_c, SOFTCAP, IS_FP64)
+
+
+@triton.jit
+def _to_z(x, mask, cap_c, inv_cap_c, SOFTCAP: tl.constexpr, IS_FP64: tl.constexpr):
+    """_load_z on logits already loaded (raw, -inf where ``mask`` is False)."""
+    x = to_compute(x, IS_FP64)
     if SOFTCAP:
         th = tanh_c(x * inv_cap_c, IS_FP64)
         z = tl.where(mask, cap_c * th, NEG_INF)  # c tanh(-inf) = -c: re-mask the padding
@@ -128,11 +141,11 @@ def _row_terms(
 
 
 @triton.jit
-def _target_grad(zs_t, log_s, inv_s, a_rest, kw_t, w_t, eps_c, HAS_SMOOTHING: tl.constexpr,
+def _target_grad(zs_t, log_s, a_rest, kw_t, w_t, eps_c, HAS_SMOOTHING: tl.constexpr,
                  IS_FP64: tl.constexpr):  # fmt: skip
     """The target entry of the gradient: (a - keep w_t) p_t - keep w_t (1 - p_t) - eps/C w_t,
-    1 - p_t = -expm1(zs_t - log_s). p_t is computed as the other entries' p (exp(zs) / s)."""
-    p_t = exp_c(zs_t, IS_FP64) * inv_s
+    1 - p_t = -expm1(zs_t - log_s). p_t is computed as the other entries' p."""
+    p_t = exp_c(zs_t - log_s, IS_FP64)
     g_t = a_rest * p_t + kw_t * expm1_c(zs_t - log_s, IS_FP64)
     if HAS_SMOOTHING:
         g_t -= eps_c * w_t
@@ -140,10 +153,25 @@ def _target_grad(zs_t, log_s, inv_s, a_rest, kw_t, w_t, eps_c, HAS_SMOOTHING: tl
 
 
 @triton.jit
-def _coef_chunk(
-    t_row,
-    w_ptr,
-    c,
+def _raw_chunk(x_row, t_row, w_ptr, c, n_load, n_cols, LOAD_Q: tl.constexpr,
+               LOAD_W: tl.constexpr):  # fmt: skip
+    """One chunk's raw data in its storage dtypes: logits (-inf past ``n_load``), and the soft
+    targets (LOAD_Q) and class weights (LOAD_W), 0 past the row."""
+    ok = c < n_cols
+    x = tl.load(x_row + c, mask=c < n_load, other=NEG_INF)
+    q = x
+    w = x
+    if LOAD_Q:
+        q = tl.load(t_row + c, mask=ok, other=0.0)
+    if LOAD_W:
+        w = tl.load(w_ptr + c, mask=ok, other=0.0)
+    return x, q, w
+
+
+@triton.jit
+def _coef(
+    q,
+    w,
     ok,
     keep_c,
     eps_c,
@@ -152,35 +180,20 @@ def _coef_chunk(
     HAS_SMOOTHING: tl.constexpr,
     IS_FP64: tl.constexpr,
 ):
-    """Per class, the coefficient of -zs_c in the loss for one chunk (0 past the row): soft
-    w_c q'_c; class targets with smoothing w_c (times eps/C later)."""
+    """Per class, the coefficient of -zs_c in the loss (0 past the row): soft targets w_c q'_c
+    (q' = keep q + eps/C with smoothing), class targets w_c (times eps/C later)."""
     if SOFT:
-        q = to_compute(tl.load(t_row + c, mask=ok, other=0.0), IS_FP64)
+        coef = to_compute(q, IS_FP64)
         if HAS_SMOOTHING:
-            q = tl.where(ok, q * keep_c + eps_c, 0.0)
+            coef = tl.where(ok, coef * keep_c + eps_c, 0.0)
         if HAS_WEIGHT:
-            q = q * to_compute(tl.load(w_ptr + c, mask=ok, other=0.0), IS_FP64)
-        coef = q
+            coef = coef * to_compute(w, IS_FP64)
     else:
         if HAS_WEIGHT:
-            coef = to_compute(tl.load(w_ptr + c, mask=ok, other=0.0), IS_FP64)
+            coef = to_compute(w, IS_FP64)
         else:
             coef = to_compute(tl.where(ok, 1, 0), IS_FP64)
     return coef
-
-
-@triton.jit
-def _rebase_add(acc, csum, coef, ok, rise, rel):
-    """acc = sum coef (z - m) and csum = sum coef per lane, after this lane's maximum rose by
-    ``rise`` and one more element with z - m_new = ``rel`` came in."""
-    acc = acc - csum * rise + tl.where(ok, coef * rel, 0.0)
-    return acc, csum + coef
-
-
-@triton.jit
-def _merge_sums(acc, csum, m, shift):
-    """sum over lanes of acc rebased from each lane's maximum m to the row's shift."""
-    return tl.sum(tl.where(m == NEG_INF, acc, acc - csum * (shift - m)), axis=0)
 
 
 @triton.jit
@@ -202,55 +215,71 @@ def _online_pass(
     SOFTCAP: tl.constexpr,
     IS_FP64: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
-    """One pass over a row's first ``n_load`` logits in BLOCK_N chunks: reads them once (and,
-    with SUMS, the soft targets / weights). Per lane: a running maximum m, s = sum exp(z - m)
-    and, with SUMS, acc = sum coef (z - m) and csum = sum coef for coef = ``_coef_chunk``'s
-    (w q' for soft targets, w with smoothing); with SUMS_W the same for coef = w (the soft
-    statistics with smoothing need both). When m rises by d, acc -= csum d. No block-wide
-    reduction until the row's end, where the lanes are merged once. Returns (max, shift, s,
-    acc, csum, acc_w, csum_w) of the row, the sums relative to shift = safe_shift(max)."""
-    cols = tl.arange(0, BLOCK_N)
-    m = full_vec(BLOCK_N, NEG_INF, IS_FP64)
-    s = full_vec(BLOCK_N, 0.0, IS_FP64)
-    acc = full_vec(BLOCK_N, 0.0, IS_FP64)
-    csum = full_vec(BLOCK_N, 0.0, IS_FP64)
-    acc_w = full_vec(BLOCK_N, 0.0, IS_FP64)
-    csum_w = full_vec(BLOCK_N, 0.0, IS_FP64)
-    for start in tl.range(0, n_load, BLOCK_N, num_stages=NUM_STAGES):
-        c = start + cols
+    """One pass over a row's first ``n_load`` logits in [LANES, GROUP] chunks of BLOCK_N: reads
+    them once (and, with SUMS, the soft targets / weights), NUM_STAGES chunks in flight. Per
+    lane: the running maximum m, s = sum exp(z - m), and with SUMS acc = sum coef (z - m) and
+    csum = sum coef for ``_coef``'s coefficients (w q' for soft targets, w with smoothing);
+    with SUMS_W the same for coef = w (the soft statistics with smoothing need both). The sums
+    are kept relative to each lane's shift (safe_shift(m)) and rebased when it rises:
+    acc += csum (shift_old - shift_new), with finite shifts only, so nothing is inf * 0. The
+    lanes are merged once, at the end. Returns (max, shift, s, acc, csum, acc_w, csum_w) of the
+    row, the sums relative to shift = safe_shift(max)."""
+    LANES: tl.constexpr = BLOCK_N // GROUP
+    cols2 = tl.arange(0, LANES)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    m = full_vec(LANES, NEG_INF, IS_FP64)
+    s = full_vec(LANES, 0.0, IS_FP64)
+    acc = full_vec(LANES, 0.0, IS_FP64)
+    csum = full_vec(LANES, 0.0, IS_FP64)
+    acc_w = full_vec(LANES, 0.0, IS_FP64)
+    csum_w = full_vec(LANES, 0.0, IS_FP64)
+    if NUM_STAGES >= 2:
+        x1, q1, w1 = _raw_chunk(x_row, t_row, w_ptr, cols2, n_load, n_cols, SUMS and SOFT,
+                                (SUMS or SUMS_W) and HAS_WEIGHT)  # fmt: skip
+    if NUM_STAGES >= 3:
+        x2, q2, w2 = _raw_chunk(x_row, t_row, w_ptr, BLOCK_N + cols2, n_load, n_cols,
+                                SUMS and SOFT, (SUMS or SUMS_W) and HAS_WEIGHT)  # fmt: skip
+    for start in range(0, n_load, BLOCK_N):
+        c = start + cols2
+        if NUM_STAGES == 1:
+            x, q, w = _raw_chunk(x_row, t_row, w_ptr, c, n_load, n_cols, SUMS and SOFT,
+                                 (SUMS or SUMS_W) and HAS_WEIGHT)  # fmt: skip
+        elif NUM_STAGES == 2:
+            x, q, w = x1, q1, w1
+            x1, q1, w1 = _raw_chunk(x_row, t_row, w_ptr, c + BLOCK_N, n_load, n_cols,
+                                    SUMS and SOFT, (SUMS or SUMS_W) and HAS_WEIGHT)  # fmt: skip
+        else:
+            x, q, w = x1, q1, w1
+            x1, q1, w1 = x2, q2, w2
+            x2, q2, w2 = _raw_chunk(x_row, t_row, w_ptr, c + 2 * BLOCK_N, n_load, n_cols,
+                                    SUMS and SOFT, (SUMS or SUMS_W) and HAS_WEIGHT)  # fmt: skip
         ok = c < n_cols
-        z, _th = _load_z(x_row + c, ok, cap_c, inv_cap_c, SOFTCAP, IS_FP64)
-        m_old = m
-        m, s, up, d = lane_online_update(m, s, z, IS_FP64)
+        z, _th = _to_z(x, c < n_load, cap_c, inv_cap_c, SOFTCAP, IS_FP64)
+        m, s, shift_old, shift = group_online_update(m, s, z, IS_FP64)
         if SUMS or SUMS_W:
-            # rise: how far this lane's maximum moved (0 when it had seen nothing finite:
-            # then acc and csum hold only -inf entries' terms, which stay as they are);
-            # rel = z - m_new: 0 for a new maximum, -inf for a -inf entry (d would be NaN
-            # when the lane's maximum is -inf too)
-            rise = tl.where(up & (m_old != NEG_INF), d, 0.0)
-            rel = tl.where(up, 0.0, tl.where(z == NEG_INF, NEG_INF, d))
+            rel = z - shift[:, None]
+            rebase = shift_old - shift
             if SUMS:
-                coef = _coef_chunk(t_row, w_ptr, c, ok, keep_c, eps_c, SOFT, HAS_WEIGHT,
-                                   HAS_SMOOTHING, IS_FP64)  # fmt: skip
-                acc, csum = _rebase_add(acc, csum, coef, ok, rise, rel)
+                coef = _coef(q, w, ok, keep_c, eps_c, SOFT, HAS_WEIGHT, HAS_SMOOTHING, IS_FP64)
+                acc = acc + csum * rebase + tl.sum(tl.where(ok, coef * rel, 0.0), axis=1)
+                csum += tl.sum(coef, axis=1)
             if SUMS_W:
-                coef_w = _coef_chunk(t_row, w_ptr, c, ok, keep_c, eps_c, False, HAS_WEIGHT,
-                                     False, IS_FP64)  # fmt: skip
-                acc_w, csum_w = _rebase_add(acc_w, csum_w, coef_w, ok, rise, rel)
-    row_max = tl.max(m, axis=0)
-    shift = safe_shift(row_max)
-    s_row = tl.sum(s * exp_c(m - shift, IS_FP64), axis=0)
+                coef_w = _coef(q, w, ok, keep_c, eps_c, False, HAS_WEIGHT, False, IS_FP64)
+                acc_w = acc_w + csum_w * rebase + tl.sum(tl.where(ok, coef_w * rel, 0.0), axis=1)
+                csum_w += tl.sum(coef_w, axis=1)
+    row_max, shift, s_row = merge_lanes(m, s, IS_FP64)
+    lane_shift = safe_shift(m)
     acc_row = s_row * 0.0
     csum_row = s_row * 0.0
     acc_w_row = s_row * 0.0
     csum_w_row = s_row * 0.0
     if SUMS:
-        acc_row = _merge_sums(acc, csum, m, shift)
+        acc_row = tl.sum(acc + csum * (lane_shift - shift), axis=0)
         csum_row = tl.sum(csum, axis=0)
     if SUMS_W:
-        acc_w_row = _merge_sums(acc_w, csum_w, m, shift)
+        acc_w_row = tl.sum(acc_w + csum_w * (lane_shift - shift), axis=0)
         csum_w_row = tl.sum(csum_w, axis=0)
     return row_max, shift, s_row, acc_row, csum_row, acc_w_row, csum_w_row
 
@@ -271,9 +300,56 @@ def _class_target(t_ptr, row, row_ok, ignore_index, lo, n_cols):
 
 
 @triton.jit
+def _tile_targets(t_ptr, tile, n_rows, SOFT: tl.constexpr, ROWS: tl.constexpr):
+    """A tile's class targets (int64; soft targets: unused)."""
+    r64 = tl.cast(tile, tl.int64) * ROWS + tl.arange(0, ROWS)
+    if SOFT:
+        t = r64
+    else:
+        t = tl.load(t_ptr + r64, mask=r64 < n_rows, other=0).to(tl.int64)
+    return t
+
+
+@triton.jit
+def _tile_rows_read(tile, t, n_rows, ignore_index, READ_ALL: tl.constexpr, ROWS: tl.constexpr):
+    """The rows of a tile whose logits are read: all, or (class targets, READ_ALL False) the
+    counted ones."""
+    r64 = tl.cast(tile, tl.int64) * ROWS + tl.arange(0, ROWS)
+    rows = r64 < n_rows
+    if not READ_ALL:
+        rows = rows & (t != ignore_index)
+    return rows
+
+
+@triton.jit
+def _tile_raw(x_ptr, t_ptr, tile, t, n_rows, n_cols, row_stride, t_row_stride, ignore_index,
+              SOFT: tl.constexpr, READ_ALL: tl.constexpr, ROWS: tl.constexpr,
+              BLOCK_N: tl.constexpr):  # fmt: skip
+    """A tile's raw logits (-inf where not read) and soft targets, in their storage dtypes."""
+    r64 = tl.cast(tile, tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < n_cols
+    rows = _tile_rows_read(tile, t, n_rows, ignore_index, READ_ALL, ROWS)
+    x = tl.load(
+        x_ptr + r64[:, None] * row_stride + cols[None, :],
+        mask=rows[:, None] & col_ok[None, :],
+        other=NEG_INF,
+    )
+    q = x
+    if SOFT:
+        q = tl.load(
+            t_ptr + r64[:, None] * t_row_stride + cols[None, :],
+            mask=(r64 < n_rows)[:, None] & col_ok[None, :],
+            other=0.0,
+        )
+    return x, q
+
+
+@triton.jit
 def _fwd_tile(
-    x_ptr,
-    t_ptr,
+    x,
+    q,
+    t,
     w_ptr,
     loss_ptr,
     g_ptr,
@@ -281,8 +357,6 @@ def _fwd_tile(
     tile,
     n_rows,
     n_cols,
-    row_stride,
-    t_row_stride,
     g_row_stride,
     ignore_index,
     keep_c,
@@ -306,40 +380,28 @@ def _fwd_tile(
     ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    # reads the logits once (+ the soft targets once), writes the loss / lse (+ the gradient)
-    # once. Returns this tile's (loss sum, denominator sum, counted rows) in float64.
+    # The logits x (and soft targets q) were read by _tile_raw; writes the loss / lse (+ the
+    # gradient) once. Returns this tile's (loss sum, denominator sum, counted rows) in float64.
     # row indices in int64: row * row_stride can pass 2**31, and so can the last tile's rows
     r64 = tl.cast(tile, tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
     row_ok = r64 < n_rows
     col_ok = cols < n_cols
     ok = row_ok[:, None] & col_ok[None, :]
-    if SOFT:
-        load_rows = row_ok
-    else:
-        t, valid, in_range, bad = _class_target(t_ptr, r64, row_ok, ignore_index, 0, n_cols)
-        if HAS_LSE:
-            load_rows = row_ok
-        else:
-            load_rows = valid  # ignored rows: no logits traffic
-    z, th = _load_z(
-        x_ptr + r64[:, None] * row_stride + cols[None, :],
-        load_rows[:, None] & col_ok[None, :],
-        cap_c,
-        inv_cap_c,
-        SOFTCAP,
-        IS_FP64,
-    )
+    if not SOFT:
+        valid = row_ok & (t != ignore_index)
+        in_range = (t >= 0) & (t < n_cols)
+        bad = valid & (in_range == 0)
+    rows = _tile_rows_read(tile, t, n_rows, ignore_index, SOFT or HAS_LSE, ROWS)
+    z, th = _to_z(x, rows[:, None] & col_ok[None, :], cap_c, inv_cap_c, SOFTCAP, IS_FP64)
     # tl.max may drop a NaN (fmax); the row still comes out NaN through s. A row of -inf (or
-    # not loaded) gets shift 0: exp(-inf) = 0, s = 0.
+    # not read) gets shift 0: exp(-inf) = 0, s = 0.
     shift = safe_shift(tl.max(z, axis=1))
     zs = z - shift[:, None]
-    e = exp_c(zs, IS_FP64)
-    s = tl.sum(e, axis=1)
+    s = tl.sum(exp_c(zs, IS_FP64), axis=1)
     log_s = tl.log(s)
     lse = shift + log_s
     if SOFT:
-        q = tl.load(t_ptr + r64[:, None] * t_row_stride + cols[None, :], mask=ok, other=0.0)
         q = to_compute(q, IS_FP64)
         if HAS_SMOOTHING:
             q = tl.where(ok, q * keep_c + eps_c, 0.0)  # q' = keep q + eps/C
@@ -376,8 +438,7 @@ def _fwd_tile(
     if HAS_LSE:
         tl.store(lse_ptr + r64, lse.to(lse_ptr.dtype.element_ty), mask=row_ok)
     if HAS_GRAD:
-        inv_s = 1.0 / s
-        p = e * inv_s[:, None]
+        p = exp_c(zs - log_s[:, None], IS_FP64)  # recomputed: only zs stayed live
         if SOFT:
             g = a[:, None] * p - wq
         else:
@@ -387,7 +448,7 @@ def _fwd_tile(
                     g -= eps_c * w_vec[None, :]
                 else:
                     g -= eps_c
-            g_t = _target_grad(zs_t, log_s, inv_s, a_rest, kw_t, w_t, eps_c, HAS_SMOOTHING, IS_FP64)
+            g_t = _target_grad(zs_t, log_s, a_rest, kw_t, w_t, eps_c, HAS_SMOOTHING, IS_FP64)
             g = tl.where(onehot, g_t[:, None], g)
         g = g * row_scale
         if SOFTCAP:
@@ -443,6 +504,7 @@ def _fwd_online_row(
     REDUCE: tl.constexpr,
     DENOM: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
     # pass 1 (loss, lse): reads the logits (and soft targets) once; pass 2 (the gradient
@@ -471,7 +533,7 @@ def _fwd_online_row(
     _max, shift, s, dot, coef_sum, _aw, _cw = _online_pass(
         x_row, t_row, w_ptr, n_load, n_cols, keep_c, eps_c, cap_c, inv_cap_c,
         SOFT or HAS_SMOOTHING, False, SOFT, HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP, IS_FP64,
-        BLOCK_N, NUM_STAGES,
+        BLOCK_N, GROUP, NUM_STAGES,
     )  # fmt: skip
     log_s = tl.log(s)
     lse = shift + log_s
@@ -490,22 +552,32 @@ def _fwd_online_row(
     if HAS_LSE:
         tl.store(lse_ptr + r64, lse.to(lse_ptr.dtype.element_ty))
     if HAS_GRAD:
-        inv_s = 1.0 / s
         if not SOFT:
-            g_t = _target_grad(zs_t, log_s, inv_s, a_rest, kw_t, w_t, eps_c, HAS_SMOOTHING, IS_FP64)
+            g_t = _target_grad(zs_t, log_s, a_rest, kw_t, w_t, eps_c, HAS_SMOOTHING, IS_FP64)
         n_chunks = tl.cdiv(n_cols, BLOCK_N)
+        # one chunk ahead (NUM_STAGES >= 2): the one before, not yet written
+        LOAD_W: tl.constexpr = HAS_WEIGHT and (SOFT or HAS_SMOOTHING)
+        if NUM_STAGES >= 2:
+            x1, q1, w1 = _raw_chunk(x_row, t_row, w_ptr, (n_chunks - 1) * BLOCK_N + cols, n_load,
+                                    n_cols, SOFT, LOAD_W)  # fmt: skip
         for i in range(0, n_chunks):
             c = (n_chunks - 1 - i) * BLOCK_N + cols
             ok = c < n_cols
-            z, th = _load_z(x_row + c, c < n_load, cap_c, inv_cap_c, SOFTCAP, IS_FP64)
-            g = a * (exp_c(z - shift, IS_FP64) * inv_s)
+            if NUM_STAGES == 1:
+                x, q, w = _raw_chunk(x_row, t_row, w_ptr, c, n_load, n_cols, SOFT, LOAD_W)
+            else:
+                x, q, w = x1, q1, w1
+                x1, q1, w1 = _raw_chunk(x_row, t_row, w_ptr,
+                                        tl.where(c >= BLOCK_N, c - BLOCK_N, n_cols), n_load,
+                                        n_cols, SOFT, LOAD_W)  # fmt: skip
+            z, th = _to_z(x, c < n_load, cap_c, inv_cap_c, SOFTCAP, IS_FP64)
+            g = a * exp_c((z - shift) - log_s, IS_FP64)
             if SOFT:
-                g -= _coef_chunk(t_row, w_ptr, c, ok, keep_c, eps_c, SOFT, HAS_WEIGHT,
-                                 HAS_SMOOTHING, IS_FP64)  # fmt: skip
+                g -= _coef(q, w, ok, keep_c, eps_c, SOFT, HAS_WEIGHT, HAS_SMOOTHING, IS_FP64)
             else:
                 if HAS_SMOOTHING:
-                    g -= eps_c * _coef_chunk(t_row, w_ptr, c, ok, keep_c, eps_c, SOFT, HAS_WEIGHT,
-                                             HAS_SMOOTHING, IS_FP64)  # fmt: skip
+                    g -= eps_c * _coef(q, w, ok, keep_c, eps_c, SOFT, HAS_WEIGHT, HAS_SMOOTHING,
+                                       IS_FP64)  # fmt: skip
                 g = tl.where(c == t, g_t, g)
             g = g * row_scale
             if SOFTCAP:
@@ -559,6 +631,7 @@ def cross_entropy_fwd_kernel(
     ONLINE: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
     """Cross-entropy of every row: the loss into ``loss_ptr`` (per row for REDUCE 0 "none";
@@ -595,7 +668,7 @@ def cross_entropy_fwd_kernel(
                 x_ptr, t_ptr, w_ptr, loss_ptr, g_ptr, lse_ptr, row, n_cols, row_stride,
                 t_row_stride, g_row_stride, ignore_index, keep_c, eps_c, z_c, cap_c, inv_cap_c,
                 row_scale, SOFT, HAS_WEIGHT, HAS_GRAD, HAS_LSE, HAS_SMOOTHING, HAS_Z, SOFTCAP,
-                IS_FP64, REDUCE, DENOM, BLOCK_N, NUM_STAGES,
+                IS_FP64, REDUCE, DENOM, BLOCK_N, GROUP, NUM_STAGES,
             )  # fmt: skip
             part_loss += pl
             part_den += pd
@@ -610,16 +683,35 @@ def cross_entropy_fwd_kernel(
             w_vec = full_vec(BLOCK_N, 1.0, IS_FP64)
             w_total = to_compute(n_cols, IS_FP64)
         n_tiles = tl.cdiv(n_rows, ROWS)
-        for tile in tl.range(pid, n_tiles, n_prog, num_stages=NUM_STAGES):
+        READ_ALL: tl.constexpr = SOFT or HAS_LSE
+        # NUM_STAGES 2: the next tile's logits are loaded before this tile is computed, with
+        # the targets loaded one tile earlier (the ignored rows' logits are not read)
+        t = _tile_targets(t_ptr, pid, n_rows, SOFT, ROWS)
+        if NUM_STAGES >= 2:
+            x, q = _tile_raw(x_ptr, t_ptr, pid, t, n_rows, n_cols, row_stride, t_row_stride,
+                             ignore_index, SOFT, READ_ALL, ROWS, BLOCK_N)  # fmt: skip
+            t1 = _tile_targets(t_ptr, pid + n_prog, n_rows, SOFT, ROWS)
+        for tile in range(pid, n_tiles, n_prog):
+            if NUM_STAGES == 1:
+                t = _tile_targets(t_ptr, tile, n_rows, SOFT, ROWS)
+                x, q = _tile_raw(x_ptr, t_ptr, tile, t, n_rows, n_cols, row_stride, t_row_stride,
+                                 ignore_index, SOFT, READ_ALL, ROWS, BLOCK_N)  # fmt: skip
+            else:
+                x1, q1 = _tile_raw(x_ptr, t_ptr, tile + n_prog, t1, n_rows, n_cols, row_stride,
+                                   t_row_stride, ignore_index, SOFT, READ_ALL, ROWS,
+                                   BLOCK_N)  # fmt: skip
+                t2 = _tile_targets(t_ptr, tile + 2 * n_prog, n_rows, SOFT, ROWS)
             pl, pd, pc = _fwd_tile(
-                x_ptr, t_ptr, w_ptr, loss_ptr, g_ptr, lse_ptr, tile, n_rows, n_cols, row_stride,
-                t_row_stride, g_row_stride, ignore_index, keep_c, eps_c, z_c, cap_c, inv_cap_c,
-                row_scale, w_vec, w_total, SOFT, HAS_WEIGHT, HAS_GRAD, HAS_LSE, HAS_SMOOTHING,
-                HAS_Z, SOFTCAP, IS_FP64, REDUCE, DENOM, ROWS, BLOCK_N,
+                x, q, t, w_ptr, loss_ptr, g_ptr, lse_ptr, tile, n_rows, n_cols, g_row_stride,
+                ignore_index, keep_c, eps_c, z_c, cap_c, inv_cap_c, row_scale, w_vec, w_total,
+                SOFT, HAS_WEIGHT, HAS_GRAD, HAS_LSE, HAS_SMOOTHING, HAS_Z, SOFTCAP, IS_FP64,
+                REDUCE, DENOM, ROWS, BLOCK_N,
             )  # fmt: skip
             part_loss += pl
             part_den += pd
             part_cnt += pc
+            if NUM_STAGES >= 2:
+                x, q, t, t1 = x1, q1, t1, t2
     if REDUCE > 0:
         tl.store(part_ptr + pid, part_loss)
         if DENOM == 3:
@@ -698,15 +790,14 @@ def _stats_store(st_row, col, v, ok=None):
 
 @triton.jit
 def _stats_tile(
-    x_ptr,
-    t_ptr,
+    x,
+    q,
+    t,
     w_ptr,
     st_ptr,
     tile,
     n_rows,
     n_cols,
-    row_stride,
-    t_row_stride,
     st_row_stride,
     ignore_index,
     vocab_start,
@@ -721,33 +812,20 @@ def _stats_tile(
     ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    # reads the logits (and soft targets) once, writes K values per row.
+    # the logits (and soft targets) were read once by _tile_raw; writes K values per row.
     r64 = tl.cast(tile, tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
     row_ok = r64 < n_rows
     col_ok = cols < n_cols
     ok = row_ok[:, None] & col_ok[None, :]
-    if SOFT:
-        load_rows = row_ok
-    else:
-        t, valid, owned, _bad = _class_target(t_ptr, r64, row_ok, ignore_index, vocab_start,
-                                              n_cols)  # fmt: skip
-        load_rows = valid  # ignored rows: skipped (their stats are not used)
-    z, _th = _load_z(
-        x_ptr + r64[:, None] * row_stride + cols[None, :],
-        load_rows[:, None] & col_ok[None, :],
-        cap_c,
-        inv_cap_c,
-        SOFTCAP,
-        IS_FP64,
-    )
+    rows = _tile_rows_read(tile, t, n_rows, ignore_index, SOFT, ROWS)  # ignored rows: skipped
+    z, _th = _to_z(x, rows[:, None] & col_ok[None, :], cap_c, inv_cap_c, SOFTCAP, IS_FP64)
     m = tl.max(z, axis=1)
     zs = z - safe_shift(m)[:, None]  # every sum relative to m (0 for a row of -inf)
     st_row = st_ptr + r64 * st_row_stride
     _stats_store(st_row, 0, m, row_ok)
     _stats_store(st_row, 1, tl.sum(exp_c(zs, IS_FP64), axis=1), row_ok)
     if SOFT:
-        q = tl.load(t_ptr + r64[:, None] * t_row_stride + cols[None, :], mask=ok, other=0.0)
         wq = to_compute(q, IS_FP64)
         if HAS_WEIGHT:
             wq = wq * w_vec[None, :]
@@ -755,11 +833,13 @@ def _stats_tile(
         _stats_store(st_row, 3, tl.sum(tl.where(ok, wq * zs, 0.0), axis=1), row_ok)
         k = 4
     else:
-        onehot = (cols[None, :] == t[:, None]) & owned[:, None]  # (t_local may hit padding)
+        t_local = t - vocab_start
+        owned = (t_local >= 0) & (t_local < n_cols)
+        onehot = (cols[None, :] == t_local[:, None]) & owned[:, None]  # (may hit the padding)
         _stats_store(st_row, 2, tl.sum(tl.where(onehot, zs, 0.0), axis=1), row_ok)
         k = 3
         if HAS_WEIGHT:
-            w_t = tl.load(w_ptr + tl.where(owned, t, 0), mask=row_ok & owned, other=0.0)
+            w_t = tl.load(w_ptr + tl.where(owned, t_local, 0), mask=row_ok & owned, other=0.0)
             _stats_store(st_row, 3, w_t, row_ok)
             k = 4
     if HAS_SMOOTHING:
@@ -791,6 +871,7 @@ def _stats_online_row(
     SOFTCAP: tl.constexpr,
     IS_FP64: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
     # one pass: reads the logits (and soft targets) once.
@@ -811,7 +892,7 @@ def _stats_online_row(
     row_max, shift, s, acc, csum, acc_w, _csum_w = _online_pass(
         x_row, t_row, w_ptr, n_load, n_cols, one, one * 0.0, cap_c, inv_cap_c,
         SOFT or HAS_SMOOTHING, SOFT and HAS_SMOOTHING, SOFT, HAS_WEIGHT, False, SOFTCAP,
-        IS_FP64, BLOCK_N, NUM_STAGES,
+        IS_FP64, BLOCK_N, GROUP, NUM_STAGES,
     )  # fmt: skip
     _stats_store(st_row, 0, row_max)
     _stats_store(st_row, 1, s)
@@ -852,6 +933,7 @@ def cross_entropy_stats_kernel(
     ONLINE: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
     """Per row, one rank's statistics of a vocabulary-parallel cross-entropy (its logits hold
@@ -870,7 +952,7 @@ def cross_entropy_stats_kernel(
             _stats_online_row(
                 x_ptr, t_ptr, w_ptr, st_ptr, row, n_cols, row_stride, t_row_stride,
                 st_row_stride, ignore_index, vocab_start, cap_c, inv_cap_c, SOFT, HAS_WEIGHT,
-                HAS_SMOOTHING, SOFTCAP, IS_FP64, BLOCK_N, NUM_STAGES,
+                HAS_SMOOTHING, SOFTCAP, IS_FP64, BLOCK_N, GROUP, NUM_STAGES,
             )  # fmt: skip
     else:
         cols = tl.arange(0, BLOCK_N)
@@ -879,48 +961,46 @@ def cross_entropy_stats_kernel(
         else:
             w_vec = full_vec(BLOCK_N, 1.0, IS_FP64)
         n_tiles = tl.cdiv(n_rows, ROWS)
-        for tile in tl.range(pid, n_tiles, n_prog, num_stages=NUM_STAGES):
+        # as the forward: the next tile's data in flight, its targets one tile earlier
+        t = _tile_targets(t_ptr, pid, n_rows, SOFT, ROWS)
+        if NUM_STAGES >= 2:
+            x, q = _tile_raw(x_ptr, t_ptr, pid, t, n_rows, n_cols, row_stride, t_row_stride,
+                             ignore_index, SOFT, SOFT, ROWS, BLOCK_N)  # fmt: skip
+            t1 = _tile_targets(t_ptr, pid + n_prog, n_rows, SOFT, ROWS)
+        for tile in range(pid, n_tiles, n_prog):
+            if NUM_STAGES == 1:
+                t = _tile_targets(t_ptr, tile, n_rows, SOFT, ROWS)
+                x, q = _tile_raw(x_ptr, t_ptr, tile, t, n_rows, n_cols, row_stride, t_row_stride,
+                                 ignore_index, SOFT, SOFT, ROWS, BLOCK_N)  # fmt: skip
+            else:
+                x1, q1 = _tile_raw(x_ptr, t_ptr, tile + n_prog, t1, n_rows, n_cols, row_stride,
+                                   t_row_stride, ignore_index, SOFT, SOFT, ROWS,
+                                   BLOCK_N)  # fmt: skip
+                t2 = _tile_targets(t_ptr, tile + 2 * n_prog, n_rows, SOFT, ROWS)
             _stats_tile(
-                x_ptr, t_ptr, w_ptr, st_ptr, tile, n_rows, n_cols, row_stride, t_row_stride,
-                st_row_stride, ignore_index, vocab_start, cap_c, inv_cap_c, w_vec, SOFT,
-                HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP, IS_FP64, ROWS, BLOCK_N,
+                x, q, t, w_ptr, st_ptr, tile, n_rows, n_cols, st_row_stride, ignore_index,
+                vocab_start, cap_c, inv_cap_c, w_vec, SOFT, HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP,
+                IS_FP64, ROWS, BLOCK_N,
             )  # fmt: skip
+            if NUM_STAGES >= 2:
+                x, q, t, t1 = x1, q1, t1, t2
 
 
 @triton.jit
-def _grad_rows(
-    x_ptr,
-    t_ptr,
-    w_ptr,
-    lse_ptr,
-    coef_ptr,
-    r64,
-    row_ok,
-    n_cols,
-    row_stride,
-    ignore_index,
-    vocab_start,
-    keep_c,
-    eps_c,
-    cap_c,
-    inv_cap_c,
-    SOFT: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_SMOOTHING: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    IS_FP64: tl.constexpr,
-    INPLACE: tl.constexpr,
-):
-    """Per row (r64: a row index or a vector of them): (lse, a, t_local, counted, owned, the
-    owned target's gradient entry before scaling). Reads the owned target logit; with INPLACE a
-    CTA barrier then orders that read before any gradient store of the program."""
+def _grad_row_data(x_ptr, t_ptr, w_ptr, lse_ptr, coef_ptr, r64, row_ok, n_cols, row_stride,
+                   ignore_index, vocab_start, cap_c, inv_cap_c, SOFT: tl.constexpr,
+                   HAS_WEIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+                   IS_FP64: tl.constexpr):  # fmt: skip
+    """Per row (r64: a row index or a vector of them): (lse, a, t_local, counted, owned, z_t,
+    w_t), with the owned target's logit read (one masked load per row)."""
     lse = to_compute(tl.load(lse_ptr + r64, mask=row_ok, other=0.0), IS_FP64)
     a = to_compute(tl.load(coef_ptr + r64, mask=row_ok, other=0.0), IS_FP64)
     if SOFT:
         t = r64
         valid = row_ok
-        owned = row_ok & False
-        g_t = lse
+        owned = r64 < 0
+        z_t = lse
+        w_t = lse
     else:
         t, valid, owned, _bad = _class_target(t_ptr, r64, row_ok, ignore_index, vocab_start,
                                               n_cols)  # fmt: skip
@@ -932,23 +1012,28 @@ def _grad_rows(
             w_t = to_compute(tl.load(w_ptr + t_safe, mask=owned, other=0.0), IS_FP64)
         else:
             w_t = to_compute(tl.where(owned, 1, 0), IS_FP64)
-        kw_t = keep_c * w_t
-        # (a - keep w_t) p_t - keep w_t (1 - p_t) - eps_c w_t, p_t = exp(z_t - lse)
-        zl = z_t - lse
-        g_t = (a - kw_t) * exp_c(zl, IS_FP64) + kw_t * expm1_c(zl, IS_FP64)
-        if HAS_SMOOTHING:
-            g_t -= eps_c * w_t
-        if INPLACE:
-            tl.debug_barrier()
-    return lse, a, t, valid, owned, g_t
+    return lse, a, t, valid, owned, z_t, w_t
+
+
+@triton.jit
+def _grad_target(lse, a, z_t, w_t, keep_c, eps_c, HAS_SMOOTHING: tl.constexpr,
+                 IS_FP64: tl.constexpr):  # fmt: skip
+    """The owned target's entry before scaling: (a - keep w_t) p_t - keep w_t (1 - p_t) -
+    eps_c w_t, p_t = exp(z_t - lse), 1 - p_t = -expm1(z_t - lse)."""
+    kw_t = keep_c * w_t
+    zl = z_t - lse
+    g_t = (a - kw_t) * exp_c(zl, IS_FP64) + kw_t * expm1_c(zl, IS_FP64)
+    if HAS_SMOOTHING:
+        g_t -= eps_c * w_t
+    return g_t
 
 
 @triton.jit
 def _grad_values(
     z,
     th,
-    q_ptrs,
-    w_ptrs,
+    q,
+    w,
     ok,
     lse,
     a,
@@ -965,12 +1050,13 @@ def _grad_values(
     IS_FP64: tl.constexpr,
 ):
     """(a p - keep w_t onehot - eps_c w) * scale, or soft (a p - w (keep q + eps_c)) * scale,
-    times the softcap chain rule; 0 on rows not counted."""
+    times the softcap chain rule, from raw soft targets q and weights w; 0 on rows not
+    counted."""
     g = a * exp_c(z - lse, IS_FP64)
     if HAS_WEIGHT:
-        w = to_compute(tl.load(w_ptrs, mask=ok, other=0.0), IS_FP64)
+        w = to_compute(w, IS_FP64)
     if SOFT:
-        q = to_compute(tl.load(q_ptrs, mask=ok, other=0.0), IS_FP64)
+        q = to_compute(q, IS_FP64)
         if HAS_SMOOTHING:
             q = q * keep_c + eps_c
         if HAS_WEIGHT:
@@ -987,6 +1073,22 @@ def _grad_values(
     if SOFTCAP:
         g = g * (1.0 - th * th)
     return tl.where(valid, g, 0.0)
+
+
+@triton.jit
+def _grad_tile_raw(x_ptr, t_ptr, tile, valid, n_rows, n_cols, row_stride, t_row_stride,
+                   SOFT: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """A tile's raw logits (counted rows only) and soft targets."""
+    r64 = tl.cast(tile, tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < n_cols
+    x = tl.load(x_ptr + r64[:, None] * row_stride + cols[None, :],
+                mask=valid[:, None] & col_ok[None, :], other=NEG_INF)  # fmt: skip
+    q = x
+    if SOFT:
+        q = tl.load(t_ptr + r64[:, None] * t_row_stride + cols[None, :],
+                    mask=(r64 < n_rows)[:, None] & col_ok[None, :], other=0.0)  # fmt: skip
+    return x, q
 
 
 @triton.jit
@@ -1018,6 +1120,7 @@ def cross_entropy_grad_kernel(
     ONLINE: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
     """The gradient of a vocabulary-parallel cross-entropy from the merged row statistics:
@@ -1025,7 +1128,9 @@ def cross_entropy_grad_kernel(
     (soft: ``a p - w (keep q + eps_c)``), p = exp(z - lse), times the softcap chain rule;
     ``lse_ptr``, ``coef_ptr``: per row (a NaN lse, a bad target's, gives a NaN row);
     ``scale_ptr``: the 0-d row_scale. Ignored rows: 0. Reads the logits (and soft targets)
-    once, writes the gradient once; ``g_ptr`` may be ``x_ptr`` (INPLACE)."""
+    once, writes the gradient once; ``g_ptr`` may be ``x_ptr`` (INPLACE: the target logits a
+    program reads are ordered before its stores by a CTA barrier). NUM_STAGES 2: the next
+    tile's (chunk's) loads are issued before this one is computed."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     keep_c = to_compute(f64_scalar(keep), IS_FP64)
@@ -1036,55 +1141,96 @@ def cross_entropy_grad_kernel(
     inv_cap_c = cap_c
     if SOFTCAP:
         inv_cap_c = to_compute(1.0 / cap, IS_FP64)
+    LOAD_W: tl.constexpr = HAS_WEIGHT and (SOFT or HAS_SMOOTHING)
     cols = tl.arange(0, BLOCK_N)
     if ONLINE:
         # one row at a time in chunks: no reduction, so one pass
         for row in range(pid, n_rows, n_prog):
             r64 = tl.cast(row, tl.int64)
-            lse, a, t, valid, owned, g_t = _grad_rows(
+            lse, a, t, valid, owned, z_t, w_t = _grad_row_data(
                 x_ptr, t_ptr, w_ptr, lse_ptr, coef_ptr, r64, True, n_cols, row_stride,
-                ignore_index, vocab_start, keep_c, eps_cc, cap_c, inv_cap_c, SOFT, HAS_WEIGHT,
-                HAS_SMOOTHING, SOFTCAP, IS_FP64, INPLACE,
+                ignore_index, vocab_start, cap_c, inv_cap_c, SOFT, HAS_WEIGHT, SOFTCAP, IS_FP64,
             )  # fmt: skip
+            g_t = _grad_target(lse, a, z_t, w_t, keep_c, eps_cc, HAS_SMOOTHING, IS_FP64)
+            if INPLACE:
+                tl.debug_barrier()
             n_load = tl.where(valid, n_cols, 0)  # ignored rows: written, not read
-            for start in tl.range(0, n_cols, BLOCK_N, num_stages=NUM_STAGES):
+            x_row = x_ptr + r64 * row_stride
+            t_row = t_ptr + r64 * t_row_stride
+            if NUM_STAGES >= 2:
+                x1, q1, w1 = _raw_chunk(x_row, t_row, w_ptr, cols, n_load, n_cols, SOFT, LOAD_W)
+            for start in range(0, n_cols, BLOCK_N):
                 c = start + cols
                 ok = c < n_cols
-                z, th = _load_z(x_ptr + r64 * row_stride + c, c < n_load, cap_c, inv_cap_c,
-                                SOFTCAP, IS_FP64)  # fmt: skip
+                if NUM_STAGES == 1:
+                    x, q, w = _raw_chunk(x_row, t_row, w_ptr, c, n_load, n_cols, SOFT, LOAD_W)
+                else:
+                    x, q, w = x1, q1, w1
+                    x1, q1, w1 = _raw_chunk(x_row, t_row, w_ptr, c + BLOCK_N, n_load, n_cols,
+                                            SOFT, LOAD_W)  # fmt: skip
+                z, th = _to_z(x, c < n_load, cap_c, inv_cap_c, SOFTCAP, IS_FP64)
                 g = _grad_values(
-                    z, th, t_ptr + r64 * t_row_stride + c, w_ptr + c, ok, lse, a,
-                    owned & (c == t), g_t, valid, keep_c, eps_cc, scale, SOFT, HAS_WEIGHT,
-                    HAS_SMOOTHING, SOFTCAP, IS_FP64,
+                    z, th, q, w, ok, lse, a, owned & (c == t), g_t, valid, keep_c, eps_cc,
+                    scale, SOFT, HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP, IS_FP64,
                 )  # fmt: skip
                 tl.store(g_ptr + r64 * g_row_stride + c, g.to(g_ptr.dtype.element_ty), mask=ok)
     else:
         n_tiles = tl.cdiv(n_rows, ROWS)
-        for tile in tl.range(pid, n_tiles, n_prog, num_stages=NUM_STAGES):
-            r64 = tl.cast(tile, tl.int64) * ROWS + tl.arange(0, ROWS)
-            row_ok = r64 < n_rows
-            lse, a, t, valid, owned, g_t = _grad_rows(
-                x_ptr, t_ptr, w_ptr, lse_ptr, coef_ptr, r64, row_ok, n_cols, row_stride,
-                ignore_index, vocab_start, keep_c, eps_cc, cap_c, inv_cap_c, SOFT, HAS_WEIGHT,
-                HAS_SMOOTHING, SOFTCAP, IS_FP64, INPLACE,
+        r_lane = tl.arange(0, ROWS)
+        col_ok = cols < n_cols
+        w = cols  # the class weights, the same for every row: loaded once
+        if LOAD_W:
+            w = tl.load(w_ptr + cols, mask=col_ok, other=0.0)[None, :]
+        # per-row data (targets, lse, a, target logits) one tile ahead of the logits, which are
+        # one tile ahead of the compute (NUM_STAGES 2)
+        r64 = tl.cast(pid, tl.int64) * ROWS + r_lane
+        rd = _grad_row_data(
+            x_ptr, t_ptr, w_ptr, lse_ptr, coef_ptr, r64, r64 < n_rows, n_cols, row_stride,
+            ignore_index, vocab_start, cap_c, inv_cap_c, SOFT, HAS_WEIGHT, SOFTCAP, IS_FP64,
+        )  # fmt: skip
+        if NUM_STAGES >= 2:
+            x, q = _grad_tile_raw(x_ptr, t_ptr, pid, rd[3], n_rows, n_cols, row_stride,
+                                  t_row_stride, SOFT, ROWS, BLOCK_N)  # fmt: skip
+            r64n = tl.cast(pid + n_prog, tl.int64) * ROWS + r_lane
+            rd1 = _grad_row_data(
+                x_ptr, t_ptr, w_ptr, lse_ptr, coef_ptr, r64n, r64n < n_rows, n_cols, row_stride,
+                ignore_index, vocab_start, cap_c, inv_cap_c, SOFT, HAS_WEIGHT, SOFTCAP, IS_FP64,
             )  # fmt: skip
-            ok = row_ok[:, None] & (cols < n_cols)[None, :]
-            z, th = _load_z(
-                x_ptr + r64[:, None] * row_stride + cols[None, :],
-                valid[:, None] & (cols < n_cols)[None, :],
-                cap_c,
-                inv_cap_c,
-                SOFTCAP,
-                IS_FP64,
-            )
+        for tile in range(pid, n_tiles, n_prog):
+            r64 = tl.cast(tile, tl.int64) * ROWS + r_lane
+            row_ok = r64 < n_rows
+            if NUM_STAGES == 1:
+                rd = _grad_row_data(
+                    x_ptr, t_ptr, w_ptr, lse_ptr, coef_ptr, r64, row_ok, n_cols, row_stride,
+                    ignore_index, vocab_start, cap_c, inv_cap_c, SOFT, HAS_WEIGHT, SOFTCAP,
+                    IS_FP64,
+                )  # fmt: skip
+                x, q = _grad_tile_raw(x_ptr, t_ptr, tile, rd[3], n_rows, n_cols, row_stride,
+                                      t_row_stride, SOFT, ROWS, BLOCK_N)  # fmt: skip
+            else:
+                x1, q1 = _grad_tile_raw(x_ptr, t_ptr, tile + n_prog, rd1[3], n_rows, n_cols,
+                                        row_stride, t_row_stride, SOFT, ROWS, BLOCK_N)  # fmt: skip
+                r64n = tl.cast(tile + 2 * n_prog, tl.int64) * ROWS + r_lane
+                rd2 = _grad_row_data(
+                    x_ptr, t_ptr, w_ptr, lse_ptr, coef_ptr, r64n, r64n < n_rows, n_cols,
+                    row_stride, ignore_index, vocab_start, cap_c, inv_cap_c, SOFT, HAS_WEIGHT,
+                    SOFTCAP, IS_FP64,
+                )  # fmt: skip
+            lse, a, t, valid, owned, z_t, w_t = rd
+            g_t = _grad_target(lse, a, z_t, w_t, keep_c, eps_cc, HAS_SMOOTHING, IS_FP64)
+            if INPLACE:
+                tl.debug_barrier()  # this tile's target logits were read by every thread
+            ok = row_ok[:, None] & col_ok[None, :]
+            z, th = _to_z(x, valid[:, None] & col_ok[None, :], cap_c, inv_cap_c, SOFTCAP, IS_FP64)
             g = _grad_values(
-                z, th, t_ptr + r64[:, None] * t_row_stride + cols[None, :], w_ptr + cols[None, :],
-                ok, lse[:, None], a[:, None], owned[:, None] & (cols[None, :] == t[:, None]),
-                g_t[:, None], valid[:, None], keep_c, eps_cc, scale, SOFT, HAS_WEIGHT,
-                HAS_SMOOTHING, SOFTCAP, IS_FP64,
+                z, th, q, w, ok, lse[:, None], a[:, None],
+                owned[:, None] & (cols[None, :] == t[:, None]), g_t[:, None], valid[:, None],
+                keep_c, eps_cc, scale, SOFT, HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP, IS_FP64,
             )  # fmt: skip
             tl.store(
                 g_ptr + r64[:, None] * g_row_stride + cols[None, :],
                 g.to(g_ptr.dtype.element_ty),
                 mask=ok,
             )
+            if NUM_STAGES >= 2:
+                x, q, rd, rd1 = x1, q1, rd1, rd2

@@ -2,19 +2,27 @@
 
 Rows of a 2-D (n_rows, n_cols) array, addressed by a row stride (views are not copied), unit
 stride along the row. Row offsets are computed in int64 (``row * row_stride`` can pass 2**31).
-Programs are persistent: the grid holds about as many programs as fit on the GPU at once, and
-each loops over tiles ``pid, pid + n_programs, ...``. Two strategies, chosen on the host by
+Programs are persistent: the grid holds as many programs as fit on the GPU at once, and each
+loops over tiles ``pid, pid + n_programs, ...``. Two strategies, chosen on the host by
 ``triton_backend._launch_config``:
 
 - single pass (``ONLINE=False``): a tile of ``ROWS`` whole rows, ``[ROWS, BLOCK_N]`` with
   ``BLOCK_N >= n_cols``, is held on chip. Forward reads n, writes n; backward reads 2n, writes n.
-  ``ROWS > 1`` packs several short rows into one tile so every program moves a useful amount of
-  data per step.
+  ``ROWS > 1`` packs several short rows into one tile so every program moves at least 16 KB per
+  step.
 - online (``ONLINE=True``): rows too long for the chip are walked in ``BLOCK_N`` chunks. The
-  forward keeps a running maximum m and a running sum s of exp(x - m), merged chunk by chunk
-  (``s <- s * exp(m_old - m_new) + sum(exp(x - m_new))``), then normalises in a second pass:
-  reads 2n, writes n. The second pass walks the chunks last to first, so that the chunks read
-  most recently, likeliest still in L2, are read again first.
+  forward keeps, per lane, a running maximum and a running sum of exp(z - max)
+  (``common.lane_online_update``: one exponential per element, no block-wide reduction and no
+  barrier per chunk), merges the lanes once per row, then normalises in a second pass: reads 2n,
+  writes n. The second pass walks the chunks last to first, so that the chunks read most
+  recently, likeliest still in L2, are read again first.
+
+``NUM_STAGES`` is how many tiles (single pass) or chunks (online) a program has in flight: the
+loads of the next ``NUM_STAGES - 1`` are issued, in the storage dtype, before the current one is
+computed (Triton 3.9's pipeliner leaves loads that feed no dot alone, so the kernels prefetch
+into registers themselves). In place (``out`` is ``x``, ``dy`` or ``y``) stays safe: a prefetch
+reads other rows (single pass) or chunks not yet written (online: the second pass reads chunk
+i - 1 while chunk i is written, each by its own lanes).
 
 Half types are computed in float32 and float64 in float64 (``IS_FP64``).
 """
@@ -22,23 +30,44 @@ Half types are computed in float32 and float64 in float64 (``IS_FP64``).
 import triton
 import triton.language as tl
 
-from .common import NEG_INF, exp_c, f64_scalar, full_scalar, full_vec, safe_shift, to_compute
+from .common import (
+    NEG_INF,
+    exp_c,
+    f64_scalar,
+    full_vec,
+    group_online_update,
+    merge_lanes,
+    safe_shift,
+    to_compute,
+)
 
 # ----------------------------------------------------------------------------------------------
 # forward
 
 
 @triton.jit
-def _softmax_fwd_tile(
-    x_ptr,
+def _fwd_load(x_ptr, mask_ptr, tile, n_rows, n_cols, row_stride, mask_row_stride,
+              HAS_MASK: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """A tile's raw data: (x, mask bytes) in their storage dtypes (0 where out of bounds)."""
+    r64 = tl.cast(tile, tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_N)
+    ok = (r64 < n_rows)[:, None] & (cols < n_cols)[None, :]
+    x = tl.load(x_ptr + r64[:, None] * row_stride + cols[None, :], mask=ok, other=0.0)
+    mk = ok
+    if HAS_MASK:
+        mk = tl.load(mask_ptr + r64[:, None] * mask_row_stride + cols[None, :], mask=ok, other=0)
+    return x, mk
+
+
+@triton.jit
+def _fwd_tile(
     out_ptr,
-    mask_ptr,
+    x,
+    mk,
     tile,
     n_rows,
     n_cols,
-    row_stride,
     out_row_stride,
-    mask_row_stride,
     scale_c,
     IS_LOG: tl.constexpr,
     HAS_MASK: tl.constexpr,
@@ -47,15 +76,13 @@ def _softmax_fwd_tile(
     BLOCK_N: tl.constexpr,
 ):
     # y = exp(z - m) / sum(exp(z - m)), z = scale * x, m = max(z); log: y = z - m - log(sum).
-    # reads n (and the mask), writes n.
+    # reads n (and the mask: in _fwd_load), writes n.
     # row indices in int64: row * row_stride can pass 2**31, and so can the last tile's rows
     r64 = tl.cast(tile, tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
     ok = (r64 < n_rows)[:, None] & (cols < n_cols)[None, :]
-    x = tl.load(x_ptr + r64[:, None] * row_stride + cols[None, :], mask=ok, other=0.0)
     keep = ok
     if HAS_MASK:
-        mk = tl.load(mask_ptr + r64[:, None] * mask_row_stride + cols[None, :], mask=ok, other=0)
         keep = ok & (mk != 0)
     z = tl.where(keep, to_compute(x, IS_FP64) * scale_c, NEG_INF)  # masked entries take no part
     # tl.max may drop a NaN (fmax); the row still comes out NaN because exp(NaN) makes the sum
@@ -79,17 +106,27 @@ def _softmax_fwd_tile(
 
 
 @triton.jit
-def _load_scaled_chunk(x_row, k_row, c, ok, scale_c, HAS_MASK: tl.constexpr, IS_FP64: tl.constexpr):
-    """z = scale * x for one chunk of a row, -inf where masked or past the row's end."""
+def _chunk_load(x_row, k_row, c, n_cols, HAS_MASK: tl.constexpr):
+    """One chunk's raw data (x, mask bytes), 0 past the row's end."""
+    ok = c < n_cols
     x = tl.load(x_row + c, mask=ok, other=0.0)
+    mk = ok
+    if HAS_MASK:
+        mk = tl.load(k_row + c, mask=ok, other=0)
+    return x, mk
+
+
+@triton.jit
+def _chunk_z(x, mk, ok, scale_c, HAS_MASK: tl.constexpr, IS_FP64: tl.constexpr):
+    """(z = scale * x, -inf where masked or past the row's end; kept entries)."""
     keep = ok
     if HAS_MASK:
-        keep = ok & (tl.load(k_row + c, mask=ok, other=0) != 0)
+        keep = ok & (mk != 0)
     return tl.where(keep, to_compute(x, IS_FP64) * scale_c, NEG_INF), keep
 
 
 @triton.jit
-def _softmax_fwd_online_row(
+def _fwd_online_row(
     x_ptr,
     out_ptr,
     mask_ptr,
@@ -103,6 +140,8 @@ def _softmax_fwd_online_row(
     HAS_MASK: tl.constexpr,
     IS_FP64: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     # reads 2 x n (the second read partly from L2), writes n.
     cols = tl.arange(0, BLOCK_N)
@@ -110,28 +149,48 @@ def _softmax_fwd_online_row(
     x_row = x_ptr + r64 * row_stride
     o_row = out_ptr + r64 * out_row_stride
     k_row = mask_ptr + r64 * mask_row_stride
-    # pass 1: running maximum m (a scalar, one block reduction per chunk) and per-lane sums
-    # s_vec of exp(z - shift(m)), rescaled by exp(shift_old - shift_new) when m grows (shift()
-    # turns -inf into 0, so a fully masked chunk never computes -inf - -inf).
-    m = full_scalar(NEG_INF, IS_FP64)
-    s_vec = full_vec(BLOCK_N, 0.0, IS_FP64)
+    # pass 1: chunks as [LANES, GROUP] (GROUP contiguous elements, one 16-byte vector, per lane);
+    # per lane a running maximum m and s = sum exp(z - m); NUM_STAGES chunks in flight
+    LANES: tl.constexpr = BLOCK_N // GROUP
+    cols2 = tl.arange(0, LANES)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    m = full_vec(LANES, NEG_INF, IS_FP64)
+    s = full_vec(LANES, 0.0, IS_FP64)
+    if NUM_STAGES >= 2:
+        x1, k1 = _chunk_load(x_row, k_row, cols2, n_cols, HAS_MASK)
+    if NUM_STAGES >= 3:
+        x2, k2 = _chunk_load(x_row, k_row, BLOCK_N + cols2, n_cols, HAS_MASK)
     for start in range(0, n_cols, BLOCK_N):
-        c = start + cols
-        z, _keep = _load_scaled_chunk(x_row, k_row, c, c < n_cols, scale_c, HAS_MASK, IS_FP64)
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        shift = safe_shift(m_new)
-        s_vec = s_vec * exp_c(safe_shift(m) - shift, IS_FP64) + exp_c(z - shift, IS_FP64)
-        m = m_new
-    shift = safe_shift(m)
-    s = tl.sum(s_vec, axis=0)
-    log_s = tl.log(s)
-    inv_s = 1.0 / s
-    # pass 2: normalise, last chunk first (L2 reuse of the chunks just read).
+        c = start + cols2
+        if NUM_STAGES == 1:
+            x, mk = _chunk_load(x_row, k_row, c, n_cols, HAS_MASK)
+        elif NUM_STAGES == 2:
+            x, mk = x1, k1
+            x1, k1 = _chunk_load(x_row, k_row, c + BLOCK_N, n_cols, HAS_MASK)
+        else:
+            x, mk = x1, k1
+            x1, k1 = x2, k2
+            x2, k2 = _chunk_load(x_row, k_row, c + 2 * BLOCK_N, n_cols, HAS_MASK)
+        z, _keep = _chunk_z(x, mk, c < n_cols, scale_c, HAS_MASK, IS_FP64)
+        m, s, _sh0, _sh1 = group_online_update(m, s, z, IS_FP64)
+    # merge the lanes once: every lane's sum rebased to the row maximum
+    _max, shift, s_row = merge_lanes(m, s, IS_FP64)
+    log_s = tl.log(s_row)
+    inv_s = 1.0 / s_row
+    # pass 2: normalise, last chunk first (L2 reuse of the chunks just read); one chunk ahead
     n_chunks = tl.cdiv(n_cols, BLOCK_N)
+    if NUM_STAGES >= 2:
+        x1, k1 = _chunk_load(x_row, k_row, (n_chunks - 1) * BLOCK_N + cols, n_cols, HAS_MASK)
     for i in range(0, n_chunks):
         c = (n_chunks - 1 - i) * BLOCK_N + cols
         ok = c < n_cols
-        z, keep = _load_scaled_chunk(x_row, k_row, c, ok, scale_c, HAS_MASK, IS_FP64)
+        if NUM_STAGES == 1:
+            x, mk = _chunk_load(x_row, k_row, c, n_cols, HAS_MASK)
+        else:
+            # prefetch the chunk before this one (none after chunk 0: offsets n_cols, masked)
+            x, mk = x1, k1
+            x1, k1 = _chunk_load(x_row, k_row, tl.where(c >= BLOCK_N, c - BLOCK_N, n_cols),
+                                 n_cols, HAS_MASK)  # fmt: skip
+        z, keep = _chunk_z(x, mk, ok, scale_c, HAS_MASK, IS_FP64)
         zs = z - shift
         if IS_LOG:
             y = zs - log_s
@@ -160,6 +219,7 @@ def softmax_fwd_kernel(
     ONLINE: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
     """out = softmax(scale * x) (log_softmax with IS_LOG) over each row; masked (mask == 0)
@@ -172,27 +232,30 @@ def softmax_fwd_kernel(
     scale_c = to_compute(f64_scalar(scale), IS_FP64)
     if ONLINE:
         for row in range(pid, n_rows, n_prog):
-            _softmax_fwd_online_row(
+            _fwd_online_row(
                 x_ptr, out_ptr, mask_ptr, row, n_cols, row_stride, out_row_stride,
-                mask_row_stride, scale_c, IS_LOG, HAS_MASK, IS_FP64, BLOCK_N,
+                mask_row_stride, scale_c, IS_LOG, HAS_MASK, IS_FP64, BLOCK_N, GROUP, NUM_STAGES,
             )  # fmt: skip
     else:
         n_tiles = tl.cdiv(n_rows, ROWS)
-        if NUM_STAGES > 1:
-            # software-pipelined: the next tile's loads are issued before this tile's stores
-            for tile in tl.range(pid, n_tiles, n_prog, num_stages=NUM_STAGES):
-                _softmax_fwd_tile(
-                    x_ptr, out_ptr, mask_ptr, tile, n_rows, n_cols, row_stride,
-                    out_row_stride, mask_row_stride, scale_c, IS_LOG, HAS_MASK, IS_FP64,
-                    ROWS, BLOCK_N,
-                )  # fmt: skip
-        else:
+        # the next tile's loads go out before this tile is computed (NUM_STAGES 2); tiles past
+        # the end load nothing (every row masked)
+        if NUM_STAGES == 1:
             for tile in range(pid, n_tiles, n_prog):
-                _softmax_fwd_tile(
-                    x_ptr, out_ptr, mask_ptr, tile, n_rows, n_cols, row_stride,
-                    out_row_stride, mask_row_stride, scale_c, IS_LOG, HAS_MASK, IS_FP64,
-                    ROWS, BLOCK_N,
-                )  # fmt: skip
+                x, mk = _fwd_load(x_ptr, mask_ptr, tile, n_rows, n_cols, row_stride,
+                                  mask_row_stride, HAS_MASK, ROWS, BLOCK_N)  # fmt: skip
+                _fwd_tile(out_ptr, x, mk, tile, n_rows, n_cols, out_row_stride, scale_c, IS_LOG,
+                          HAS_MASK, IS_FP64, ROWS, BLOCK_N)  # fmt: skip
+        else:
+            x, mk = _fwd_load(x_ptr, mask_ptr, pid, n_rows, n_cols, row_stride, mask_row_stride,
+                              HAS_MASK, ROWS, BLOCK_N)  # fmt: skip
+            for tile in range(pid, n_tiles, n_prog):
+                x_next, mk_next = _fwd_load(x_ptr, mask_ptr, tile + n_prog, n_rows, n_cols,
+                                            row_stride, mask_row_stride, HAS_MASK, ROWS,
+                                            BLOCK_N)  # fmt: skip
+                _fwd_tile(out_ptr, x, mk, tile, n_rows, n_cols, out_row_stride, scale_c, IS_LOG,
+                          HAS_MASK, IS_FP64, ROWS, BLOCK_N)  # fmt: skip
+                x, mk = x_next, mk_next
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,15 +263,25 @@ def softmax_fwd_kernel(
 
 
 @triton.jit
-def _softmax_bwd_tile(
-    dy_ptr,
-    y_ptr,
+def _bwd_load(dy_ptr, y_ptr, tile, n_rows, n_cols, dy_row_stride, y_row_stride,
+              ROWS: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """A tile's raw (dy, y), 0 where out of bounds."""
+    r64 = tl.cast(tile, tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_N)
+    ok = (r64 < n_rows)[:, None] & (cols < n_cols)[None, :]
+    dy = tl.load(dy_ptr + r64[:, None] * dy_row_stride + cols[None, :], mask=ok, other=0.0)
+    y = tl.load(y_ptr + r64[:, None] * y_row_stride + cols[None, :], mask=ok, other=0.0)
+    return dy, y
+
+
+@triton.jit
+def _bwd_tile(
     out_ptr,
+    dy,
+    y,
     tile,
     n_rows,
     n_cols,
-    dy_row_stride,
-    y_row_stride,
     out_row_stride,
     scale_c,
     IS_LOG: tl.constexpr,
@@ -217,14 +290,11 @@ def _softmax_bwd_tile(
     ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    # softmax:     dx = s * y * (dy - dot(dy, y))      reads 2 x n, writes n
-    # log_softmax: dx = s * (dy - exp(y) * sum(dy))    reads 2 x n, writes n
-    # row indices in int64: row * row_stride can pass 2**31, and so can the last tile's rows
+    # softmax:     dx = s * y * (dy - dot(dy, y))      reads 2 x n (_bwd_load), writes n
+    # log_softmax: dx = s * (dy - exp(y) * sum(dy))    reads 2 x n (_bwd_load), writes n
     r64 = tl.cast(tile, tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
     ok = (r64 < n_rows)[:, None] & (cols < n_cols)[None, :]
-    dy = tl.load(dy_ptr + r64[:, None] * dy_row_stride + cols[None, :], mask=ok, other=0.0)
-    y = tl.load(y_ptr + r64[:, None] * y_row_stride + cols[None, :], mask=ok, other=0.0)
     dy = to_compute(dy, IS_FP64)
     y = to_compute(y, IS_FP64)
     # The row sum is accumulated in float64 for float32 (and float64) data: it nearly cancels
@@ -257,7 +327,17 @@ def _softmax_bwd_tile(
 
 
 @triton.jit
-def _softmax_bwd_online_row(
+def _bwd_chunk_load(dy_row, y_row, c, n_cols, LOAD_Y: tl.constexpr):
+    ok = c < n_cols
+    dy = tl.load(dy_row + c, mask=ok, other=0.0)
+    y = dy
+    if LOAD_Y:
+        y = tl.load(y_row + c, mask=ok, other=0.0)
+    return dy, y
+
+
+@triton.jit
+def _bwd_online_row(
     dy_ptr,
     y_ptr,
     out_ptr,
@@ -270,9 +350,12 @@ def _softmax_bwd_online_row(
     IS_LOG: tl.constexpr,
     IS_FP64: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     # pass 1: sum(dy * y) (softmax, reads 2 x n) or sum(dy) (log_softmax, reads n), per lane,
-    # reduced once at the end; pass 2: dx, reads 2 x n, writes n.
+    # reduced once at the end; pass 2: dx, reads 2 x n, writes n. One chunk ahead in both
+    # (NUM_STAGES >= 2).
     # The sum is accumulated in float64 even for float32 data: over 2**20 entries sum(dy) is
     # ~1e3 while dx is ~1, and float32 accumulation left ~1e-5 relative errors in dx (above the
     # contract's float32 bound). One float64 add per element is far below what the memory
@@ -282,23 +365,40 @@ def _softmax_bwd_online_row(
     dy_row = dy_ptr + r64 * dy_row_stride
     y_row = y_ptr + r64 * y_row_stride
     o_row = out_ptr + r64 * out_row_stride
-    acc = tl.zeros([BLOCK_N], tl.float64)
+    # (pass 1 in [LANES, GROUP] chunks: each lane sums its 16-byte vector in-thread first, so
+    # the float64 accumulator is one per lane, not one per element)
+    LANES: tl.constexpr = BLOCK_N // GROUP
+    cols2 = tl.arange(0, LANES)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    acc = tl.zeros([LANES], tl.float64)
+    if NUM_STAGES >= 2:
+        dy1, y1 = _bwd_chunk_load(dy_row, y_row, cols2, n_cols, not IS_LOG)
     for start in range(0, n_cols, BLOCK_N):
-        c = start + cols
-        ok = c < n_cols
-        dy = to_compute(tl.load(dy_row + c, mask=ok, other=0.0), IS_FP64)
-        if IS_LOG:
-            acc += dy.to(tl.float64)
+        c = start + cols2
+        if NUM_STAGES == 1:
+            dy, y = _bwd_chunk_load(dy_row, y_row, c, n_cols, not IS_LOG)
         else:
-            y = to_compute(tl.load(y_row + c, mask=ok, other=0.0), IS_FP64)
-            acc += (dy * y).to(tl.float64)
+            dy, y = dy1, y1
+            dy1, y1 = _bwd_chunk_load(dy_row, y_row, c + BLOCK_N, n_cols, not IS_LOG)
+        dy64 = to_compute(dy, IS_FP64).to(tl.float64)
+        if IS_LOG:
+            acc += tl.sum(dy64, axis=1)
+        else:
+            acc += tl.sum(dy64 * to_compute(y, IS_FP64).to(tl.float64), axis=1)
     total = to_compute(tl.sum(acc, axis=0), IS_FP64)
     n_chunks = tl.cdiv(n_cols, BLOCK_N)
+    if NUM_STAGES >= 2:
+        dy1, y1 = _bwd_chunk_load(dy_row, y_row, (n_chunks - 1) * BLOCK_N + cols, n_cols, True)
     for i in range(0, n_chunks):
         c = (n_chunks - 1 - i) * BLOCK_N + cols  # last chunk first: L2 reuse
         ok = c < n_cols
-        dy = to_compute(tl.load(dy_row + c, mask=ok, other=0.0), IS_FP64)
-        y = to_compute(tl.load(y_row + c, mask=ok, other=0.0), IS_FP64)
+        if NUM_STAGES == 1:
+            dy, y = _bwd_chunk_load(dy_row, y_row, c, n_cols, True)
+        else:
+            dy, y = dy1, y1
+            dy1, y1 = _bwd_chunk_load(dy_row, y_row, tl.where(c >= BLOCK_N, c - BLOCK_N, n_cols),
+                                      n_cols, True)  # fmt: skip
+        dy = to_compute(dy, IS_FP64)
+        y = to_compute(y, IS_FP64)
         if IS_LOG:
             dx = scale_c * (dy - exp_c(y, IS_FP64) * total)
         else:
@@ -323,6 +423,7 @@ def softmax_bwd_kernel(
     ONLINE: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
     """out = scale * y * (dy - sum(dy * y)) (softmax) or scale * (dy - exp(y) * sum(dy))
@@ -333,23 +434,24 @@ def softmax_bwd_kernel(
     scale_c = to_compute(f64_scalar(scale), IS_FP64)
     if ONLINE:
         for row in range(pid, n_rows, n_prog):
-            _softmax_bwd_online_row(
+            _bwd_online_row(
                 dy_ptr, y_ptr, out_ptr, row, n_cols, dy_row_stride, y_row_stride,
-                out_row_stride, scale_c, IS_LOG, IS_FP64, BLOCK_N,
+                out_row_stride, scale_c, IS_LOG, IS_FP64, BLOCK_N, GROUP, NUM_STAGES,
             )  # fmt: skip
     else:
         n_tiles = tl.cdiv(n_rows, ROWS)
-        if NUM_STAGES > 1:
-            for tile in tl.range(pid, n_tiles, n_prog, num_stages=NUM_STAGES):
-                _softmax_bwd_tile(
-                    dy_ptr, y_ptr, out_ptr, tile, n_rows, n_cols, dy_row_stride,
-                    y_row_stride, out_row_stride, scale_c, IS_LOG, IS_FP64, ACC_FP64, ROWS,
-                    BLOCK_N,
-                )  # fmt: skip
-        else:
+        if NUM_STAGES == 1:
             for tile in range(pid, n_tiles, n_prog):
-                _softmax_bwd_tile(
-                    dy_ptr, y_ptr, out_ptr, tile, n_rows, n_cols, dy_row_stride,
-                    y_row_stride, out_row_stride, scale_c, IS_LOG, IS_FP64, ACC_FP64, ROWS,
-                    BLOCK_N,
-                )  # fmt: skip
+                dy, y = _bwd_load(dy_ptr, y_ptr, tile, n_rows, n_cols, dy_row_stride,
+                                  y_row_stride, ROWS, BLOCK_N)  # fmt: skip
+                _bwd_tile(out_ptr, dy, y, tile, n_rows, n_cols, out_row_stride, scale_c, IS_LOG,
+                          IS_FP64, ACC_FP64, ROWS, BLOCK_N)  # fmt: skip
+        else:
+            dy, y = _bwd_load(dy_ptr, y_ptr, pid, n_rows, n_cols, dy_row_stride, y_row_stride,
+                              ROWS, BLOCK_N)  # fmt: skip
+            for tile in range(pid, n_tiles, n_prog):
+                dy_next, y_next = _bwd_load(dy_ptr, y_ptr, tile + n_prog, n_rows, n_cols,
+                                            dy_row_stride, y_row_stride, ROWS, BLOCK_N)  # fmt: skip
+                _bwd_tile(out_ptr, dy, y, tile, n_rows, n_cols, out_row_stride, scale_c, IS_LOG,
+                          IS_FP64, ACC_FP64, ROWS, BLOCK_N)  # fmt: skip
+                dy, y = dy_next, y_next

@@ -19,6 +19,7 @@ import os
 import re
 import sys
 import types
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from .. import _arrays
@@ -267,69 +268,83 @@ class LaunchConfig(NamedTuple):
     block_n: int  # BLOCK_N: tile width (>= n_cols) or, online, the chunk length
     rows: int  # ROWS: whole rows per tile (1 for "row" and "online")
     num_warps: int
-    num_stages: int  # software pipelining of the persistent tile loop (1: none)
+    num_stages: int  # tiles (single pass) or chunks (online) in flight per program (1: none)
     num_programs: int  # persistent grid: programs loop over tiles pid, pid + grid, ...
+    group: int = 1  # online: elements per lane of the first pass's running state (16 bytes)
 
 
+# The ops _launch_config plans for: "softmax_fwd" (with a mask: "softmax_fwd_mask"),
+# "softmax_bwd", "cross_entropy" / "cross_entropy_soft" (the forward and the statistics),
+# "cross_entropy_grad" / "cross_entropy_grad_soft" (the vocabulary-parallel gradient) and
+# "cross_entropy_denom".
+#
 # Values per row element a kernel keeps in registers in a single pass (in compute-dtype
 # values; float64 takes two 32-bit registers each): the forward holds x (exp and output overwrite
-# it); the backward dy and y; cross-entropy x and exp(x - m) (both feed the loss and the
-# gradient) and the class weights; soft targets add the target row.
+# it), with a mask also the mask bit (masked entries are set last); the backward dy and y;
+# cross-entropy z - m and, with a softcap, tanh(x / c) for the chain rule (p is recomputed from
+# z - m, not kept); soft targets add the target row.
 _SINGLE_PASS_VALUES = {
     "softmax_fwd": 1,
-    "softmax_fwd_mask": 2,  # + the mask bit, live to the end (masked entries are set last)
+    "softmax_fwd_mask": 2,
     "softmax_bwd": 2,
     "cross_entropy": 2,
     "cross_entropy_soft": 3,
     "cross_entropy_grad": 2,
     "cross_entropy_grad_soft": 3,
 }
-# Per-lane vectors the online kernels carry through their chunk loop: the chunk and the running
-# sum (forward), dy, y and the sum (backward, dy and y die quickly), and for cross-entropy the
-# chunk, exp sums, the coefficient sums and the weighted-logit sums.
-_ONLINE_VALUES = {"softmax_fwd": 2, "softmax_fwd_mask": 2, "softmax_bwd": 2, "cross_entropy": 4,
-                  "cross_entropy_soft": 4, "cross_entropy_grad": 4,
-                  "cross_entropy_grad_soft": 4}  # fmt: skip
-# Input arrays streamed per element (for the shared memory a pipelined tile needs).
+# Arrays a tile streams in per element (its input bytes): x; dy and y; the logits (and the soft
+# targets). (A mask adds 1 byte per element, not counted.)
 _INPUTS = {"softmax_fwd": 1, "softmax_fwd_mask": 1, "softmax_bwd": 2, "cross_entropy": 1,
            "cross_entropy_soft": 2, "cross_entropy_grad": 1,
            "cross_entropy_grad_soft": 2}  # fmt: skip
+_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "int64": 8}
+
+# A single pass keeps the whole tile in registers: at most 32 words per thread (16384 words at
+# 16 warps). With addresses, masks, the next tile's prefetched input and temporaries that
+# compiles for sm_90 in 64-128 registers without spills (see the sweep in
+# kernels/triton/NOTES-triton.md and test_compiles_for_sm90_without_spills); at 64 words per
+# thread the forward alone spilled (152 bytes), so longer rows go to the online kernels.
+_SINGLE_PASS_WORDS = 16384
+_THREAD_WORDS = 32
+# Tiles are sized in bytes: at least 16 KB of input per tile (issue 11), so that 2-4 resident
+# programs, each with its next tile in flight, keep 32-128 KB per SM moving: Little's law asks
+# for ~20-40 KB (3.3-4.8 TB/s x ~0.8 us latency / 132 SMs). Short rows are packed several to a
+# tile to get there. Cross-entropy tiles hold at least 8192 elements: its per-row work (target
+# gather, loss terms, the reduction tail) is amortised over 8192 elements, not 256.
+_TILE_BYTES = 16 * 1024
+_CE_TILE_ELEMENTS = 8192
+# Warps per tile: each thread loads 64 bytes of input (4 x 16-byte vectors in flight) and holds
+# at most _THREAD_WORDS words; 1 to 16 warps.
+_THREAD_BYTES = 64
+_MAX_WARPS = 16
+# Online (rows past the single-pass limit): per kernel (warps, chunk bytes, chunks in flight),
+# chosen on the sm_90 sweep in NOTES-triton.md as the one with the most bytes in flight per SM
+# without spills, and one per kernel so that every dtype shares the plan: 8 KB chunks (bf16
+# 4096 elements, float32 2048, float64 1024), 16 bytes per lane of running state. The softmax
+# passes and the CE gradient keep 3 chunks in flight over 8 warps (48-120 KB per SM); the CE
+# forward / statistics carry 2-6 running sums per lane, so 4 warps with 2 chunks in flight fit
+# 2-4 programs per SM (32-80 KB).
+_ONLINE_PLAN = {
+    "softmax_fwd": (8, 8192, 3),
+    "softmax_fwd_mask": (8, 8192, 3),
+    "softmax_bwd": (8, 8192, 3),
+    "cross_entropy": (4, 8192, 2),
+    "cross_entropy_soft": (4, 8192, 2),
+    "cross_entropy_grad": (8, 8192, 3),
+    "cross_entropy_grad_soft": (8, 8192, 3),
+}
+_LANE_BYTES = 16
 # The mean denominator kernel: blocks of up to 4096 targets per program (32 KB of int64), 8
 # warps; one program per block up to the SM count, so that the blocks are read in parallel.
 _DENOM_ROWS = 4096
-_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
-
-# A single pass keeps the whole tile in registers. A program of 16 warps (512 threads) may use
-# 128 registers per thread (64K per SM). 16384 32-bit words of row data is 32 per thread; with
-# addresses, masks and temporaries that compiles for sm_90 in 75-128 registers without spills
-# (cuobjdump -res-usage on Triton 3.6's and 3.9's cubins, every op and dtype at its limit; see
-# tests/test_triton_backend.py::test_compiles_for_sm90_without_spills). At 32768 words the
-# forward alone hits the 128-register cap and spills 152 bytes per thread, so longer rows go to
-# the online kernel.
-_SINGLE_PASS_WORDS = 16384
-# Short rows are packed several to a tile of about 4096 words (16 KB of float32) spread over
-# 16 warps, 8 words per thread: that compiles to 30-80 registers (16 words per thread took
-# 100-140, halving the warps an SM can hold), and 2 resident programs keep 32 KB per SM in
-# flight, above the ~18 KB Little's law asks for (~3.3 TB/s x ~0.7 us latency / 132 SMs).
-_TILE_WORDS = 4096
-_WORDS_PER_THREAD = 8
-# Online: chunks of 16384 words of per-lane state over 16 warps (32 registers per thread), e.g.
-# 8192 float32 elements for the forward. Large chunks amortise the one block-wide max reduction
-# per chunk; every other running sum is kept per lane and reduced once per row.
-_CHUNK_WORDS = 16384
-_MAX_WARPS = 16
-# Persistent grid: programs per SM so that ~32 warps are resident (half of the 64 an sm_90 SM
-# holds, leaving each thread 64 registers); a tile too big for that still gets one program.
-_RESIDENT_WARPS_PER_SM = 32
-# Software pipelining (2 stages) keeps the next tile's input in shared memory while this one is
-# reduced, so loads stay in flight through the reduction. Used when programs have a next tile,
-# both stages of every resident program's input fit in 160 KB of the 227 KB of shared memory an
-# sm_90 SM has, and the tile is at most 8192 words: the prefetch costs registers, and on the
-# 16384-word tiles it pushed cross-entropy into spills (cuobjdump: 128 registers + 16 B stack).
-_PIPELINE_SMEM_BYTES = 160 * 1024
-_PIPELINE_TILE_WORDS = 8192
-# The interpreter (CPU) runs programs one after another: a few programs, each looping.
+# Programs per SM when nothing is known of the compiled kernel (no GPU, no sm_90 compile): the
+# warps that leave each thread 64 registers (32 of the 64 an sm_90 SM holds), 1 to 4.
+_RESIDENT_WARPS_GUESS = 32
+# The interpreter (CPU) runs programs one after another: a few programs, each looping. Its time
+# goes by the number of operations, not their width: the online kernels there walk chunks of up
+# to 64 KB (8x the GPU's), the same code with up to an eighth of the loop trips.
 _INTERPRETER_PROGRAMS = 4
+_INTERPRETER_CHUNK_BYTES = 64 * 1024
 
 
 def _pow2_at_least(n: int) -> int:
@@ -341,19 +356,27 @@ def _pow2_at_most(n: int) -> int:
 
 
 def _launch_config(
-    n_rows: int, n_cols: int, dtype: str, op: str, n_sm: int | None = None
+    n_rows: int,
+    n_cols: int,
+    dtype: str,
+    op: str,
+    n_sm: int | None = None,
+    usage: Callable[[LaunchConfig], dict | None] | None = None,
 ) -> LaunchConfig:
-    """Block size, warps, rows per program, pipelining, grid and strategy for one call.
+    """Strategy, tile or chunk size, warps, tiles in flight and grid for one call.
 
-    ``dtype``: the data's dtype name ("float16", "bfloat16", "float32", "float64"); ``op``:
-    "softmax_fwd", "softmax_bwd", "cross_entropy" or "cross_entropy_soft"; ``n_sm``: the GPU's
-    SM count, or None under the interpreter.
+    ``dtype``: the data's dtype name ("float16", "bfloat16", "float32", "float64"); ``op``: see
+    _SINGLE_PASS_VALUES above; ``n_sm``: the GPU's SM count, or None under the interpreter;
+    ``usage(cfg)``: the compiled kernel's {"regs", "shared", "spill_bytes"} for a configuration
+    (on a GPU the kernel compiled for the launch, in the static model an sm_90 compile): the
+    programs per SM follow from it, and a configuration that spills is replaced by one with
+    fewer tiles / chunks in flight; None: estimates.
 
     Strategies:
     - "rows": short rows, several whole rows per tile ([ROWS, BLOCK_N]), one pass;
     - "row": one whole row per tile, one pass (forward: 1 read + 1 write);
-    - "online": rows longer than the single-pass limit, in chunks of BLOCK_N with the running
-      max/sum merged per chunk, then a second pass (forward: 2 reads + 1 write).
+    - "online": rows longer than the single-pass limit, in chunks of BLOCK_N with running
+      max / sum per lane, then a second pass (forward: 2 reads + 1 write).
     """
     n_rows, n_cols = max(int(n_rows), 1), max(int(n_cols), 1)
     if op == "cross_entropy_denom":
@@ -362,38 +385,197 @@ def _launch_config(
         grid = min(n_blocks, n_sm if n_sm is not None else _INTERPRETER_PROGRAMS)
         return LaunchConfig("rows", block, block, max(1, min(8, block // 256)), 1, grid)
     words = 2 if dtype == "float64" else 1  # 32-bit registers per computed value
+    itemsize = _ITEMSIZE[dtype]
     block_n = _pow2_at_least(n_cols)
     per_elem = words * _SINGLE_PASS_VALUES[op]
+
+    def with_grid(cfg: LaunchConfig) -> tuple[LaunchConfig, bool]:
+        """(cfg with its grid, whether its compiled kernel spills)"""
+        n_tiles = -(-n_rows // cfg.rows)
+        if n_sm is None:
+            return cfg._replace(num_programs=min(n_tiles, _INTERPRETER_PROGRAMS)), False
+        found = usage(cfg) if usage is not None else None
+        if found is not None:
+            fits = _programs_that_fit(found["regs"], found["shared"], cfg.num_warps)
+        else:
+            fits = _RESIDENT_WARPS_GUESS // cfg.num_warps
+        per_sm = max(1, min(_MAX_PROGRAMS_PER_SM, fits))
+        spills = found is not None and (found.get("spill_bytes", 0) + found.get("stack", 0)) > 0
+        return cfg._replace(num_programs=min(n_tiles, n_sm * per_sm)), spills
+
+    def settle(cfg: LaunchConfig) -> tuple[LaunchConfig, bool]:
+        """No prefetch where a program has a single tile. Where the compiled kernel spills:
+        fewer tiles / chunks in flight (the prefetched data's registers), then more warps
+        (fewer words per thread; ptxas at times spills a few bytes rather than pass 64 or 80
+        registers), then, single pass, fewer rows per tile."""
+        cfg, spills = with_grid(cfg)
+        one_pass = cfg.strategy != "online"
+        while cfg.num_stages > 1 and (
+            spills or (one_pass and n_rows <= cfg.rows * cfg.num_programs)
+        ):
+            cfg, spills = with_grid(cfg._replace(num_stages=cfg.num_stages - 1))
+        while spills and cfg.num_warps < _MAX_WARPS:
+            cfg, spills = with_grid(cfg._replace(num_warps=cfg.num_warps * 2))
+        while spills and one_pass and cfg.rows > 1:
+            rows = cfg.rows // 2
+            cfg, spills = with_grid(cfg._replace(rows=rows, strategy="rows" if rows > 1 else "row"))
+        return cfg, spills
+
     if block_n * per_elem <= _SINGLE_PASS_WORDS:
-        rows = min(_pow2_at_most(_TILE_WORDS // (block_n * per_elem)), _pow2_at_least(n_rows))
+        # the fewest rows that make 16 KB of input (CE: 8192 elements), within the registers
+        want = -(-_TILE_BYTES // (block_n * itemsize * _INPUTS[op]))
+        if op.startswith("cross_entropy"):
+            want = max(want, -(-_CE_TILE_ELEMENTS // block_n))
+        limit = _pow2_at_most(max(1, _SINGLE_PASS_WORDS // (block_n * per_elem)))
+        rows = min(_pow2_at_least(want), limit, _pow2_at_least(n_rows))
         if n_sm is not None:
             # fewer tiles than SMs would leave SMs idle: smaller tiles instead
             while rows > 1 and -(-n_rows // rows) < n_sm:
                 rows //= 2
+        tile_bytes = rows * block_n * itemsize * _INPUTS[op]
+        tile_words = rows * block_n * per_elem
+        need = max(-(-tile_bytes // (32 * _THREAD_BYTES)), -(-tile_words // (32 * _THREAD_WORDS)))
+        num_warps = max(1, min(_MAX_WARPS, _pow2_at_least(need)))
+        stages = 2  # the next tile in flight, when the program has one (settle)
+        if not usage:
+            # no compile to ask: prefetch only where the next tile's raw input fits beside this
+            # one's values (<= 48 words per thread; at 64, e.g. float32 rows of 16384, the
+            # compiled kernel spills)
+            raw_words = tile_bytes // 4
+            if tile_words + raw_words > 48 * 32 * num_warps:
+                stages = 1
         strategy = "rows" if rows > 1 else "row"
-        n_tiles = -(-n_rows // rows)
-    else:
-        strategy = "online"
-        per_elem = words * _ONLINE_VALUES[op]
-        block_n = _CHUNK_WORDS // per_elem
-        rows = 1
-        n_tiles = n_rows
-    tile_words = rows * block_n * per_elem
-    num_warps = max(1, min(_MAX_WARPS, _pow2_at_least(tile_words // (32 * _WORDS_PER_THREAD))))
-    if n_sm is None:
-        per_sm, grid = 1, min(n_tiles, _INTERPRETER_PROGRAMS)
-    else:
-        per_sm = max(1, _RESIDENT_WARPS_PER_SM // num_warps)
-        grid = min(n_tiles, n_sm * per_sm)
-    smem = 2 * rows * block_n * _INPUTS[op] * _ITEMSIZE[dtype] * per_sm
-    pipeline = (
-        strategy != "online"
-        and n_tiles > grid
-        and smem <= _PIPELINE_SMEM_BYTES
-        and tile_words <= _PIPELINE_TILE_WORDS
-    )
-    stages = 2 if pipeline else 1
-    return LaunchConfig(strategy, block_n, rows, num_warps, stages, max(1, grid))
+        cfg, spills = settle(LaunchConfig(strategy, block_n, rows, num_warps, stages, 1))
+        if not spills:
+            return cfg
+        # (a row that spills even alone, with every fallback: the online kernel instead)
+    num_warps, chunk_bytes, stages = _ONLINE_PLAN[op]
+    if n_sm is None:  # (at least 2 chunks per row, so that the chunk loops still loop)
+        half_row = _pow2_at_most(max(1, n_cols * itemsize // 2))
+        chunk_bytes = max(chunk_bytes, min(_INTERPRETER_CHUNK_BYTES, half_row))
+    online = LaunchConfig("online", chunk_bytes // itemsize, 1, num_warps, stages, 1,
+                          _LANE_BYTES // itemsize)  # fmt: skip
+    return settle(online)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Resources of a compiled kernel, and the programs per SM they allow. On a GPU they come from the
+# kernel compiled for the launch (registers: CompiledKernel.n_regs once loaded; shared memory:
+# metadata.shared); without one, from a compile for sm_90 (GPUTarget("cuda", 90, 32), H100 /
+# H200) read back with ptxas -v, Triton's own ptxas run on the PTX it generated (Triton 3.9
+# fills n_regs / n_spills only when it loads the binary on a device).
+
+# sm_90 per SM: 64K 32-bit registers, allocated per warp in units of 256 (8 per thread); 228 KB
+# of shared memory with 1 KB reserved per resident block; 64 warps; 32 blocks.
+_SM90_REGS, _SM90_SMEM, _SM90_SMEM_PER_BLOCK = 65536, 228 * 1024, 1024
+_SM90_WARPS, _SM90_BLOCKS = 64, 32
+# Programs per SM wanted: 3-4 overlap one program's reductions and stores with the others'
+# loads; more add little once ~4 x 16 KB are in flight per SM (Little's law asks for ~20-40 KB:
+# ~3.3-4.8 TB/s x ~0.8 us / 132 SMs).
+_MAX_PROGRAMS_PER_SM = 4
+
+
+def _programs_that_fit(regs: int, shared: int, num_warps: int) -> int:
+    """Blocks of ``num_warps`` warps using ``regs`` registers per thread and ``shared`` bytes
+    that an sm_90 SM holds at once."""
+    per_warp = -(-max(int(regs), 1) // 8) * 8 * 32
+    by_regs = (_SM90_REGS // per_warp) // num_warps
+    by_smem = _SM90_SMEM // (int(shared) + _SM90_SMEM_PER_BLOCK)
+    return max(0, min(by_regs, by_smem, _SM90_WARPS // num_warps, _SM90_BLOCKS))
+
+
+_PTR = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32", "float64": "*fp64"}
+_FLOAT_ARGS = ("scale", "label_smoothing", "z_loss", "softcap", "grad_scale", "keep", "eps_c")
+
+
+def _compile_spec(kernel: str, dtype: str, cfg: LaunchConfig, n_cols: int, **flags):
+    """(signature, constexprs, attrs) of ``kernel`` ("softmax_fwd", "softmax_bwd",
+    "cross_entropy_fwd", "cross_entropy_denom", "cross_entropy_stats", "cross_entropy_grad")
+    launched with ``cfg`` on ``dtype`` rows of ``n_cols``, as a launch specialises it: pointers
+    16-byte aligned (torch allocations are), row strides of n_cols elements. ``flags`` set the
+    kernel's other constexprs (default: every option on, the most registers)."""
+    fn = getattr(_kernels(False), kernel)
+    data, acc = _PTR[dtype], "*fp64" if dtype == "float64" else "*fp32"
+    soft = bool(flags.get("SOFT", False))
+    ptr = {"x_ptr": data, "dy_ptr": data, "y_ptr": data, "g_ptr": data, "mask_ptr": "*u8",
+           "t_ptr": data if soft else "*i64", "w_ptr": acc, "loss_ptr": acc, "lse_ptr": acc,
+           "coef_ptr": acc, "scale_ptr": acc, "st_ptr": acc, "denom_ptr": "*fp64",
+           "part_ptr": "*fp64", "ticket_ptr": "*i32",
+           "out_ptr": "*fp64" if kernel == "cross_entropy_denom" else data}  # fmt: skip
+    consts = {
+        "IS_FP64": dtype == "float64", "ONLINE": cfg.strategy == "online", "ROWS": cfg.rows,
+        "BLOCK_N": cfg.block_n, "NUM_STAGES": cfg.num_stages, "BLOCK_R": cfg.block_n,
+        "GROUP": cfg.group,
+        "IS_LOG": True, "HAS_MASK": False, "ACC_FP64": dtype in ("float32", "float64"),
+        "SOFT": soft, "HAS_WEIGHT": True, "HAS_GRAD": True, "HAS_LSE": True,
+        "HAS_SMOOTHING": True, "HAS_Z": True, "SOFTCAP": True, "REDUCE": 2, "DENOM": 2,
+        "INPLACE": True,
+    }  # fmt: skip
+    consts.update(flags)
+    sig, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts and name not in ptr:
+            sig[name] = "constexpr"
+            constexprs[name] = consts[name]
+        elif name in ptr:
+            sig[name] = ptr[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in _FLOAT_ARGS:
+            sig[name] = "fp64"
+        elif name in ("ignore_index", "vocab_start"):
+            sig[name] = "i64"
+        else:
+            sig[name] = "i32"  # counts and row strides
+            if name.endswith("row_stride") and n_cols % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    missing = [n for n in fn.arg_names if n not in sig]
+    if missing:
+        raise ValueError(f"{kernel}: no type for {missing}")
+    return fn, sig, constexprs, attrs
+
+
+_PTXAS_USED = re.compile(r"Used (\d+) registers")
+_PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_STACK = re.compile(r"(\d+) bytes stack frame")
+
+
+@functools.cache
+def _sm90_usage(kernel: str, dtype: str, cfg: LaunchConfig, n_cols16: bool, flags: tuple) -> dict:
+    """{"regs", "spill_bytes", "stack", "shared", "programs_per_sm"} of ``kernel`` compiled for
+    sm_90 with cfg (cached per process; Triton caches the compile on disk). ``n_cols16``: the row
+    stride divides by 16 (vector loads). Needs a Triton with its NVIDIA backend; no GPU."""
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    fn, sig, consts, attrs = _compile_spec(kernel, dtype, cfg, 16 if n_cols16 else 1,
+                                           **dict(flags))  # fmt: skip
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    with _language_mode(False):
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": cfg.num_warps})  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        cmd = [get_ptxas(90).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+               "--gpu-name=sm_90a", ptx, "-o", os.path.join(tmp, "k.cubin")]  # fmt: skip
+        log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    regs = int(_PTXAS_USED.search(log)[1])
+    spill = _PTXAS_SPILL.search(log)
+    stack = _PTXAS_STACK.search(log)
+    shared = int(compiled.metadata.shared)
+    return {
+        "regs": regs,
+        "spill_bytes": int(spill[1]) + int(spill[2]) if spill else 0,
+        "stack": int(stack[1]) if stack else 0,
+        "shared": shared,
+        "programs_per_sm": _programs_that_fit(regs, shared, cfg.num_warps),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -470,6 +652,42 @@ def _dtype(t) -> str:
 # The backend interface
 
 
+def _cfg_consts(cfg: LaunchConfig) -> dict:
+    """A configuration as the kernels' launch constexprs."""
+    return dict(ONLINE=cfg.strategy == "online", ROWS=cfg.rows, BLOCK_N=cfg.block_n,
+                GROUP=cfg.group, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps)  # fmt: skip
+
+
+_DEVICE_USAGE: dict[tuple, dict | None] = {}
+
+
+def _usage_on_device(t, kernel, name: str, args: Callable[[], tuple], flags: dict):
+    """_launch_config's ``usage`` on a GPU: the registers and shared memory of ``kernel`` as
+    compiled for t's device with each configuration asked for (JITFunction.warmup compiles
+    without launching; the binary is loaded to read n_regs), cached per configuration. None
+    under the interpreter. A compile or load that fails leaves the estimate in place: a launch
+    plan must not fail a call (the launch itself then reports any real problem). ``args()``
+    gives example arguments (built only when a compile is needed)."""
+    if _n_sm(t) is None:
+        return None
+    key = (name, t.device.index, _dtype(t), tuple(sorted(flags.items())))
+
+    def usage(cfg: LaunchConfig) -> dict | None:
+        k = (key, cfg._replace(num_programs=1))
+        if k not in _DEVICE_USAGE:
+            try:
+                compiled = kernel.warmup(*args(), grid=(1,), **flags, **_cfg_consts(cfg))
+                compiled._init_handles()
+                _DEVICE_USAGE[k] = {"regs": int(compiled.n_regs),
+                                    "shared": int(compiled.metadata.shared),
+                                    "spill_bytes": int(compiled.n_spills)}  # fmt: skip
+            except Exception:
+                _DEVICE_USAGE[k] = None
+        return _DEVICE_USAGE[k]
+
+    return usage
+
+
 def softmax_fwd(x, out, *, scale: float, mask, is_log: bool, config: LaunchConfig | None = None):
     """out = softmax(scale * x) (log_softmax with is_log) over the rows; see dispatch.
 
@@ -478,23 +696,20 @@ def softmax_fwd(x, out, *, scale: float, mask, is_log: bool, config: LaunchConfi
     n_rows, n_cols = xt.shape
     if n_rows == 0 or n_cols == 0:
         return
-    op = "softmax_fwd" if mt is None else "softmax_fwd_mask"
-    cfg = config or _launch_config(n_rows, n_cols, _dtype(xt), op, _n_sm(xt))
     if mt is not None:
         import torch
 
         mt = mt.view(torch.uint8)  # same bytes; Triton loads u8 and tests != 0
     kernel = _kernels(_interpret()).softmax_fwd
+    args = (xt, ot, mt if mt is not None else xt, n_rows, n_cols, _row_stride(xt),
+            _row_stride(ot), _row_stride(mt) if mt is not None else 0, float(scale))  # fmt: skip
+    flags = dict(IS_LOG=bool(is_log), HAS_MASK=mt is not None, IS_FP64=_dtype(xt) == "float64")
+    op = "softmax_fwd" if mt is None else "softmax_fwd_mask"
     with _launch_context(x, xt):
-        kernel[(cfg.num_programs,)](
-            xt, ot, mt if mt is not None else xt,
-            n_rows, n_cols, _row_stride(xt), _row_stride(ot),
-            _row_stride(mt) if mt is not None else 0,
-            float(scale),
-            IS_LOG=bool(is_log), HAS_MASK=mt is not None, IS_FP64=_dtype(xt) == "float64",
-            ONLINE=cfg.strategy == "online", ROWS=cfg.rows, BLOCK_N=cfg.block_n,
-            NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
-        )  # fmt: skip
+        cfg = config or _launch_config(n_rows, n_cols, _dtype(xt), op, _n_sm(xt),
+                                       _usage_on_device(xt, kernel, op, lambda: args,
+                                                        flags))  # fmt: skip
+        kernel[(cfg.num_programs,)](*args, **flags, **_cfg_consts(cfg))
 
 
 def softmax_bwd(dy, y, out, *, scale: float, is_log: bool, config: LaunchConfig | None = None):
@@ -503,18 +718,17 @@ def softmax_bwd(dy, y, out, *, scale: float, is_log: bool, config: LaunchConfig 
     n_rows, n_cols = yt.shape
     if n_rows == 0 or n_cols == 0:
         return
-    cfg = config or _launch_config(n_rows, n_cols, _dtype(yt), "softmax_bwd", _n_sm(yt))
     kernel = _kernels(_interpret()).softmax_bwd
+    args = (dyt, yt, ot, n_rows, n_cols, _row_stride(dyt), _row_stride(yt), _row_stride(ot),
+            float(scale))  # fmt: skip
+    flags = dict(IS_LOG=bool(is_log), IS_FP64=_dtype(yt) == "float64",
+                 ACC_FP64=_dtype(yt) in ("float32", "float64"))  # fmt: skip
     with _launch_context(y, yt):
-        kernel[(cfg.num_programs,)](
-            dyt, yt, ot,
-            n_rows, n_cols, _row_stride(dyt), _row_stride(yt), _row_stride(ot),
-            float(scale),
-            IS_LOG=bool(is_log), IS_FP64=_dtype(yt) == "float64",
-            ACC_FP64=_dtype(yt) in ("float32", "float64"),
-            ONLINE=cfg.strategy == "online", ROWS=cfg.rows, BLOCK_N=cfg.block_n,
-            NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
+        cfg = config or _launch_config(
+            n_rows, n_cols, _dtype(yt), "softmax_bwd", _n_sm(yt),
+            _usage_on_device(yt, kernel, "softmax_bwd", lambda: args, flags),
         )  # fmt: skip
+        kernel[(cfg.num_programs,)](*args, **flags, **_cfg_consts(cfg))
 
 
 # Cross-entropy. reduction and "mean" denominator codes of cross_entropy_fwd_kernel (REDUCE,
@@ -566,10 +780,6 @@ def _softcap_arg(softcap) -> tuple[bool, float]:
     return (softcap is not None), (float(softcap) if softcap is not None else 0.0)
 
 
-def _ce_op(soft: bool, kind: str = "") -> str:
-    return "cross_entropy" + kind + ("_soft" if soft else "")
-
-
 def cross_entropy_fwd(
     logits,
     target,
@@ -604,8 +814,6 @@ def cross_entropy_fwd(
         if red:
             lt.zero_()  # no rows: sum 0, and mean 0 (nothing counted)
         return
-    n_sm = _n_sm(xt)
-    cfg = config or _launch_config(n_rows, n_cols, _dtype(xt), _ce_op(soft), n_sm)
     if red != _REDUCE["mean"]:
         dmode = _DENOM_NONE
     elif dt is not None:
@@ -619,10 +827,40 @@ def cross_entropy_fwd(
     has_cap, cap = _softcap_arg(softcap)
     ignore_index = _int64_or_never(ignore_index)
     ks = _kernels(_interpret())
+    flags = dict(
+        SOFT=bool(soft), HAS_WEIGHT=wt is not None, HAS_GRAD=gt is not None,
+        HAS_LSE=et is not None, HAS_SMOOTHING=float(label_smoothing) != 0.0,
+        HAS_Z=float(z_loss) != 0.0, SOFTCAP=has_cap, IS_FP64=_dtype(xt) == "float64",
+        REDUCE=red, DENOM=dmode,
+    )  # fmt: skip
+
+    def args(scratch, part, tickets):
+        # float64 scratch: [denominator, counted rows] (from the denominator kernel), then
+        # this kernel's partials [3, grid]
+        return (
+            xt, tt, wt if wt is not None else xt, lt, gt if gt is not None else xt,
+            et if et is not None else lt,
+            scratch if dmode == _DENOM_KERNEL else (dt if dt is not None else lt),
+            part if part is not None else lt, tickets,
+            n_rows, n_cols, _row_stride(xt), _row_stride(tt) if soft else 1,
+            _row_stride(gt) if gt is not None else n_cols,
+            ignore_index, float(label_smoothing), float(z_loss), cap, float(grad_scale),
+        )  # fmt: skip
+
     with _launch_context(logits, xt):
         tickets = _ticket_counter(xt)
-        scratch = part = None
-        dcfg = None
+        n_sm = _n_sm(xt)
+
+        def example_args():
+            s64 = torch.empty(2, dtype=torch.float64, device=xt.device)
+            return args(s64, s64, tickets)
+
+        op = "cross_entropy_soft" if soft else "cross_entropy"
+        cfg = config or _launch_config(
+            n_rows, n_cols, _dtype(xt), op, n_sm,
+            _usage_on_device(xt, ks.cross_entropy_fwd, op, example_args, flags),
+        )  # fmt: skip
+        scratch = part = dcfg = None
         if red:
             # float64 scratch: [denominator, counted rows], the denominator kernel's partials
             # [2, its grid], this kernel's partials [3, grid]
@@ -640,21 +878,9 @@ def cross_entropy_fwd(
                     n_rows, n_cols, ignore_index,
                     HAS_WEIGHT=wt is not None, BLOCK_R=dcfg.block_n, num_warps=dcfg.num_warps,
                 )  # fmt: skip
-            denom_arg = scratch if dmode == _DENOM_KERNEL else dt
             ks.cross_entropy_fwd[(cfg.num_programs,)](
-                xt, tt, wt if wt is not None else xt, lt, gt if gt is not None else xt,
-                et if et is not None else lt, denom_arg if denom_arg is not None else lt,
-                part if part is not None else lt, tickets,
-                n_rows, n_cols, _row_stride(xt), _row_stride(tt) if soft else 1,
-                _row_stride(gt) if gt is not None else n_cols,
-                ignore_index, float(label_smoothing), float(z_loss), cap, float(grad_scale),
-                SOFT=bool(soft), HAS_WEIGHT=wt is not None, HAS_GRAD=gt is not None,
-                HAS_LSE=et is not None, HAS_SMOOTHING=float(label_smoothing) != 0.0,
-                HAS_Z=float(z_loss) != 0.0, SOFTCAP=has_cap, IS_FP64=_dtype(xt) == "float64",
-                REDUCE=red, DENOM=dmode,
-                ONLINE=cfg.strategy == "online", ROWS=cfg.rows, BLOCK_N=cfg.block_n,
-                NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
-            )  # fmt: skip
+                *args(scratch, part, tickets), **flags, **_cfg_consts(cfg)
+            )
 
 
 def cross_entropy_stats(
@@ -676,20 +902,21 @@ def cross_entropy_stats(
     n_rows, n_cols = xt.shape
     if n_rows == 0 or n_cols == 0:
         return
-    cfg = config or _launch_config(n_rows, n_cols, _dtype(xt), _ce_op(soft), _n_sm(xt))
     has_cap, cap = _softcap_arg(softcap)
     kernel = _kernels(_interpret()).cross_entropy_stats
+    args = (xt, tt, wt if wt is not None else xt, st, n_rows, n_cols, _row_stride(xt),
+            _row_stride(tt) if soft else 1, _row_stride(st), _int64_or_never(ignore_index),
+            int(vocab_start), cap)  # fmt: skip
+    flags = dict(SOFT=bool(soft), HAS_WEIGHT=wt is not None,
+                 HAS_SMOOTHING=float(label_smoothing) != 0.0, SOFTCAP=has_cap,
+                 IS_FP64=_dtype(xt) == "float64")  # fmt: skip
+    op = "cross_entropy_soft" if soft else "cross_entropy"
     with _launch_context(logits, xt):
-        kernel[(cfg.num_programs,)](
-            xt, tt, wt if wt is not None else xt, st,
-            n_rows, n_cols, _row_stride(xt), _row_stride(tt) if soft else 1, _row_stride(st),
-            _int64_or_never(ignore_index), int(vocab_start), cap,
-            SOFT=bool(soft), HAS_WEIGHT=wt is not None,
-            HAS_SMOOTHING=float(label_smoothing) != 0.0, SOFTCAP=has_cap,
-            IS_FP64=_dtype(xt) == "float64",
-            ONLINE=cfg.strategy == "online", ROWS=cfg.rows, BLOCK_N=cfg.block_n,
-            NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
+        cfg = config or _launch_config(
+            n_rows, n_cols, _dtype(xt), op, _n_sm(xt),
+            _usage_on_device(xt, kernel, "stats_" + op, lambda: args, flags),
         )  # fmt: skip
+        kernel[(cfg.num_programs,)](*args, **flags, **_cfg_consts(cfg))
 
 
 def _same_memory(a, b) -> bool:
@@ -722,20 +949,131 @@ def cross_entropy_grad(
     n_rows, n_cols = xt.shape
     if n_rows == 0 or n_cols == 0:
         return
-    cfg = config or _launch_config(n_rows, n_cols, _dtype(xt), _ce_op(soft, "_grad"), _n_sm(xt))
     has_cap, cap = _softcap_arg(softcap)
     kernel = _kernels(_interpret()).cross_entropy_grad
-    with _launch_context(logits, xt):
-        kernel[(cfg.num_programs,)](
-            xt, tt, wt if wt is not None else xt, gt, lt, ct, rt,
-            n_rows, n_cols, _row_stride(xt), _row_stride(tt) if soft else 1, _row_stride(gt),
+    args = (xt, tt, wt if wt is not None else xt, gt, lt, ct, rt, n_rows, n_cols,
+            _row_stride(xt), _row_stride(tt) if soft else 1, _row_stride(gt),
             _int64_or_never(ignore_index), int(vocab_start), float(keep), float(eps_c), cap,
-            float(grad_scale),
-            SOFT=bool(soft), HAS_WEIGHT=wt is not None, HAS_SMOOTHING=float(eps_c) != 0.0,
-            SOFTCAP=has_cap, IS_FP64=_dtype(xt) == "float64", INPLACE=_same_memory(xt, gt),
-            ONLINE=cfg.strategy == "online", ROWS=cfg.rows, BLOCK_N=cfg.block_n,
-            NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
+            float(grad_scale))  # fmt: skip
+    flags = dict(SOFT=bool(soft), HAS_WEIGHT=wt is not None, HAS_SMOOTHING=float(eps_c) != 0.0,
+                 SOFTCAP=has_cap, IS_FP64=_dtype(xt) == "float64",
+                 INPLACE=_same_memory(xt, gt))  # fmt: skip
+    op = "cross_entropy_grad_soft" if soft else "cross_entropy_grad"
+    with _launch_context(logits, xt):
+        cfg = config or _launch_config(
+            n_rows, n_cols, _dtype(xt), op, _n_sm(xt),
+            _usage_on_device(xt, kernel, op, lambda: args, flags),
         )  # fmt: skip
+        kernel[(cfg.num_programs,)](*args, **flags, **_cfg_consts(cfg))
+
+
+# ----------------------------------------------------------------------------------------------
+# A static performance model (no GPU): what a call plans on an sm_90 GPU with ``sm_count`` SMs.
+
+_SHORT_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}
+_SOFTMAX_MODEL = {
+    "softmax_fwd": ("softmax_fwd", {"IS_LOG": False, "HAS_MASK": False}),
+    "log_softmax_fwd": ("softmax_fwd", {"IS_LOG": True, "HAS_MASK": False}),
+    "softmax_bwd": ("softmax_bwd", {"IS_LOG": False}),
+    "log_softmax_bwd": ("softmax_bwd", {"IS_LOG": True}),
+}
+
+
+def static_model(
+    op: str,
+    dtype_name: str,
+    n_rows: int,
+    n_cols: int,
+    *,
+    sm_count: int = 132,
+    soft: bool = False,
+    with_grad: bool = True,
+    reduction: str = "mean",
+) -> dict:
+    """The launch plan of one call on an sm_90 GPU (H100 / H200) with ``sm_count`` SMs,
+    without a GPU: strategy, tile / chunk, warps, tiles in flight, programs and programs per SM,
+    launches per call, the bytes moved against the minimum, and the registers, spills and shared
+    memory of the kernel compiled for sm_90 (cached per configuration; needs Triton's NVIDIA
+    backend, which compiles without a GPU).
+
+    ``op``: "softmax_fwd", "log_softmax_fwd", "softmax_bwd", "log_softmax_bwd" (bench names),
+    "ce_fwd" (loss only), "ce_fwd_grad", or "cross_entropy" (``with_grad`` says which);
+    ``dtype_name``: "bf16" / "bfloat16" etc. Cross-entropy is modelled without options (no
+    weight, smoothing, z-loss, softcap or lse), class targets unless ``soft``.
+
+    Bytes moved count DRAM traffic with no L2 reuse (an upper bound: the online kernels' second
+    pass starts with the chunks read last, which may still be in L2); the minimum is the
+    benchmark's (bench/grids.py TRAFFIC): forward 2, backward 3, CE forward 1, CE forward +
+    gradient 2 times elements x itemsize (soft targets add their read). Per-row traffic (class
+    targets, per-row losses, the denominator kernel's read of the targets) is counted in the
+    moved bytes only.
+    """
+    dtype = _SHORT_DTYPES.get(dtype_name, dtype_name)
+    itemsize = _ITEMSIZE[dtype]
+    elems = int(n_rows) * int(n_cols) * itemsize  # bytes of one (n_rows, n_cols) array
+    per_row = 0
+    if op in _SOFTMAX_MODEL:
+        kernel, flags = _SOFTMAX_MODEL[op]
+        plan_op = kernel
+        launches = 1
+    elif op in ("ce_fwd", "ce_fwd_grad", "cross_entropy"):
+        with_grad = {"ce_fwd": False, "ce_fwd_grad": True}.get(op, with_grad)
+        red = _REDUCE[reduction]
+        if red != _REDUCE["mean"]:
+            dmode = _DENOM_NONE
+        elif soft:
+            dmode = _DENOM_ROWS
+        else:
+            dmode = _DENOM_KERNEL if with_grad else _DENOM_IN_PASS
+        kernel = "cross_entropy_fwd"
+        plan_op = "cross_entropy_soft" if soft else "cross_entropy"
+        flags = dict(SOFT=soft, HAS_WEIGHT=False, HAS_GRAD=with_grad, HAS_LSE=False,
+                     HAS_SMOOTHING=False, HAS_Z=False, SOFTCAP=False, REDUCE=red,
+                     DENOM=dmode)  # fmt: skip
+        launches = 2 if dmode == _DENOM_KERNEL else 1
+        per_row = (0 if soft else 8 * launches) + (4 if red == 0 else 0)
+    else:
+        raise ValueError(f"unknown op {op!r}")
+    flags = dict(flags, IS_FP64=dtype == "float64")
+    key = tuple(sorted(flags.items()))
+    n16 = int(n_cols) % 16 == 0
+
+    def usage(cfg: LaunchConfig) -> dict:
+        return _sm90_usage(kernel, dtype, cfg, n16, key)
+
+    cfg = _launch_config(n_rows, n_cols, dtype, plan_op, sm_count, usage)
+    used = usage(cfg)
+    online = cfg.strategy == "online"
+    if kernel == "softmax_fwd":
+        moved, minimum = (3 if online else 2) * elems, 2 * elems
+    elif kernel == "softmax_bwd":
+        first = 1 if flags["IS_LOG"] else 2  # the online first pass reads dy (and y)
+        moved, minimum = (3 + first if online else 3) * elems, 3 * elems
+    else:
+        reads = (1 + soft) * (2 if (online and with_grad) else 1)
+        moved = (reads + with_grad) * elems + per_row * int(n_rows)
+        minimum = (1 + soft + with_grad) * elems
+    per_sm = max(1, min(_MAX_PROGRAMS_PER_SM, used["programs_per_sm"]))
+    return {
+        "op": op,
+        "dtype": dtype,
+        "n_rows": int(n_rows),
+        "n_cols": int(n_cols),
+        "strategy": cfg.strategy,
+        "block_n": cfg.block_n,
+        "rows_per_tile": cfg.rows,
+        "num_warps": cfg.num_warps,
+        "in_flight": cfg.num_stages,
+        "programs": cfg.num_programs,
+        "programs_per_sm": min(per_sm, -(-cfg.num_programs // int(sm_count))),
+        "launches": launches,
+        "bytes": int(moved),
+        "min_bytes": int(minimum),
+        "bytes_over_min": moved / minimum,
+        "registers": used["regs"],
+        "spill_bytes": used["spill_bytes"],
+        "shared_bytes": used["shared"],
+    }
 
 
 __all__ = [
@@ -747,5 +1085,6 @@ __all__ = [
     "serve_reason",
     "softmax_bwd",
     "softmax_fwd",
+    "static_model",
     "unavailable_reason",
 ]
