@@ -165,6 +165,14 @@ def _vec(a, n: int, cdt, what: str) -> np.ndarray:
     return a
 
 
+def _vector_out(a: np.ndarray, n: int, cdt, what: str) -> np.ndarray:
+    """A per-row output the kernels write by element offset: contiguous (n,) compute dtype."""
+    a = _out(a)
+    if a.shape != (n,) or a.dtype != cdt or (n > 1 and a.strides[0] != cdt.itemsize):
+        raise ValueError(f"{what} must be a contiguous ({n},) {cdt} array")
+    return a
+
+
 def _scalar(a, cdt):
     """A 0-d array / number as a Python float after rounding to the compute dtype."""
     return float(np.asarray(a, dtype=cdt)[()])
@@ -314,27 +322,11 @@ def cross_entropy_fwd(
     else:
         raise ValueError(f"unknown reduction {reduction!r}")
     if reduction == "none":
-        row_loss = _out(loss)
-        if (
-            row_loss.shape != (n_rows,)
-            or row_loss.dtype != cdt
-            or row_loss.strides[0]
-            not in (
-                cdt.itemsize,
-                0,
-            )
-        ):
-            raise ValueError(f"loss must be a contiguous ({n_rows},) {cdt} array")
+        row_loss = _vector_out(loss, n_rows, cdt, "loss")
     else:
         row_loss = np.empty(n_rows, cdt)
     if lse is not None:
-        lse = _out(lse)
-        if (
-            lse.shape != (n_rows,)
-            or lse.dtype != cdt
-            or (n_rows > 1 and lse.strides[0] != cdt.itemsize)
-        ):
-            raise ValueError(f"lse must be a contiguous ({n_rows},) {cdt} array")
+        lse = _vector_out(lse, n_rows, cdt, "lse")
     if n_rows > 0:
         k = _k()
         xa, xrs = _addr(x), _rs(x)

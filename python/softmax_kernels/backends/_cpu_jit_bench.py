@@ -9,7 +9,8 @@ torch runs its own CPU kernels with ``out=``: ``_softmax`` / ``_log_softmax``, t
 ``nll_loss_forward``, then ``nll_loss_backward`` + ``_log_softmax_backward_data`` for the
 gradient), every output preallocated. Ours: the backend functions with the same outputs. Every
 point times the providers in interleaved rounds (one call of each per round, after one warm-up
-call) and reports medians; geometric means per dtype over shapes x ops.
+call; each call after an idle gap, default 5 ms, so that torch's spinning OpenMP workers are
+asleep again) and reports medians; geometric means per dtype over shapes x ops.
 """
 
 from __future__ import annotations
@@ -66,6 +67,28 @@ def _our_calls(mod, d):
     }
 
 
+def _pure(fns):
+    """The NumPy backend's pure NumPy path: the calls with the compiled path switched off (once
+    the backend routes to _cpu_jit, it asks _cpu_jit.usable(), which reads the variable)."""
+    from . import _cpu_jit
+
+    def off(f):
+        def call():
+            old = os.environ.get(_cpu_jit.ENV_VAR)
+            os.environ[_cpu_jit.ENV_VAR] = "0"
+            try:
+                f()
+            finally:
+                if old is None:
+                    del os.environ[_cpu_jit.ENV_VAR]
+                else:
+                    os.environ[_cpu_jit.ENV_VAR] = old
+
+        return call
+
+    return {op: off(f) for op, f in fns.items()}
+
+
 def _data(rng, shape, dtype):
     x = (rng.standard_normal(shape, np.float32) * 2).astype(dtype)
     x32 = x.astype(np.float32)
@@ -84,7 +107,7 @@ def _data(rng, shape, dtype):
     return d
 
 
-def run(dtypes, shapes, ops, rounds, log=print):
+def run(dtypes, shapes, ops, rounds, gap_s=0.005, log=print):
     import torch
 
     from . import _cpu_jit, numpy_backend
@@ -95,7 +118,7 @@ def run(dtypes, shapes, ops, rounds, log=print):
         for shape in shapes:
             d = _data(rng, shape, dtype)
             calls = {"torch": _torch_calls(torch, d), "jit": _our_calls(_cpu_jit, d),
-                     "numpy": _our_calls(numpy_backend, d)}  # fmt: skip
+                     "numpy": _pure(_our_calls(numpy_backend, d))}  # fmt: skip
             for op in ops:
                 fns = {p: c[op] for p, c in calls.items()}
                 times = {p: [] for p in fns}
@@ -103,6 +126,9 @@ def run(dtypes, shapes, ops, rounds, log=print):
                     f()  # warm-up (and the JIT's compile or cache load)
                 for _ in range(rounds):
                     for p, f in fns.items():
+                        # torch's OpenMP workers spin for a while after each parallel region
+                        # (libgomp); without a gap they take a core from the next provider
+                        time.sleep(gap_s)
                         t0 = time.perf_counter()
                         f()
                         times[p].append(time.perf_counter() - t0)
@@ -133,6 +159,7 @@ def main(argv=None):
     ap.add_argument("--ops", default=",".join(OPS))
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: ours)")
+    ap.add_argument("--gap-ms", type=float, default=5.0, help="idle time before each call")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     import torch
@@ -142,10 +169,14 @@ def main(argv=None):
     torch.set_num_threads(a.threads or numpy_backend._THREADS)
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
     t0 = time.perf_counter()
-    rows, summary = run(a.dtypes.split(","), shapes, a.ops.split(","), a.rounds)
+    rows, summary = run(a.dtypes.split(","), shapes, a.ops.split(","), a.rounds, a.gap_ms / 1e3)
+    import numba
+
     info = dict(
-        torch=torch.__version__, numpy=np.__version__, threads=torch.get_num_threads(),
-        cpu_count=os.cpu_count(), loadavg=os.getloadavg(), seconds=time.perf_counter() - t0,
+        torch=torch.__version__, numpy=np.__version__, numba=numba.__version__,
+        threads=torch.get_num_threads(), our_threads=numpy_backend._THREADS,
+        cpu_count=os.cpu_count(), loadavg=os.getloadavg(), gap_ms=a.gap_ms,
+        seconds=time.perf_counter() - t0,
     )  # fmt: skip
     if a.json:
         with open(a.json, "w") as f:
