@@ -17,8 +17,9 @@ then ``grad *= grad_scale`` (``/ denom`` for "mean"). ``lse - z_c`` is always ``
 so no large logit cancels, and with non-negative weights and targets every term of a row loss
 is >= 0 (``log_s >= 0``, ``-zs >= 0``): the row sums cannot cancel either. Ignored rows
 (``t == ignore_index``): loss 0, gradient 0, logits not read (unless the log-sum-exp is asked
-for). A class target outside ``[0, C)`` that is not ignored: loss and gradient row NaN, and every
-load through it (``x_t``, ``w_t``) is masked, so it never reads out of bounds.
+for; the vocabulary-parallel statistics read every row, their lse is returned). A class target
+outside ``[0, C)`` that is not ignored: loss and gradient row NaN, and every load through it
+(``x_t``, ``w_t``) is masked, so it never reads out of bounds.
 
 Strategies (``triton_backend._launch_config`` chooses): a tile of ``ROWS`` whole rows held on
 chip, one pass (reads the logits once, writes the gradient once; the target logit is picked out
@@ -818,7 +819,8 @@ def _stats_tile(
     row_ok = r64 < n_rows
     col_ok = cols < n_cols
     ok = row_ok[:, None] & col_ok[None, :]
-    rows = _tile_rows_read(tile, t, n_rows, ignore_index, SOFT, ROWS)  # ignored rows: skipped
+    # every row, ignored ones too (the vocabulary-parallel path returns every row's lse)
+    rows = _tile_rows_read(tile, t, n_rows, ignore_index, True, ROWS)
     z, _th = _to_z(x, rows[:, None] & col_ok[None, :], cap_c, inv_cap_c, SOFTCAP, IS_FP64)
     m = tl.max(z, axis=1)
     zs = z - safe_shift(m)[:, None]  # every sum relative to m (0 for a row of -inf)
@@ -883,10 +885,11 @@ def _stats_online_row(
     if SOFT:
         n_load = n_cols
     else:
-        t, valid, owned, _bad = _class_target(t_ptr, r64, True, ignore_index, vocab_start, n_cols)
-        n_load = tl.where(valid, n_cols, 0)  # ignored rows: skipped
+        t, _valid, owned, _bad = _class_target(t_ptr, r64, True, ignore_index, vocab_start,
+                                               n_cols)  # fmt: skip
+        n_load = n_cols  # every row, ignored ones too (their lse is returned)
         t_safe = tl.where(owned, t, 0)
-        z_t, _th = _load_z(x_row + t_safe, valid & owned, cap_c, inv_cap_c, SOFTCAP, IS_FP64)
+        z_t, _th = _load_z(x_row + t_safe, owned, cap_c, inv_cap_c, SOFTCAP, IS_FP64)
     # soft: SUMS gives sum w q (z - m) and sum w q, SUMS_W (smoothing) sum w (z - m);
     # class targets with smoothing: SUMS gives sum w (z - m)
     row_max, shift, s, acc, csum, acc_w, _csum_w = _online_pass(
@@ -902,7 +905,7 @@ def _stats_online_row(
         if HAS_SMOOTHING:
             _stats_store(st_row, 4, acc_w)
     else:
-        _stats_store(st_row, 2, tl.where(valid & owned, z_t - shift, 0.0))
+        _stats_store(st_row, 2, tl.where(owned, z_t - shift, 0.0))
         k = 3
         if HAS_WEIGHT:
             _stats_store(st_row, 3, tl.load(w_ptr + t_safe, mask=owned, other=0.0))
@@ -965,16 +968,16 @@ def cross_entropy_stats_kernel(
         t = _tile_targets(t_ptr, pid, n_rows, SOFT, ROWS)
         if NUM_STAGES >= 2:
             x, q = _tile_raw(x_ptr, t_ptr, pid, t, n_rows, n_cols, row_stride, t_row_stride,
-                             ignore_index, SOFT, SOFT, ROWS, BLOCK_N)  # fmt: skip
+                             ignore_index, SOFT, True, ROWS, BLOCK_N)  # fmt: skip
             t1 = _tile_targets(t_ptr, pid + n_prog, n_rows, SOFT, ROWS)
         for tile in range(pid, n_tiles, n_prog):
             if NUM_STAGES == 1:
                 t = _tile_targets(t_ptr, tile, n_rows, SOFT, ROWS)
                 x, q = _tile_raw(x_ptr, t_ptr, tile, t, n_rows, n_cols, row_stride, t_row_stride,
-                                 ignore_index, SOFT, SOFT, ROWS, BLOCK_N)  # fmt: skip
+                                 ignore_index, SOFT, True, ROWS, BLOCK_N)  # fmt: skip
             else:
                 x1, q1 = _tile_raw(x_ptr, t_ptr, tile + n_prog, t1, n_rows, n_cols, row_stride,
-                                   t_row_stride, ignore_index, SOFT, SOFT, ROWS,
+                                   t_row_stride, ignore_index, SOFT, True, ROWS,
                                    BLOCK_N)  # fmt: skip
                 t2 = _tile_targets(t_ptr, tile + 2 * n_prog, n_rows, SOFT, ROWS)
             _stats_tile(
