@@ -158,7 +158,7 @@ def main(argv=None):
     ap.add_argument("--shapes", default=",".join(f"{a}x{b}" for a, b in SHAPES))
     ap.add_argument("--ops", default=",".join(OPS))
     ap.add_argument("--rounds", type=int, default=9)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: ours)")
+    ap.add_argument("--threads", type=int, default=None, help="torch's and our pool's threads")
     ap.add_argument("--gap-ms", type=float, default=5.0, help="idle time before each call")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
@@ -166,7 +166,9 @@ def main(argv=None):
 
     from . import numpy_backend
 
-    torch.set_num_threads(a.threads or numpy_backend._THREADS)
+    if a.threads:
+        numpy_backend._THREADS = a.threads  # the pool size _for_row_blocks uses
+    torch.set_num_threads(numpy_backend._THREADS)
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
     t0 = time.perf_counter()
     rows, summary = run(a.dtypes.split(","), shapes, a.ops.split(","), a.rounds, a.gap_ms / 1e3)
