@@ -14,7 +14,7 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 TRITON_PIN = triton==3.9.0
 # The extras installed for development: the test tools, both optional CPU/GPU paths that run on
 # a CPU (Triton's interpreter, the compiled CPU kernels) and the benchmark's plotting.
-EXTRAS = torch,test,triton,bench
+EXTRAS = torch,test,triton,bench,cpu
 STAMP = $(VENV)/.installed
 ifeq ($(PY),$(VENV)/bin/python)
 ENV_DEP = $(STAMP)

@@ -42,10 +42,11 @@ class Target:
     backend: str
     kind: str  # "numpy", "torch" or "cupy"
     device: str  # "cpu" or "cuda"
+    pure: bool = False  # numpy backend: its pure NumPy kernels (SOFTMAX_KERNELS_CPU_JIT=0)
 
     @property
     def id(self) -> str:
-        return f"{self.backend}-{self.kind}-{self.device}"
+        return f"{self.backend}-{self.kind}-{self.device}" + ("-pure" if self.pure else "")
 
     @property
     def dtypes(self) -> tuple[str, ...]:
@@ -83,10 +84,17 @@ class Target:
 def _targets():
     interp = os.environ.get("TRITON_INTERPRET") == "1"
     gpu = pytest.mark.gpu
+    # The NumPy backend runs its compiled CPU kernels (numba) when numba is installed; the
+    # "-pure" targets run its pure NumPy kernels, the fallback (both on NumPy arrays; torch CPU
+    # tensors take the same code after a zero-copy view).
     out = [
         pytest.param(Target("numpy", "numpy", "cpu"), id="numpy-numpy-cpu"),
         pytest.param(Target("numpy", "torch", "cpu"), id="numpy-torch-cpu"),
     ]
+    if _has("numba"):
+        out.append(
+            pytest.param(Target("numpy", "numpy", "cpu", pure=True), id="numpy-numpy-cpu-pure")
+        )
     triton_cpu_skip = None
     if not _has("triton"):
         triton_cpu_skip = "triton is not installed"
@@ -130,6 +138,15 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize(("target", "dtype"), params)
     else:
         metafunc.parametrize("target", TARGETS)
+
+
+@pytest.fixture(autouse=True)
+def _cpu_path(request, monkeypatch):
+    """A "-pure" target switches the NumPy backend's compiled kernels off for its test."""
+    callspec = getattr(request.node, "callspec", None)
+    target = callspec.params.get("target") if callspec is not None else None
+    if isinstance(target, Target) and target.pure:
+        monkeypatch.setenv("SOFTMAX_KERNELS_CPU_JIT", "0")
 
 
 @pytest.fixture

@@ -58,6 +58,9 @@ def info() -> str:
     lines.append("libraries:")
     for mod in ("numpy", "scipy", "torch", "triton", "cupy"):
         lines.append(f"  {mod:7s} {_version(mod)}")
+    from .backends import numpy_backend
+
+    lines.append(f"CPU kernels (numpy backend): {numpy_backend.cpu_path()}")
     lines.append("environment:")
     for var in ("SOFTMAX_KERNELS_BACKEND", "TRITON_INTERPRET", "SOFTMAX_KERNELS_CPU_JIT"):
         lines.append(f"  {var}={os.environ.get(var, '')!s:<8} " + _ENV_HELP[var])

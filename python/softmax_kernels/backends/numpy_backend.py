@@ -1,5 +1,10 @@
 """The NumPy backend: the CPU fallback and the reference the GPU backends are tested against.
 
+Two sets of kernels behind one interface: the compiled CPU kernels of ``_cpu_jit`` (numba, an
+optional extra: ``pip install 'softmax-kernels[cpu]'``) when they can run, else the pure NumPy
+code of this module, which stays the fallback and the test oracle (``SOFTMAX_KERNELS_CPU_JIT=0``
+selects it). Everything below describes the pure NumPy code.
+
 It serves NumPy arrays and torch CPU tensors (zero-copy through ``Tensor.numpy()``; bfloat16,
 which NumPy lacks, through a float32 copy). Every op works on blocks of rows sized so that the
 block and its one or two temporaries stay in the CPU's L2 cache, updating in place, with no
@@ -65,23 +70,28 @@ def _np_in(a):
 
 class _OutRows:
     """NumPy memory to write an output into: the output itself (NumPy arrays, tensors viewed
-    through .numpy()), or for a bfloat16 tensor a float32 buffer that finish() copies back,
-    rounding with torch's conversion."""
+    through .numpy()), or a buffer that finish() copies back: float32 for a bfloat16 tensor
+    (rounded by torch's conversion), native byte order for a non-native NumPy array."""
 
     def __init__(self, out):
         self.out = out
         if isinstance(out, np.ndarray):
-            self.np = out
+            native = out.dtype.isnative
+            self.np = out if native else np.empty(out.shape, out.dtype.newbyteorder("="))
         elif _arrays.dtype_name(out) in _WIDEN_WITH_TORCH:
             self.np = np.empty(tuple(out.shape), np.float32)
         else:
             self.np = out.detach().numpy()
 
     def finish(self):
-        if self.np is not self.out and not isinstance(self.out, np.ndarray):
-            import torch
+        if self.np is self.out:
+            return
+        if isinstance(self.out, np.ndarray):
+            np.copyto(self.out, self.np)
+            return
+        import torch
 
-            self.out.copy_(torch.from_numpy(self.np))
+        self.out.copy_(torch.from_numpy(self.np))
 
 
 def _compute_dtype(a: np.ndarray) -> np.dtype:
@@ -203,6 +213,22 @@ def _row_dot(a: np.ndarray, b: np.ndarray, cdt: np.dtype) -> np.ndarray:
     return s[:, None].astype(cdt, copy=False)
 
 
+def _jit():
+    """The compiled CPU kernels (``_cpu_jit``: numba) when they can run here, else None: the
+    pure NumPy code below runs (it is also the oracle the tests name, with
+    SOFTMAX_KERNELS_CPU_JIT=0). Read at every call; numba is imported on the first one."""
+    from . import _cpu_jit
+
+    return _cpu_jit if _cpu_jit.usable() else None
+
+
+def cpu_path() -> str:
+    """Which CPU kernels run, and why (for ``python -m softmax_kernels info``)."""
+    from . import _cpu_jit
+
+    return _cpu_jit.status()
+
+
 # ----------------------------------------------------------------------------------------------
 # softmax / log_softmax forward
 
@@ -211,6 +237,11 @@ def softmax_fwd(x, out, *, scale: float, mask, is_log: bool) -> None:
     # y = exp(s*x - m) / sum(exp(s*x - m)), m = max(s*x); log: y = s*x - m - log(sum(...)).
     # Per block: reads x (and mask) once, writes y once; temporaries stay in cache.
     xn, mn, o = _np_in(x), _np_in(mask), _OutRows(out)
+    jit = _jit()
+    if jit is not None:
+        jit.softmax_fwd(xn, o.np, scale=scale, mask=mn, is_log=is_log)
+        o.finish()
+        return
     on = o.np
     cdt = _compute_dtype(xn)
     n_rows, n_cols = xn.shape
@@ -271,6 +302,11 @@ def softmax_bwd(dy, y, out, *, scale: float, is_log: bool) -> None:
     # log_softmax: dx = s * (dy - exp(y) * sum(dy))   reads 2 x n, writes n
     # The row sums are accumulated in float64 (see _row_sum). out may be dy's or y's memory.
     dyn, yn, o = _np_in(dy), _np_in(y), _OutRows(out)
+    jit = _jit()
+    if jit is not None:
+        jit.softmax_bwd(dyn, yn, o.np, scale=scale, is_log=is_log)
+        o.finish()
+        return
     on = o.np
     cdt = _compute_dtype(yn)
     n_rows, n_cols = yn.shape
@@ -369,6 +405,18 @@ def cross_entropy_fwd(
     xn, tn, wn = _np_in(logits), _np_in(target), _np_in(weight)
     lo, go = _OutRows(loss), (_OutRows(grad) if grad is not None else None)
     eo = _OutRows(lse) if lse is not None else None
+    jit = _jit()
+    if jit is not None:
+        jit.cross_entropy_fwd(
+            xn, tn, loss=lo.np, grad=go.np if go else None, lse=eo.np if eo else None,
+            soft=soft, weight=wn, ignore_index=ignore_index, label_smoothing=label_smoothing,
+            z_loss=z_loss, softcap=softcap, grad_scale=grad_scale, reduction=reduction,
+            denom=None if denom is None else _np_in(denom),
+        )  # fmt: skip
+        for out in (lo, go, eo):
+            if out is not None:
+                out.finish()
+        return
     gn = go.np if go is not None else None
     cdt = _compute_dtype(xn)
     n_rows, n_cols = xn.shape
@@ -488,6 +536,14 @@ def cross_entropy_stats(
     # (dispatch.py): [m, s, z_t, (w_t), (sum w z)] or soft [m, s, sum w q, sum w q z, (sum w z)].
     # Reads the logits (and soft targets) once.
     xn, tn, wn, so = _np_in(logits), _np_in(target), _np_in(weight), _OutRows(stats)
+    jit = _jit()
+    if jit is not None:
+        jit.cross_entropy_stats(
+            xn, tn, so.np, soft=soft, weight=wn, ignore_index=ignore_index,
+            vocab_start=vocab_start, label_smoothing=label_smoothing, softcap=softcap,
+        )  # fmt: skip
+        so.finish()
+        return
     sn = so.np
     cdt = _compute_dtype(xn)
     n_rows, n_cols = xn.shape
@@ -550,6 +606,15 @@ def cross_entropy_grad(
     # (and soft targets) once, writes the gradient once.
     xn, tn, wn, go = _np_in(logits), _np_in(target), _np_in(weight), _OutRows(grad)
     ln, cn = _np_in(row_lse), _np_in(row_coef)
+    jit = _jit()
+    if jit is not None:
+        jit.cross_entropy_grad(
+            xn, tn, go.np, row_lse=ln, row_coef=cn, row_scale=_np_in(row_scale), soft=soft,
+            weight=wn, ignore_index=ignore_index, vocab_start=vocab_start, keep=keep,
+            eps_c=_np_in(eps_c), softcap=softcap, grad_scale=grad_scale,
+        )  # fmt: skip
+        go.finish()
+        return
     gn = go.np
     cdt = _compute_dtype(xn)
     n_rows, n_cols = xn.shape
