@@ -105,9 +105,27 @@ def _for_row_blocks(n_rows: int, n_cols: int, work) -> None:
     blocks = [(r, min(r + rows, n_rows)) for r in range(0, n_rows, rows)]
     if _THREADS > 1 and len(blocks) > 1 and n_rows * n_cols >= _PARALLEL_MIN_ELEMS:
         if _pool is None:
-            _pool = ThreadPoolExecutor(_THREADS, thread_name_prefix="softmax_kernels")
-        for f in [_pool.submit(work, r0, r1) for r0, r1 in blocks]:
-            f.result()
+            _pool = ThreadPoolExecutor(_THREADS - 1, thread_name_prefix="softmax_kernels")
+        # The calling thread takes blocks too (one worker fewer to wake per call); blocks go to
+        # whichever thread asks next. Each row's result depends only on the row, so which
+        # thread computes it changes no bit.
+        todo = iter(blocks)
+        lock = threading.Lock()
+
+        def drain():
+            while True:
+                with lock:
+                    b = next(todo, None)
+                if b is None:
+                    return
+                work(*b)
+
+        helpers = [_pool.submit(drain) for _ in range(min(_THREADS - 1, len(blocks) - 1))]
+        try:
+            drain()
+        finally:
+            for f in helpers:
+                f.result()
     else:
         for r0, r1 in blocks:
             work(r0, r1)
