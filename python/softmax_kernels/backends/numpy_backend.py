@@ -75,16 +75,18 @@ class _OutRows:
 
     def __init__(self, out):
         self.out = out
+        self.copy_back = True
         if isinstance(out, np.ndarray):
-            native = out.dtype.isnative
-            self.np = out if native else np.empty(out.shape, out.dtype.newbyteorder("="))
+            self.copy_back = not out.dtype.isnative
+            self.np = np.empty(out.shape, out.dtype.newbyteorder("=")) if self.copy_back else out
         elif _arrays.dtype_name(out) in _WIDEN_WITH_TORCH:
             self.np = np.empty(tuple(out.shape), np.float32)
         else:
-            self.np = out.detach().numpy()
+            self.np = out.detach().numpy()  # the tensor's own memory: nothing to copy back
+            self.copy_back = False
 
     def finish(self):
-        if self.np is self.out:
+        if not self.copy_back:
             return
         if isinstance(self.out, np.ndarray):
             np.copyto(self.out, self.np)
