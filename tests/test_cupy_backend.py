@@ -201,8 +201,9 @@ def test_plan_invariants_and_names(dtype):
         for op in ("softmax_fwd", "softmax_bwd", "cross_entropy_fwd"):
             # (cross-entropy's (a) instances are all FAST: rows of whole packs)
             fasts = (True,) if op in cb.FAST_OPS else (False, True)
+            ce = op.startswith("cross_entropy")
             for p in [cb.LaunchPlan(cb.WARP_ROWS, la, pa, 0, 0, 1, fast)
-                      for la, pa in cb.warp_configs(cb.CTYPES[dtype][1])
+                      for la, pa in cb.warp_configs(cb.CTYPES[dtype][1], ce)
                       for fast in fasts]:  # fmt: skip
                 assert cb.kernel_name(op, dtype, flag, p) in names
                 if op in cb.FAST_OPS:
@@ -215,11 +216,11 @@ def test_kernel_names_format():
     p = cb.plan_launch("softmax_fwd", "float32", 200)
     assert (
         cb.kernel_name("softmax_fwd", "float32", True, p)
-        == "softmax_fwd_kernel<float, true, 0, 16, 4>"
+        == "softmax_fwd_kernel<float, true, 0, 16, 4, true>"
     )
     assert (
         cb.kernel_name("softmax_bwd", "bfloat16", False, p)
-        == "softmax_bwd_kernel<__nv_bfloat16, 0, 16, 4>"
+        == "softmax_bwd_kernel<__nv_bfloat16, 0, 16, 4, true>"
     )
     q = cb.plan_launch("cross_entropy_fwd", "float16", 5000, with_grad=False)
     assert (
@@ -232,6 +233,44 @@ def test_kernel_names_format():
         == "cross_entropy_grad_kernel<float, false, false>"
     )
     assert cb.denom_kernel_name("bfloat16") == "cross_entropy_denom_kernel<float>"
+
+
+def test_static_model(tmp_path, monkeypatch):
+    """static_model: the plan's strategy, launches per call, bytes over the minimum, and (from
+    a kernels-check report) registers, blocks per SM and instructions per element."""
+    import json
+
+    monkeypatch.setenv(cb.REPORT_ENV, str(tmp_path / "none.json"))
+    m = cb.static_model("softmax_fwd", "bfloat16", 32768, 256)
+    assert m["strategy"] == "warp_rows" and m["launches"] == 1 and m["bytes_ratio"] == 1.0
+    assert m["registers"] is None and m["instructions_per_element"] is None
+    assert m["blocks_per_sm"] == 16 and m["fill"] == 1.0  # 128 threads: threads bound it
+    m = cb.static_model("softmax_fwd", "float32", 8, 1 << 20)  # (c): x read twice
+    assert m["strategy"] == "online" and m["bytes_ratio"] == 1.5 and m["sms_used"] == 8
+    m = cb.static_model("softmax_bwd", "bfloat16", 4096, 4096)
+    assert m["strategy"] == "block_smem" and m["bytes_ratio"] == 1.0 and m["row_threads"] == 128
+    # cross-entropy: 2 launches only for a "mean" with a gradient of class targets
+    ce = lambda **kw: cb.static_model("cross_entropy_fwd", "bfloat16", 4096, 32000, **kw)  # noqa: E731
+    assert ce()["launches"] == 2 and ce(with_grad=False)["launches"] == 1
+    assert ce(reduction="sum")["launches"] == 1 and ce(soft=True)["launches"] == 1
+    assert ce(with_grad=False)["strategy"] == "online" and ce()["strategy"] == "block_smem"
+    m = ce()
+    assert m["bytes"] == m["min_bytes"] + 16 * 4096  # + the targets, read twice ("mean")
+    assert ce(with_grad=False, reduction="sum")["bytes_ratio"] == 1.0
+    # with a report: registers and instructions per element of the very instance
+    name = ce()["kernel"]
+    rep = {"kernels": {name: {"sm_90": {"registers": 96, "smem": 368, "spills": 0, "ipe": 10.0,
+                                        "ipe_grad": 19.0}}}}  # fmt: skip
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(rep))
+    monkeypatch.setenv(cb.REPORT_ENV, str(path))
+    m = ce()
+    assert (m["registers"], m["instructions_per_element"], m["spills"]) == (96, 19.0, 0)
+    # 96 registers x 8 warps = 24576 per block -> 2 blocks by registers (smem allows more)
+    assert m["blocks_per_sm"] == 2 and m["blocks_per_sm_limit"] == "registers"
+    assert ce(with_grad=False)["registers"] is None  # another instance: not in this report
+    with pytest.raises(ValueError):
+        cb.static_model("cross_entropy", "bfloat16", 8, 8)
 
 
 def test_vector_flags():
@@ -790,7 +829,7 @@ def test_cupy_arrays_keep_their_kind_and_nd_axes(rng):
 # to finish is not the last one launched) compiles the very same kernel sources with g++
 # (SK_HOST_EMULATION supplies common.cuh's inline-PTX intrinsics), and the backend's own host
 # code (planner, vector flags, argument packing, the workspace) launches them on NumPy memory,
-# with at most 3 blocks so that every grid-stride loop runs. It needs g++ (C++20) and the CUDA
+# with at most 2 blocks so that every grid-stride loop runs. It needs g++ (C++20) and the CUDA
 # headers (cuda_fp16.h); the GPU tests above run the real thing. Run it under AddressSanitizer
 # (SK_EMU_ASAN=1, with libasan preloaded) to check that no kernel reads or writes out of bounds.
 
@@ -821,6 +860,7 @@ inline sk_dim3 blockDim, gridDim;
 #define __align__(n) alignas(n)
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline double __longlong_as_double(long long i) { double d; std::memcpy(&d, &i, 8); return d; }
+inline float __uint_as_float(unsigned i) { float f; std::memcpy(&f, &i, 4); return f; }
 
 struct SkBlock {
     std::barrier<> bar;
@@ -879,7 +919,28 @@ inline void sk_bar(int id, int n) {
     }
     b->arrive_and_wait();
 }
-inline float sk_ex2(float a) { return std::exp2(a); }
+// the approximate MUFU functions with their documented error, so that the tests check the
+// kernels' accuracy margins: ex2.approx.ftz within 2 ulp (flushing results below 2^-126 to 0),
+// lg2.approx within 2^-22 (absolute near 1, relative elsewhere), picked by a hash of the input
+inline unsigned sk_hash(float a) {
+    unsigned u;
+    std::memcpy(&u, &a, 4);
+    u ^= u >> 16; u *= 0x7feb352du; u ^= u >> 15; u *= 0x846ca68bu; u ^= u >> 16;
+    return u;
+}
+inline float sk_ex2(float a) {
+    float r = std::exp2(a);
+    if (r < 1.17549435e-38f) return 0.0f;
+    if (!std::isfinite(r)) return r;
+    for (int k = int(sk_hash(a) % 5u) - 2; k != 0; k += k > 0 ? -1 : 1)
+        r = std::nextafter(r, k > 0 ? INFINITY : 0.0f);
+    return r;
+}
+inline float sk_lg2(float a) {
+    const float r = std::log2(a);
+    if (!std::isfinite(r)) return r;
+    return r + float(int(sk_hash(a) % 3u) - 1) * 0x1p-22f * std::fmax(1.0f, std::fabs(r));
+}
 inline float sk_rcp_approx(float x) { return 1.0f / x; }
 inline double sk_rcp_approx(double x) { return 1.0 / x; }
 inline double sk_load_cg(const double* p) {
@@ -891,6 +952,7 @@ inline unsigned atomicAdd(unsigned* p, unsigned v) {
     return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
 }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline void sk_st128(void* p, uint4 u) { std::memcpy(p, &u, 16); }
 alignas(16) inline unsigned char sk_dyn_smem[256 * 1024];
 inline void sk_emu_launch(int grid, int block, const std::function<void()>& body) {
     gridDim = {unsigned(grid), 1, 1};
@@ -914,8 +976,8 @@ inline void sk_emu_launch(int grid, int block, const std::function<void()>& body
 _LL = ["long long"]
 # Kernel parameters per op (T: element type, A: compute type), as in the .cu files.
 EMU_SIGS = {
-    "softmax_fwd": ["const T*", "T*", "const unsigned char*"] + _LL * 5 + ["A", "int", "int"],
-    "softmax_bwd": ["const T*", "const T*", "T*"] + _LL * 5 + ["A", "int", "int"],
+    "softmax_fwd": ["const T*", "T*", "const unsigned char*"] + _LL * 6 + ["A", "int", "int"],
+    "softmax_bwd": ["const T*", "const T*", "T*"] + _LL * 6 + ["A", "int", "int"],
     "cross_entropy_fwd": ["const T*", "const void*", "T*", "A*", "A*", "A*", "const A*",
                           "const A*", "double*"] + _LL * 9 + ["int"] + ["A"] * 6,
     "cross_entropy_grad": ["const T*", "const void*", "T*"] + ["const A*"] * 4 + _LL * 7
@@ -1013,10 +1075,12 @@ class Emu:
     data (NumPy has no such dtype) travels as uint16 bit patterns."""
 
     SMEM = 16 * 1024  # a small shared-memory budget: (b) and (c) start at a few thousand columns
-    # Blocks run with at most 128 emulated threads (the kernels are correct for any multiple of
-    # 32: a (b) row group is then at most the block, a thread walks more packs): fewer OS threads.
-    MAX_THREADS = 128
-    MAX_GRID = 3
+    # Blocks run with at most 64 emulated threads, 2 warps (the kernels are correct for any
+    # multiple of 32: a (b) row group is then at most the block, a thread walks more packs), and
+    # grids of at most 2 blocks (the grid-stride loops, and the partial sums of two blocks, the
+    # last to finish being block 0): fewer OS threads to start.
+    MAX_THREADS = 64
+    MAX_GRID = 2
 
     def __init__(self, lib):
         self.lib = lib
@@ -1539,7 +1603,7 @@ def test_emulated_vocab_parallel_modes(emu, dtype, soft, rng):
 
 
 def test_emulated_many_rows_and_a_long_row(emu, rng):
-    """Rows far outnumbering the 3 emulated blocks (grid-stride loops), and a 2**20 row."""
+    """Rows far outnumbering the 2 emulated blocks (grid-stride loops), and a 2**20 row."""
     x = rng.standard_normal((1000, 37)).astype(np.float32)
     _emu_fwd(emu, "float32", x)
     x = rng.standard_normal((1, 2**20)).astype(np.float32) * 5

@@ -40,14 +40,17 @@
 #define SK_BLOCK_THREADS 256
 
 // Launch bounds: MIN_BLOCKS sets ptxas's register budget, 65536 / (threads x MIN_BLOCKS):
-// (a) 128 threads x 4 blocks -> at most 128 registers (a row of up to 32 values per lane, 64
-// with soft targets, plus the row's scalars); (b) and (c) 256 threads x 3 blocks -> at most 85
-// registers (4 batched 16-byte loads per operand, the row's running sums and scalars), so that
-// 3 blocks (24 warps) fit per SM by registers whatever the kernel.
+// (a) 128 threads x 4 blocks -> at most 128 registers (a row of up to 32 values per lane plus the
+// row's scalars; soft cross-entropy, with twice the row, asks for 2 blocks); (b) and (c) 256
+// threads x 2 blocks -> at most 128 registers: a batch of 4 packs converted to the compute type
+// (32 floats for half types), the row's running sums and scalars; at 85 (3 blocks) ptxas
+// spills. Two blocks of 8 warps with 4 16-byte loads in flight per thread keep 32 KB in flight
+// per SM (an H100 needs about 25 KB to cover its latency at full bandwidth); strategy (b) is
+// limited by shared memory before registers from 16 KB of row per block.
 #define SK_LAUNCH_BOUNDS_MIN(STRATEGY, MIN_BLOCKS)                                             \
     __launch_bounds__((STRATEGY) == SK_WARP_ROWS ? SK_WARP_BLOCK_THREADS : SK_BLOCK_THREADS,      \
                       MIN_BLOCKS)
-#define SK_MIN_BLOCKS(STRATEGY) ((STRATEGY) == SK_WARP_ROWS ? 4 : 3)
+#define SK_MIN_BLOCKS(STRATEGY) ((STRATEGY) == SK_WARP_ROWS ? 4 : 2)
 #define SK_LAUNCH_BOUNDS(STRATEGY) SK_LAUNCH_BOUNDS_MIN(STRATEGY, SK_MIN_BLOCKS(STRATEGY))
 
 // Partial sums of the grid-wide reductions (cross-entropy's "sum" / "mean"): one slot per block
@@ -63,8 +66,9 @@ namespace sk {
 
 constexpr int WARP = 32;
 constexpr unsigned FULL_MASK = 0xffffffffu;
-// Full packs each thread of (b)/(c) loads before using any: several 16-byte loads in flight.
-constexpr int BATCH = 4;
+// Elements each thread of (b)/(c) loads before using any (batch_packs below): several 16-byte
+// loads in flight, and the loop's own instructions spread over as many elements.
+constexpr int BATCH_ELEMS = 32;
 // Most warps of a (b)/(c) block: reduction scratch is sized by it.
 constexpr int MAX_WARPS = SK_BLOCK_THREADS / WARP;
 
@@ -78,6 +82,12 @@ typedef long long idx_t;
 __device__ __forceinline__ float sk_ex2(float a) {
     float r;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(a));
+    return r;
+}
+// log2(a), one MUFU.LG2: absolute error about 2^-22 near a = 1, relative 2^-22 elsewhere.
+__device__ __forceinline__ float sk_lg2(float a) {
+    float r;
+    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(a));
     return r;
 }
 __device__ __forceinline__ float sk_rcp_approx(float x) {
@@ -97,6 +107,12 @@ __device__ __forceinline__ void sk_bar(int id, int n) {
 }
 // A load that bypasses L1 (other blocks' partial sums, written on other SMs).
 __device__ __forceinline__ double sk_load_cg(const double* p) { return __ldcg(p); }
+// One 16-byte global store (STG.128), L2 only (.cg: outputs are not read back through L1).
+// NVVM splits a plain store of a Pack of half types, even punned through uint4, into 2-element
+// stores; the intrinsic keeps the pack whole and is a store like any other for the compiler.
+__device__ __forceinline__ void sk_st128(void* p, uint4 u) {
+    __stcg(reinterpret_cast<uint4*>(p), u);
+}
 #endif
 
 // ---------------------------------------------------------------------------------------------
@@ -170,12 +186,32 @@ constexpr float LOG2E_F = 1.4426950408889634f;
 
 __device__ __forceinline__ float exp_shifted(float zs) { return sk_ex2(zs * LOG2E_F); }
 __device__ __forceinline__ double exp_shifted(double zs) { return exp(zs); }
-__device__ __forceinline__ float sk_log(float v) { return logf(v); }
+
+// log(s) of a row sum s >= 1 (it holds exp(0) of the maximum), once per row: float32 as
+// lg2.approx times ln 2 (2 instructions; absolute error below 2e-7 near s = 1, relative 2^-22
+// elsewhere, within float32's 1e-6 + 1e-5 |ref| for every quantity built on it); float64 log().
+constexpr float LN2_F = 0.6931471805599453f;
+__device__ __forceinline__ float sk_log(float v) { return sk_lg2(v) * LN2_F; }
 __device__ __forceinline__ double sk_log(double v) { return log(v); }
-__device__ __forceinline__ float sk_expm1(float v) { return expm1f(v); }
+// expm1(d) for d <= 0 (d = log p_t, giving -(1 - p_t) without rounding p_t first), once per
+// row: float32 as a degree-7 Taylor polynomial for |d| < 0.3 (truncation below 2e-9 |d|) and
+// 2^(d log2 e) - 1 beyond (no cancellation there: 1 - e^d > 0.25); float64 expm1().
+__device__ __forceinline__ float sk_expm1(float d) {
+    float p = fmaf(d, 1.0f / 7.0f, 1.0f);
+    p = fmaf(d * (1.0f / 6.0f), p, 1.0f);
+    p = fmaf(d * (1.0f / 5.0f), p, 1.0f);
+    p = fmaf(d * (1.0f / 4.0f), p, 1.0f);
+    p = fmaf(d * (1.0f / 3.0f), p, 1.0f);
+    p = fmaf(d * 0.5f, p, 1.0f);
+    const float small = d * p;
+    const float big = sk_ex2(d * LOG2E_F) - 1.0f;
+    return fabsf(d) < 0.3f ? small : big;
+}
 __device__ __forceinline__ double sk_expm1(double v) { return expm1(v); }
 __device__ __forceinline__ float sk_tanh(float v) { return tanhf(v); }
 __device__ __forceinline__ double sk_tanh(double v) { return tanh(v); }
+__device__ __forceinline__ float fma_acc(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ __forceinline__ double fma_acc(double a, double b, double c) { return fma(a, b, c); }
 // fmax drops a NaN operand; a NaN element still reaches every row sum (exp(NaN - m) = NaN), so
 // the whole row comes out NaN, as in NumPy.
 __device__ __forceinline__ float sk_max(float a, float b) { return fmaxf(a, b); }
@@ -253,6 +289,15 @@ struct alignas(sizeof(T) * N) Pack {
     T v[N];
 };
 
+// Full packs per batch: BATCH_ELEMS elements (4 packs of a half type, 8 of float32), at most
+// 32 / sizeof(T) packs (float64: 4, for its registers), half as many with two operands.
+template <typename T>
+__device__ constexpr int batch_packs(bool two_operands) {
+    const int by_elems = BATCH_ELEMS / Vec<T>::value, cap = 32 / int(sizeof(T));
+    const int nb = by_elems < cap ? by_elems : cap;
+    return two_operands ? nb / 2 : nb;
+}
+
 // The row's shift in elements (0 on the scalar path).
 template <typename T>
 __device__ __forceinline__ int row_shift(const T* row, bool vec_ok) {
@@ -271,9 +316,29 @@ __device__ __forceinline__ I row_packs(I n, int shift) {
     return (n + shift + VEC - 1) / VEC;
 }
 
+// 16-byte loads and stores go through uint4 (one LDG.128 / STG.128): a Pack of half types is a
+// struct of 8 class objects, whose copy the compiler may otherwise split into 8 scalar accesses.
 template <int VEC, typename T>
 __device__ __forceinline__ Pack<T, VEC> load_pack(const T* p) {
-    return *reinterpret_cast<const Pack<T, VEC>*>(p);
+    static_assert(sizeof(Pack<T, VEC>) == 16, "a pack is 16 bytes");
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    Pack<T, VEC> r;
+    *reinterpret_cast<uint4*>(&r) = u;
+    return r;
+}
+
+// (shared memory)
+template <int VEC, typename T>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T, VEC>& r) {
+    static_assert(sizeof(Pack<T, VEC>) == 16, "a pack is 16 bytes");
+    *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(&r);
+}
+
+// (global memory)
+template <int VEC, typename T>
+__device__ __forceinline__ void store_pack_global(T* p, const Pack<T, VEC>& r) {
+    static_assert(sizeof(Pack<T, VEC>) == 16, "a pack is 16 bytes");
+    sk_st128(p, *reinterpret_cast<const uint4*>(&r));
 }
 
 // Load the pack starting at column c0 (may be negative in a row's first pack); elements outside
@@ -298,6 +363,32 @@ __device__ __forceinline__ void raw_to_acc(const Pack<T, VEC>& raw, acc_t<T> (&v
     for (int i = 0; i < VEC; ++i) v[i] = to_acc(raw.v[i]);
 }
 
+// float16 pairs convert together (__half22float2 on each packed 32-bit word).
+template <>
+__device__ __forceinline__ void raw_to_acc<8, __half>(const Pack<__half, 8>& raw, float (&v)[8]) {
+    const __half2* h = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const float2 f = __half22float2(h[j]);
+        v[2 * j] = f.x;
+        v[2 * j + 1] = f.y;
+    }
+}
+
+// bfloat16 is float32's upper half: one shift or mask per element on the packed 32-bit words
+// (__bfloat162float goes through a 16-bit register first: two instructions per element).
+template <>
+__device__ __forceinline__ void raw_to_acc<8, __nv_bfloat16>(const Pack<__nv_bfloat16, 8>& raw,
+                                                             float (&v)[8]) {
+    const uint4 u = *reinterpret_cast<const uint4*>(&raw);
+    const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        v[2 * j] = __uint_as_float(w[j] << 16);
+        v[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+    }
+}
+
 template <int VEC, typename T, typename I>
 __device__ __forceinline__ void load_acc(const T* row, I c0, I n, bool vec_ok,
                                          acc_t<T> (&v)[VEC]) {
@@ -314,7 +405,7 @@ __device__ __forceinline__ void store_acc(T* row, I c0, I n, bool vec_ok,
         Pack<T, VEC> raw;
 #pragma unroll
         for (int i = 0; i < VEC; ++i) raw.v[i] = Convert<T>::from(v[i]);
-        *reinterpret_cast<Pack<T, VEC>*>(row + c0) = raw;
+        store_pack_global<VEC>(row + c0, raw);
     } else {
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
@@ -330,7 +421,7 @@ __device__ __forceinline__ void store_full(T* dst, const acc_t<T> (&v)[VEC]) {
     Pack<T, VEC> raw;
 #pragma unroll
     for (int i = 0; i < VEC; ++i) raw.v[i] = Convert<T>::from(v[i]);
-    *reinterpret_cast<Pack<T, VEC>*>(dst) = raw;
+    store_pack_global<VEC>(dst, raw);
 }
 
 // Mask bytes (bool) for the VEC columns at c0 as a bit set (bit i: column c0 + i kept); 0
@@ -354,27 +445,6 @@ __device__ __forceinline__ unsigned load_keep(const unsigned char* row, I c0, I 
     return bits;
 }
 
-// z = scale * x for one pack of a softmax forward, in place: -inf where the mask is 0, where
-// the pack is not live, or (unless `full`) outside [0, n). `any` records whether some entry
-// was kept (a row with none gives all 0 / all -inf). Returns the pack's mask bits (bit i: entry
-// i kept by the mask), which the output uses: masked entries are 0 / -inf even in a row that a
-// NaN makes NaN. Shared by the three strategies.
-template <int VEC, typename A, typename I>
-__device__ __forceinline__ unsigned scale_and_mask(A (&v)[VEC], A scale,
-                                                   const unsigned char* mk, bool has_mask,
-                                                   bool mask_vec, I c0, I n, bool live,
-                                                   bool full, int& any) {
-    const unsigned keep =
-        (live && has_mask) ? load_keep<VEC, false>(mk, c0, n, mask_vec) : ~0u;
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-        const bool kept = live && (full || in_row(c0 + i, n)) && ((keep >> i) & 1u);
-        any |= kept;
-        v[i] = kept ? scale * v[i] : neg_inf<A>();
-    }
-    return keep;
-}
-
 // Shared-memory slots per row buffer of strategy (b): every pack of a row, whatever its shift.
 // The host sizes the dynamic shared memory with the same formula (smem_slots in
 // cupy_backend.py).
@@ -386,7 +456,7 @@ __device__ __forceinline__ int smem_slots(int n_cols, bool vec_ok) {
 // ---------------------------------------------------------------------------------------------
 // Pack loops of strategies (b) and (c): a group of nt threads walks a row's packs, thread t
 // owning packs k = t, t + nt, t + 2 nt, ... in every pass, so shared-memory slots need no
-// barrier between passes. Full packs (inside [0, n), vector path) go BATCH at a time with
+// barrier between passes. Full packs (inside [0, n), vector path) go NB at a time with
 // several 16-byte loads in flight and no per-element checks; partial packs (a misaligned row's
 // first and last, or every pack on the scalar path) go one at a time, element by element.
 
@@ -413,41 +483,80 @@ struct Walker {
     int t, nt;
 };
 
-// load(b, k) for the NB full packs of a step, then use(b, k) for each: NB 16-byte loads in
-// flight per thread. One iteration handles NB packs; thread t owns the packs k = t (mod nt),
-// in this loop as in the others, so a thread finds its own packs in shared memory.
+// The first full pack of thread t (pack 0 is partial, and thread 0's, when lo = 1).
+template <int VEC, typename I>
+__device__ __forceinline__ I first_full(const Packs<VEC, I>& p, Walker w) {
+    return I(w.t) < p.lo ? I(w.t) + I(w.nt) : I(w.t);
+}
+
+// load(b, k) for the NB full packs of a batch, then use(b, k) for each: NB 16-byte loads in
+// flight per thread, no bounds check inside a batch. Thread t owns the packs k = t (mod nt),
+// in this loop as in the others, so a thread finds its own packs in shared memory. Whole
+// batches run in the hot loop; the fewer than NB full packs left to a thread at the end of its
+// row go one at a time (at most NB - 1 packs per thread and row: cold for the count).
 template <int NB, int VEC, typename I, typename L, typename U>
 __device__ __forceinline__ void for_full_packs(const Packs<VEC, I>& p, Walker w, L&& load,
                                                U&& use) {
     const I nt = w.nt;
+    I kb = first_full(p, w);
 #pragma unroll 1
-    for (I kb = w.t; kb < p.hi; kb += NB * nt) {  // sk:hot packs=NB
+    for (; kb + (NB - 1) * nt < p.hi; kb += NB * nt) {  // sk:hot packs=NB
 #pragma unroll
-        for (int b = 0; b < NB; ++b) {
-            const I k = kb + b * nt;
-            if (k >= p.lo && k < p.hi) load(b, k);
-        }
+        for (int b = 0; b < NB; ++b) load(b, kb + b * nt);
 #pragma unroll
-        for (int b = 0; b < NB; ++b) {
-            const I k = kb + b * nt;
-            if (k >= p.lo && k < p.hi) use(b, k);
-        }
+        for (int b = 0; b < NB; ++b) use(b, kb + b * nt);
+    }
+#pragma unroll 1
+    for (; kb < p.hi; kb += nt) {  // sk:cold {
+        load(0, kb);
+        use(0, kb);
+    }  // sk:cold }
+}
+
+// for_full_packs for strategy (b), whose first batch was loaded ahead by prefetch_batch (while
+// the group reduced the previous row).
+template <int NB, int VEC, typename I, typename L, typename U>
+__device__ __forceinline__ void for_full_packs_prefetched(const Packs<VEC, I>& p, Walker w,
+                                                          L&& load, U&& use) {
+    const I nt = w.nt;
+    I kb = first_full(p, w);
+    if (kb + (NB - 1) * nt < p.hi) {  // the prefetched batch
+#pragma unroll
+        for (int b = 0; b < NB; ++b) use(b, kb + b * nt);
+        kb += NB * nt;
+    }
+#pragma unroll 1
+    for (; kb + (NB - 1) * nt < p.hi; kb += NB * nt) {  // sk:hot packs=NB
+#pragma unroll
+        for (int b = 0; b < NB; ++b) load(b, kb + b * nt);
+#pragma unroll
+        for (int b = 0; b < NB; ++b) use(b, kb + b * nt);
+    }
+#pragma unroll 1
+    for (; kb < p.hi; kb += nt) {  // sk:cold {
+        load(0, kb);
+        use(0, kb);
+    }  // sk:cold }
+}
+
+// The first batch of a row's full packs (what for_full_packs_prefetched's first batch uses),
+// when this thread has a whole one.
+template <int NB, int VEC, typename I, typename L>
+__device__ __forceinline__ void prefetch_batch(const Packs<VEC, I>& p, Walker w, L&& load) {
+    const I nt = w.nt;
+    const I kb = first_full(p, w);
+    if (kb + (NB - 1) * nt < p.hi) {
+#pragma unroll
+        for (int b = 0; b < NB; ++b) load(b, kb + b * nt);
     }
 }
 
-// f(k) for every pack of this thread, one at a time (passes over shared memory: no latency to
-// hide, so no batching).
-template <int VEC, typename I, typename F>
-__device__ __forceinline__ void for_all_packs(const Packs<VEC, I>& p, Walker w, F&& f) {
-#pragma unroll 1
-    for (I k = w.t; k < p.np; k += w.nt) f(k);  // sk:hot packs=1
-}
-
 // f(k) for this thread's partial packs: every pack on the scalar path, else at most the row's
-// first (k = 0) and last (k = hi).
+// first (k = 0) and last (k = hi). Cold for the instruction count: at most two per row on the
+// vector path (the scalar path, for operands whose rows are not in step, is the slow fallback).
 template <int VEC, typename I, typename F>
 __device__ __forceinline__ void for_partial_packs(const Packs<VEC, I>& p, bool vec_ok, Walker w,
-                                                  F&& f) {
+                                                  F&& f) {  // sk:cold {
     const I nt = w.nt, t = w.t;
     if (!vec_ok) {
 #pragma unroll 1
@@ -456,6 +565,25 @@ __device__ __forceinline__ void for_partial_packs(const Packs<VEC, I>& p, bool v
     }
     if (p.lo > 0 && t == 0) f(I(0));
     if (p.hi < p.np && p.hi % nt == t) f(p.hi);
+}  // sk:cold }
+
+// A compile-time bool for generic lambdas: f(k, Bool<true>()) lets f's body test
+// decltype(full)::value in `if constexpr`.
+template <bool B>
+struct Bool {
+    static constexpr bool value = B;
+};
+
+// f(k, full) for every pack of this thread, one at a time (passes over shared memory: no
+// latency to hide, so no batching): the full packs in the hot loop (full = Bool<true>: no
+// bounds checks), then the partial ones (Bool<false>). Thread t owns packs k = t (mod nt).
+template <int VEC, typename I, typename F>
+__device__ __forceinline__ void for_smem_packs(const Packs<VEC, I>& p, bool vec_ok, Walker w,
+                                               F&& f) {
+    const I first = I(w.t) < p.lo ? I(w.t) + I(w.nt) : I(w.t);
+#pragma unroll 1
+    for (I k = first; k < p.hi; k += w.nt) f(k, Bool<true>());  // sk:hot packs=1
+    for_partial_packs(p, vec_ok, w, [&](I k) { f(k, Bool<false>()); });
 }
 
 // Compute-type values to and from shared memory in 16-byte pieces (slots are multiples of VEC
@@ -574,6 +702,13 @@ __device__ __forceinline__ unsigned group_or_all(const Group& gr, unsigned v, un
     return r;
 }
 
+// A (b) row group of this block: G = min(row_threads, blockDim.x) threads (the host plans G;
+// the CPU emulation runs smaller blocks).
+__device__ __forceinline__ Group row_group(int row_threads) {
+    const int G = row_threads < int(blockDim.x) ? row_threads : int(blockDim.x);
+    return Group{int(threadIdx.x) / G, G, int(threadIdx.x) % G};
+}
+
 // The whole block as one group (strategy (c), and the end-of-kernel reductions).
 __device__ __forceinline__ Group whole_block() {
     return Group{0, int(blockDim.x), int(threadIdx.x)};
@@ -638,94 +773,6 @@ __device__ __forceinline__ void grid_sum_and_finish(double (&v)[N], unsigned* co
         finish(tot);
         *counter = 0u;
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The one-block-per-row helpers of softmax.cu (accurate exp, online (max, sum) merge, block-wide
-// reductions over every thread of the block).
-
-__device__ __forceinline__ float sk_exp(float v) { return expf(v); }
-__device__ __forceinline__ double sk_exp(double v) { return exp(v); }
-
-// exp(a - m) for the online merge, with exp(-inf - m) = 0 even when m = -inf (an all -inf
-// partial must not turn into exp(NaN)); +inf - +inf stays NaN, as the direct formula gives.
-template <typename A>
-__device__ __forceinline__ A exp_rel(A a, A m) {
-    return a == neg_inf<A>() ? A(0) : sk_exp(a - m);
-}
-
-// Online softmax statistics: running maximum m and sum s = sum(exp(v - m)).
-template <typename A>
-struct Online {
-    A m;
-    A s;
-    __device__ __forceinline__ void init() {
-        m = neg_inf<A>();
-        s = A(0);
-    }
-    // Merge another (m2, s2): m = max(m, m2), s = s exp(m_old - m) + s2 exp(m2 - m).
-    __device__ __forceinline__ void merge(A m2, A s2) {
-        const A mn = sk_max(m, m2);
-        s = s * exp_rel(m, mn) + s2 * exp_rel(m2, mn);
-        m = mn;
-    }
-};
-
-template <typename A>
-__device__ __forceinline__ void warp_online(Online<A>& o) {
-#pragma unroll
-    for (int off = WARP / 2; off > 0; off >>= 1) {
-        const A m2 = __shfl_xor_sync(FULL_MASK, o.m, off);
-        const A s2 = __shfl_xor_sync(FULL_MASK, o.s, off);
-        o.merge(m2, s2);
-    }
-}
-
-template <typename A>
-__device__ __forceinline__ A block_max(A v, A* red) {
-    v = group_max<WARP>(v);
-    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
-    const int n_warps = blockDim.x / WARP;
-    __syncthreads();  // the previous reduction's readers are done with red
-    if (lane == 0) red[warp] = v;
-    __syncthreads();
-    return group_max<WARP>(lane < n_warps ? red[lane] : neg_inf<A>());
-}
-
-template <int N, typename A>
-__device__ __forceinline__ void block_sum(A (&v)[N], A* red) {
-    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
-    const int n_warps = blockDim.x / WARP;
-#pragma unroll
-    for (int k = 0; k < N; ++k) v[k] = group_sum<WARP>(v[k]);
-    __syncthreads();
-    if (lane == 0) {
-#pragma unroll
-        for (int k = 0; k < N; ++k) red[k * WARP + warp] = v[k];
-    }
-    __syncthreads();
-#pragma unroll
-    for (int k = 0; k < N; ++k) v[k] = group_sum<WARP>(lane < n_warps ? red[k * WARP + lane] : A(0));
-}
-
-template <typename A>
-__device__ __forceinline__ void block_online(Online<A>& o, A* red) {
-    warp_online(o);
-    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
-    const int n_warps = blockDim.x / WARP;
-    __syncthreads();
-    if (lane == 0) {
-        red[warp] = o.m;
-        red[WARP + warp] = o.s;
-    }
-    __syncthreads();
-    if (lane < n_warps) {
-        o.m = red[lane];
-        o.s = red[WARP + lane];
-    } else {
-        o.init();
-    }
-    warp_online(o);
 }
 
 // Grid-stride row loops: (a) hands rows to warps.

@@ -154,7 +154,7 @@ __device__ __forceinline__ RowOut<acc_t<T>> row_epilogue(const CeParams<T>& P, i
     RowOut<A> o{A(0), A(0), A(0), A(0)};
     const A zs_t = z_t - mr;
     const A w_t = (!SOFT && rt.owned) ? weight_at(P.weight, rt.t) : A(0);
-    if (P.stats_mode) {
+    if (P.stats_mode) {  // sk:stats {
         if (leader) {
             A* st = P.stats + row * P.n_stats;
             st[0] = m;
@@ -172,7 +172,7 @@ __device__ __forceinline__ RowOut<acc_t<T>> row_epilogue(const CeParams<T>& P, i
             if (P.smooth) st[k] = rs.S;
         }
         return o;
-    }
+    }  // sk:stats }
     const A log_s = sk_log(rs.s);
     const A lse = m + log_s;
     const A W_all = P.weight != nullptr ? rs.W : A(P.n_cols);
@@ -180,27 +180,27 @@ __device__ __forceinline__ RowOut<acc_t<T>> row_epilogue(const CeParams<T>& P, i
     if (SOFT) {
         a = P.keep * rs.Q1;
         loss = -P.keep * rs.Q2;
-        if (P.smooth) {
+        if (P.smooth) {  // sk:opt {
             a += P.eps_c * W_all;
             loss -= P.eps_c * rs.S;
-        }
+        }  // sk:opt }
         loss += log_s * a;
     } else {
         const A kw = P.keep * w_t;
         loss = kw * (log_s - zs_t);
         a = kw;
-        if (P.smooth) {
+        if (P.smooth) {  // sk:opt {
             loss += P.eps_c * (W_all * log_s - rs.S);
             a += P.eps_c * W_all;
-        }
+        }  // sk:opt }
     }
-    if (P.zl) {
+    if (P.zl) {  // sk:opt {
         loss += P.z * lse * lse;
         a += A(2) * P.z * lse;
-    }
+    }  // sk:opt }
     if (!SOFT && !rt.owned) loss = rt.counted ? quiet_nan<A>() : A(0);
     if (leader) {
-        if (P.lse != nullptr) P.lse[row] = lse;
+        if (P.lse != nullptr) P.lse[row] = lse;  // sk:opt
         if (!P.reduce) {
             P.loss[row] = loss;
         } else {
@@ -211,7 +211,7 @@ __device__ __forceinline__ RowOut<acc_t<T>> row_epilogue(const CeParams<T>& P, i
             }
         }
     }
-    if (P.grad != nullptr && (SOFT || rt.owned)) {
+    if (P.grad != nullptr && (SOFT || rt.owned)) {  // sk:grad {
         const A r = sk_rcp(rs.s);
         o.ar = a * r * P.row_scale;
         o.er = P.eps_c * P.row_scale;  // eps_c is 0 without smoothing
@@ -224,7 +224,7 @@ __device__ __forceinline__ RowOut<acc_t<T>> row_epilogue(const CeParams<T>& P, i
             A g = (a - kw) * p_t - kw * q_t - P.eps_c * w_t;
             o.g_t = g * P.row_scale * cap_chain<GENERAL>(P, z_t);
         }
-    }
+    }  // sk:grad }
     return o;
 }
 
@@ -306,7 +306,7 @@ __device__ __forceinline__ void ce_warp(const CeParams<T>& P, double (&racc)[3])
         const A mr = row_ref(m);
         RowSums<A> rs;
         rs.zero();
-        if (P.smooth) {  // sum w zs and W only with label smoothing (a uniform branch)
+        if (P.smooth) {  // sk:opt { sum w zs and W only with label smoothing (a uniform branch)
 #pragma unroll
             for (int p = 0; p < PACKS; ++p) {
                 const int c0 = (p * LANES + l) * VEC;
@@ -319,6 +319,35 @@ __device__ __forceinline__ void ce_warp(const CeParams<T>& P, double (&racc)[3])
                     }
                 }
             }
+        }  // sk:opt }
+        if (SOFT) {  // sum w q and sum w q zs (weighted: an option)
+            if (P.weight != nullptr) {  // sk:opt {
+#pragma unroll
+                for (int p = 0; p < PACKS; ++p) {
+                    const int c0 = (p * LANES + l) * VEC;
+                    if (read && c0 < n) {
+#pragma unroll
+                        for (int i = 0; i < VEC; ++i) {
+                            const A wq = P.weight[c0 + i] * qv[SOFT ? p : 0][i];
+                            rs.Q1 += wq;
+                            rs.Q2 += wq * (xv[p][i] - mr);
+                        }
+                    }
+                }
+            } else {  // sk:opt }
+#pragma unroll
+                for (int p = 0; p < PACKS; ++p) {
+                    const int c0 = (p * LANES + l) * VEC;
+                    if (read && c0 < n) {
+#pragma unroll
+                        for (int i = 0; i < VEC; ++i) {
+                            const A q = qv[SOFT ? p : 0][i];
+                            rs.Q1 += q;
+                            rs.Q2 += q * (xv[p][i] - mr);
+                        }
+                    }
+                }
+            }
         }
 #pragma unroll
         for (int p = 0; p < PACKS; ++p) {
@@ -326,14 +355,8 @@ __device__ __forceinline__ void ce_warp(const CeParams<T>& P, double (&racc)[3])
             if (read && c0 < n) {
 #pragma unroll
                 for (int i = 0; i < VEC; ++i) {
-                    const A zs = xv[p][i] - mr;
-                    const A e = exp_shifted(zs);
+                    const A e = exp_shifted(xv[p][i] - mr);
                     rs.s += e;
-                    if (SOFT) {
-                        const A wq = weight_at(P.weight, c0 + i) * qv[SOFT ? p : 0][i];
-                        rs.Q1 += wq;
-                        rs.Q2 += wq * zs;
-                    }
                     xv[p][i] = e;  // keep exp(zs) for the gradient
                 }
             }
@@ -343,10 +366,10 @@ __device__ __forceinline__ void ce_warp(const CeParams<T>& P, double (&racc)[3])
             rs.Q1 = group_sum<LANES>(rs.Q1);
             rs.Q2 = group_sum<LANES>(rs.Q2);
         }
-        if (P.smooth) {
+        if (P.smooth) {  // sk:opt {
             rs.S = group_sum<LANES>(rs.S);
             rs.W = group_sum<LANES>(rs.W);
-        }
+        }  // sk:opt }
         __syncwarp();  // every lane's reads of this row happen before any lane's store
         if (!active) continue;  // after the last shuffle: the loop condition is warp-uniform
         if (!read) {  // sk:cold {
@@ -357,6 +380,7 @@ __device__ __forceinline__ void ce_warp(const CeParams<T>& P, double (&racc)[3])
         }  // sk:cold }
         const RowOut<A> o = row_epilogue<SOFT, false>(P, row, rt, m, mr, rs, z_t, l == 0, racc);
         if (P.grad == nullptr || P.stats_mode) continue;
+        // sk:grad {
         T* g = P.grad + row * P.grad_row_stride;
         if (!SOFT && !rt.owned) {  // sk:cold { read for the lse only: an ignored or bad row
             const A fill = rt.counted ? quiet_nan<A>() : A(0);
@@ -370,28 +394,116 @@ __device__ __forceinline__ void ce_warp(const CeParams<T>& P, double (&racc)[3])
             }
             continue;
         }  // sk:cold }
+        // class: a p - eps_c w (eps_c = 0 without smoothing); soft: a p - w (keep q + eps_c);
+        // the weight's term only where it matters (an option: smoothing, or soft targets)
+        if (P.weight != nullptr && (SOFT || P.smooth)) {  // sk:opt {
 #pragma unroll
-        for (int p = 0; p < PACKS; ++p) {
-            const int c0 = (p * LANES + l) * VEC;
-            if (c0 < n) {
-                A out[VEC];
+            for (int p = 0; p < PACKS; ++p) {
+                const int c0 = (p * LANES + l) * VEC;
+                if (c0 < n) {
+                    A out[VEC];
 #pragma unroll
-                for (int i = 0; i < VEC; ++i) {
-                    const A e = xv[p][i];
-                    if (SOFT) {
-                        const A wc = weight_at(P.weight, c0 + i);
-                        out[i] = e * o.ar - wc * (qv[SOFT ? p : 0][i] * o.kr + o.er);
-                    } else {
-                        const A wc = P.smooth ? weight_at(P.weight, c0 + i) : A(1);
-                        out[i] = e * o.ar - o.er * wc;
+                    for (int i = 0; i < VEC; ++i) {
+                        const A wc = P.weight[c0 + i];
+                        out[i] = SOFT ? xv[p][i] * o.ar - wc * (qv[SOFT ? p : 0][i] * o.kr + o.er)
+                                      : xv[p][i] * o.ar - o.er * wc;
                     }
+                    store_full<VEC>(g + c0, out);
                 }
-                store_full<VEC>(g + c0, out);
+            }
+        } else {  // sk:opt }
+#pragma unroll
+            for (int p = 0; p < PACKS; ++p) {
+                const int c0 = (p * LANES + l) * VEC;
+                if (c0 < n) {
+                    A out[VEC];
+#pragma unroll
+                    for (int i = 0; i < VEC; ++i) {
+                        out[i] = SOFT ? xv[p][i] * o.ar - (qv[SOFT ? p : 0][i] * o.kr + o.er)
+                                      : xv[p][i] * o.ar - o.er;
+                    }
+                    store_full<VEC>(g + c0, out);
+                }
             }
         }
         if (!SOFT) {  // the target entry, by the lane that stored its pack (program order)
             const int kt = int(rt.t / VEC);
             if (kt % LANES == l) g[rt.t] = Convert<T>::from(o.g_t);
+        }
+        // sk:grad }
+    }
+}
+
+// The gradient of one element from its exp(zs): class a p - eps_c w_c (eps_c = 0 without
+// smoothing), soft a p - w_c (keep q + eps_c); wc = 1 without a weight.
+template <bool SOFT, typename A>
+__device__ __forceinline__ A grad_value(A e, A q, A wc, const RowOut<A>& o) {
+    return SOFT ? e * o.ar - wc * (q * o.kr + o.er) : e * o.ar - o.er * wc;
+}
+
+// A pack's gradient, z (capped) in v, gradient out; weights (an option: soft targets, or
+// smoothing) read only where they count, and only inside the row.
+template <bool SOFT, bool GENERAL, bool FULL, int VEC, typename T>
+__device__ __forceinline__ void grad_pack(const CeParams<T>& P, const RowOut<acc_t<T>>& o,
+                                          acc_t<T> mr, int c0, int n, acc_t<T> (&v)[VEC],
+                                          const acc_t<T> (&qv)[VEC]) {
+    typedef acc_t<T> A;
+    if (P.weight != nullptr && (SOFT || P.smooth)) {  // sk:opt {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+            const A wc = (FULL || in_row(c0 + i, n)) ? P.weight[c0 + i] : A(0);
+            const A z = cap<GENERAL>(P, v[i]);
+            A g = grad_value<SOFT>(exp_shifted(z - mr), qv[i], wc, o);
+            if (GENERAL) g *= cap_chain<GENERAL>(P, z);
+            v[i] = g;
+        }
+    } else {  // sk:opt }
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+            const A z = cap<GENERAL>(P, v[i]);
+            A g = grad_value<SOFT>(exp_shifted(z - mr), qv[i], A(1), o);
+            if (GENERAL) g *= cap_chain<GENERAL>(P, z);
+            v[i] = g;
+        }
+    }
+}
+
+// A pack's soft-target sums: Q1 += sum w q, Q2 += sum w q zs (zs in v); w only with a weight.
+template <bool FULL, int VEC, typename T>
+__device__ __forceinline__ void soft_sums(const CeParams<T>& P, int c0, int n,
+                                          const acc_t<T> (&zs)[VEC], const acc_t<T> (&qv)[VEC],
+                                          RowSums<acc_t<T>>& rs) {
+    typedef acc_t<T> A;
+    if (P.weight != nullptr) {  // sk:opt {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+            if (FULL || in_row(c0 + i, n)) {
+                const A wq = P.weight[c0 + i] * qv[i];
+                rs.Q1 += wq;
+                rs.Q2 += wq * zs[i];
+            }
+        }
+    } else {  // sk:opt }
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+            if (FULL || in_row(c0 + i, n)) {
+                rs.Q1 += qv[i];
+                rs.Q2 += qv[i] * zs[i];
+            }
+        }
+    }
+}
+
+// A pack's smoothing sums: S += sum w zs, W += sum w (an option: label smoothing).
+template <bool FULL, int VEC, typename T>
+__device__ __forceinline__ void smooth_sums(const CeParams<T>& P, int c0, int n,
+                                            const acc_t<T> (&zs)[VEC], RowSums<acc_t<T>>& rs) {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+        if (FULL || in_row(c0 + i, n)) {
+            const acc_t<T> wc = weight_at(P.weight, c0 + i);
+            rs.S += wc * zs[i];
+            rs.W += wc;
         }
     }
 }
@@ -399,13 +511,9 @@ __device__ __forceinline__ void ce_warp(const CeParams<T>& P, double (&racc)[3])
 // ---------------------------------------------------------------------------------------------
 // (b) BLOCK_SMEM: a group of G threads per row (256 / G rows per block), the raw logits (and
 // soft targets) parked in the group's shared memory by pack (slot k * VEC for pack k, owned by
-// thread k mod G). Used with a gradient only (without one, (c) reads each logit once too).
-
-// A (b) row group of this block: G = min(row_threads, blockDim.x) threads.
-__device__ __forceinline__ Group row_group(int row_threads) {
-    const int G = row_threads < int(blockDim.x) ? row_threads : int(blockDim.x);
-    return Group{int(threadIdx.x) / G, G, int(threadIdx.x) % G};
-}
+// thread k mod G). Each group loads the first batch of its next row while it reduces the
+// current one. Used with a gradient, and for short rows that are not whole packs or have a
+// softcap (a warp per row); without a gradient longer rows go to (c), which reads once too.
 
 template <typename T, bool SOFT, bool FAST>
 __device__ __forceinline__ void ce_block(const CeParams<T>& P, double (&racc)[3]) {
@@ -413,7 +521,7 @@ __device__ __forceinline__ void ce_block(const CeParams<T>& P, double (&racc)[3]
     constexpr bool GENERAL = !FAST;
     constexpr int VEC = Vec<T>::value;
     // full packs per batch: 4 (2 with soft targets: two operands, the same bytes in flight)
-    constexpr int NB = SOFT ? BATCH / 2 : BATCH;
+    constexpr int NB = batch_packs<T>(SOFT);
     __shared__ A red[5 * MAX_WARPS];
     const Group gr = row_group(P.row_threads);
     const int R = int(blockDim.x) / gr.G;
@@ -423,21 +531,37 @@ __device__ __forceinline__ void ce_block(const CeParams<T>& P, double (&racc)[3]
     T* qb = xb + slots;  // soft targets only
     const Walker w = gr.walker();
     const bool leader = gr.t == 0;
-    for (idx_t row = idx_t(blockIdx.x) * R + gr.g; row < P.n_rows; row += idx_t(gridDim.x) * R) {
+    const idx_t stride = idx_t(gridDim.x) * R;
+    Pack<T, VEC> rx[NB], rq[SOFT ? NB : 1];
+    // the first batch of a row's logits (and soft targets), for rows that are read
+    auto prefetch = [&](idx_t r) {
+        if (r >= P.n_rows || !row_read<SOFT>(P, row_target<SOFT>(P, r))) return;
+        const T* xr = P.x + r * P.row_stride;
+        const T* qr = static_cast<const T*>(P.target) + (SOFT ? r * P.target_row_stride : 0);
+        const Packs<VEC, int> pr(n, row_shift(xr, P.vec_ok), P.vec_ok);
+        prefetch_batch<NB>(pr, w, [&](int b, int k) {
+            rx[b] = load_pack<VEC>(xr + pr.c0(k));
+            if (SOFT) rq[SOFT ? b : 0] = load_pack<VEC>(qr + pr.c0(k));
+        });
+    };
+    idx_t row = idx_t(blockIdx.x) * R + gr.g;
+    prefetch(row);
+    for (; row < P.n_rows; row += stride) {
         const T* x = P.x + row * P.row_stride;
         const Packs<VEC, int> pk(n, row_shift(x, P.vec_ok), P.vec_ok);
         const RowTarget rt = row_target<SOFT>(P, row);
-        if (!row_read<SOFT>(P, rt)) {
+        if (!row_read<SOFT>(P, rt)) {  // sk:cold {
             skipped_row<VEC>(P, row, rt, pk, w, leader, racc);
+            prefetch(row + stride);
             continue;
-        }
+        }  // sk:cold }
         const T* q = static_cast<const T*>(P.target) + (SOFT ? row * P.target_row_stride : 0);
         const A z_t = (!SOFT && rt.owned) ? cap<GENERAL>(P, to_acc(x[rt.t])) : A(0);
         A m = neg_inf<A>();
         // pass 1: global -> shared, row maximum (reads C, + C soft targets)
         auto park = [&](int k, const Pack<T, VEC>& x_raw, const Pack<T, VEC>& q_raw, bool full) {
-            *reinterpret_cast<Pack<T, VEC>*>(xb + k * VEC) = x_raw;
-            if (SOFT) *reinterpret_cast<Pack<T, VEC>*>(qb + k * VEC) = q_raw;
+            store_pack<VEC>(xb + k * VEC, x_raw);
+            if (SOFT) store_pack<VEC>(qb + k * VEC, q_raw);
             A v[VEC];
             raw_to_acc<VEC>(x_raw, v);
 #pragma unroll
@@ -445,8 +569,7 @@ __device__ __forceinline__ void ce_block(const CeParams<T>& P, double (&racc)[3]
                 if (full || in_row(pk.c0(k) + i, n)) m = sk_max(m, cap<GENERAL>(P, v[i]));
             }
         };
-        Pack<T, VEC> rx[NB], rq[SOFT ? NB : 1];
-        for_full_packs<NB>(
+        for_full_packs_prefetched<NB>(
             pk, w,
             [&](int b, int k) {
                 rx[b] = load_pack<VEC>(x + pk.c0(k));
@@ -459,40 +582,25 @@ __device__ __forceinline__ void ce_block(const CeParams<T>& P, double (&racc)[3]
             if (SOFT) load_raw<VEC>(q, pk.c0(k), n, false, q_raw);
             park(k, x_raw, q_raw, false);
         });
+        prefetch(row + stride);  // in flight while this row is reduced
         m = group_max_all(gr, m, red);
         const A mr = row_ref(m);
         // pass 2: sums over shared memory
         RowSums<A> rs;
         rs.zero();
-        for_all_packs(pk, w, [&](int k) {
+        for_smem_packs(pk, P.vec_ok, w, [&](int k, auto full_) {
+            constexpr bool full = decltype(full_)::value;
             A v[VEC], qv[VEC];
-            raw_to_acc<VEC>(*reinterpret_cast<const Pack<T, VEC>*>(xb + k * VEC), v);
-            if (SOFT) raw_to_acc<VEC>(*reinterpret_cast<const Pack<T, VEC>*>(qb + k * VEC), qv);
+            raw_to_acc<VEC>(load_pack<VEC>(xb + k * VEC), v);
+            if (SOFT) raw_to_acc<VEC>(load_pack<VEC>(qb + k * VEC), qv);
             const int c0 = pk.c0(k);
-            const bool full = k >= pk.lo && k < pk.hi;
 #pragma unroll
             for (int i = 0; i < VEC; ++i) {
-                const A zs = cap<GENERAL>(P, v[i]) - mr;
-                v[i] = zs;
-                if (full || in_row(c0 + i, n)) {
-                    rs.s += exp_shifted(zs);
-                    if (SOFT) {
-                        const A wq = weight_at(P.weight, c0 + i) * qv[i];
-                        rs.Q1 += wq;
-                        rs.Q2 += wq * zs;
-                    }
-                }
+                v[i] = cap<GENERAL>(P, v[i]) - mr;  // zs
+                if (full || in_row(c0 + i, n)) rs.s += exp_shifted(v[i]);
             }
-            if (P.smooth) {
-#pragma unroll
-                for (int i = 0; i < VEC; ++i) {
-                    if (full || in_row(c0 + i, n)) {
-                        const A wc = weight_at(P.weight, c0 + i);
-                        rs.S += wc * v[i];
-                        rs.W += wc;
-                    }
-                }
-            }
+            if (SOFT) soft_sums<full, VEC>(P, c0, n, v, qv, rs);
+            if (P.smooth) smooth_sums<full, VEC>(P, c0, n, v, rs);  // sk:opt
         });
         A sums[5] = {rs.s, rs.S, rs.W, rs.Q1, rs.Q2};
         group_sum_n<5>(gr, sums, red);
@@ -501,39 +609,24 @@ __device__ __forceinline__ void ce_block(const CeParams<T>& P, double (&racc)[3]
         if (gr.G <= WARP) __syncwarp();  // (larger groups: their barriers order the reads)
         if (P.grad == nullptr || P.stats_mode) continue;
         T* g = P.grad + row * P.grad_row_stride;
-        if (!SOFT && !rt.owned) {
+        if (!SOFT && !rt.owned) {  // sk:cold {
             skipped_row<VEC>(P, row, RowTarget{0, rt.counted, false}, pk, w, false, racc);
             continue;
-        }
+        }  // sk:cold }
         // pass 3: gradient, shared -> global (writes C)
-        for_all_packs(pk, w, [&](int k) {
+        for_smem_packs(pk, P.vec_ok, w, [&](int k, auto full_) {  // sk:grad {
+            constexpr bool full = decltype(full_)::value;
             A v[VEC], qv[VEC];
-            raw_to_acc<VEC>(*reinterpret_cast<const Pack<T, VEC>*>(xb + k * VEC), v);
-            if (SOFT) raw_to_acc<VEC>(*reinterpret_cast<const Pack<T, VEC>*>(qb + k * VEC), qv);
+            raw_to_acc<VEC>(load_pack<VEC>(xb + k * VEC), v);
+            if (SOFT) raw_to_acc<VEC>(load_pack<VEC>(qb + k * VEC), qv);
             const int c0 = pk.c0(k);
-            const bool full = k >= pk.lo && k < pk.hi;
-#pragma unroll
-            for (int i = 0; i < VEC; ++i) {
-                const bool in = full || in_row(c0 + i, n);
-                const A z = cap<GENERAL>(P, v[i]);
-                const A e = exp_shifted(z - mr);
-                A gv;
-                if (SOFT) {
-                    const A wc = in ? weight_at(P.weight, c0 + i) : A(0);
-                    gv = e * o.ar - wc * (qv[i] * o.kr + o.er);
-                } else {
-                    const A wc = (P.smooth && in) ? weight_at(P.weight, c0 + i) : A(1);
-                    gv = e * o.ar - o.er * wc;
-                }
-                if (GENERAL) gv *= cap_chain<GENERAL>(P, z);
-                v[i] = gv;
-            }
-            if (full) {
+            grad_pack<SOFT, GENERAL, full, VEC>(P, o, mr, c0, n, v, qv);
+            if constexpr (full) {
                 store_full<VEC>(g + c0, v);
             } else {
                 store_acc<VEC>(g, c0, n, false, v);
             }
-        });
+        });  // sk:grad }
         if (!SOFT) {
             const int kt = int((rt.t + pk.shift) / VEC);
             if (kt % gr.G == gr.t) g[rt.t] = Convert<T>::from(o.g_t);
@@ -543,11 +636,12 @@ __device__ __forceinline__ void ce_block(const CeParams<T>& P, double (&racc)[3]
 
 // ---------------------------------------------------------------------------------------------
 // (c) ONLINE: a block per row (columns as 32-bit indices: rows of fewer than 2**31 elements, as
-// the host checks; rows are addressed with 64-bit offsets). Pass 1 folds the row into per-thread running statistics (max m,
-// reference r = m or 0 while m = -inf, and the sums relative to r, shifted when m grows: every
-// shift term has the sums' sign, so nothing cancels), merged over the block by shifting each
-// thread's sums to the block maximum; pass 2 (gradient only) reads the row again. Without a
-// gradient this is the single-read path for every row longer than (a) serves.
+// the host checks; rows are addressed with 64-bit offsets). Pass 1 folds the row into
+// per-thread running statistics (max m, reference r = m or 0 while m = -inf, and the sums
+// relative to r, shifted when m grows -- checked once per batch of packs: every shift term has
+// the sums' sign, so nothing cancels), merged over the block by shifting each thread's sums to
+// the block maximum; pass 2 (gradient only) reads the row again. Without a gradient this is the
+// single-read path for every row longer than (a) serves.
 
 template <typename A>
 struct OnlineCe {
@@ -572,6 +666,21 @@ struct OnlineCe {
         rs.Q2 += rs.Q1 * d;
         r = nr;
     }
+    // fold a pack's (capped) values v (and soft targets qv) already relative to nothing:
+    // s += exp(v - r), the soft and smoothing sums of zs = v - r
+    // (ssum: where the exponentials go -- a batch's own sum, added to rs.s after the batch, so
+    // that a thread's rounding error grows with its batches, not its elements)
+    template <bool SOFT, bool FULL, int VEC, typename T>
+    __device__ __forceinline__ void add(const CeParams<T>& P, int c0, int n, A (&v)[VEC],
+                                        const A (&qv)[VEC], A& ssum) {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+            v[i] -= r;  // zs
+            if (FULL || in_row(c0 + i, n)) ssum += exp_shifted(v[i]);
+        }
+        if (SOFT) soft_sums<FULL, VEC>(P, c0, n, v, qv, rs);
+        if (P.smooth) smooth_sums<FULL, VEC>(P, c0, n, v, rs);  // sk:opt
+    }
 };
 
 template <typename T, bool SOFT, bool FAST>
@@ -579,7 +688,7 @@ __device__ __forceinline__ void ce_online(const CeParams<T>& P, double (&racc)[3
     typedef acc_t<T> A;
     constexpr bool GENERAL = !FAST;
     constexpr int VEC = Vec<T>::value;
-    constexpr int NB = SOFT ? BATCH / 2 : BATCH;
+    constexpr int NB = batch_packs<T>(SOFT);
     __shared__ A red[5 * MAX_WARPS];
     const Group gr = whole_block();
     const Walker w = gr.walker();
@@ -589,17 +698,71 @@ __device__ __forceinline__ void ce_online(const CeParams<T>& P, double (&racc)[3
         const T* x = P.x + row * P.row_stride;
         const Packs<VEC, int> pk(n, row_shift(x, P.vec_ok), P.vec_ok);
         const RowTarget rt = row_target<SOFT>(P, row);
-        if (!row_read<SOFT>(P, rt)) {
+        if (!row_read<SOFT>(P, rt)) {  // sk:cold {
             skipped_row<VEC>(P, row, rt, pk, w, leader, racc);
             continue;
-        }
+        }  // sk:cold }
         const T* q = static_cast<const T*>(P.target) + (SOFT ? row * P.target_row_stride : 0);
         const A z_t = (!SOFT && rt.owned) ? cap<GENERAL>(P, to_acc(x[rt.t])) : A(0);
         OnlineCe<A> st;
         st.init();
-        // pass 1 (reads C, + C soft targets)
-        auto fold = [&](int k, const Pack<T, VEC>& x_raw, const Pack<T, VEC>& q_raw,
-                        bool full) {
+        Pack<T, VEC> rx[NB], rq[SOFT ? NB : 1];
+        // pass 1 (reads C, + C soft targets): a batch of NB full packs at a time, the running
+        // maximum checked once per batch
+        auto fold = [&](int nb, const int (&ks)[NB]) {
+            A v[NB][VEC], qv[SOFT ? NB : 1][VEC];
+            A pm = neg_inf<A>();
+#pragma unroll
+            for (int b = 0; b < NB; ++b) {
+                if (b < nb) {
+                    raw_to_acc<VEC>(rx[b], v[b]);
+                    if (SOFT) raw_to_acc<VEC>(rq[SOFT ? b : 0], qv[SOFT ? b : 0]);
+#pragma unroll
+                    for (int i = 0; i < VEC; ++i) {
+                        v[b][i] = cap<GENERAL>(P, v[b][i]);
+                        pm = sk_max(pm, v[b][i]);
+                    }
+                }
+            }
+            if (pm > st.m) {  // the running maximum grows (rarely, after the first packs)
+                st.shift_to(pm);
+                st.m = pm;
+            }
+            A bs = A(0);
+#pragma unroll
+            for (int b = 0; b < NB; ++b) {
+                if (b < nb) {
+                    st.template add<SOFT, true, VEC>(P, pk.c0(ks[b]), n, v[b], qv[SOFT ? b : 0],
+                                                     bs);
+                }
+            }
+            st.rs.s += bs;
+        };
+        auto load_full = [&](int b, int k) {
+            rx[b] = load_pack<VEC>(x + pk.c0(k));
+            if (SOFT) rq[SOFT ? b : 0] = load_pack<VEC>(q + pk.c0(k));
+        };
+        int kb = first_full(pk, w);
+#pragma unroll 1
+        for (; kb + (NB - 1) * w.nt < pk.hi; kb += NB * w.nt) {  // sk:hot packs=NB
+            int ks[NB];
+#pragma unroll
+            for (int b = 0; b < NB; ++b) {
+                ks[b] = kb + b * w.nt;
+                load_full(b, ks[b]);
+            }
+            fold(NB, ks);
+        }
+#pragma unroll 1
+        for (; kb < pk.hi; kb += w.nt) {  // sk:cold { fewer than NB full packs left
+            int ks[NB] = {kb};
+            load_full(0, kb);
+            fold(1, ks);
+        }  // sk:cold }
+        for_partial_packs(pk, P.vec_ok, w, [&](int k) {
+            Pack<T, VEC> x_raw, q_raw;
+            load_raw<VEC>(x, pk.c0(k), n, false, x_raw);
+            if (SOFT) load_raw<VEC>(q, pk.c0(k), n, false, q_raw);
             const int c0 = pk.c0(k);
             A v[VEC], qv[VEC];
             raw_to_acc<VEC>(x_raw, v);
@@ -608,48 +771,13 @@ __device__ __forceinline__ void ce_online(const CeParams<T>& P, double (&racc)[3
 #pragma unroll
             for (int i = 0; i < VEC; ++i) {
                 v[i] = cap<GENERAL>(P, v[i]);
-                if (full || in_row(c0 + i, n)) pm = sk_max(pm, v[i]);
+                if (in_row(c0 + i, n)) pm = sk_max(pm, v[i]);
             }
-            if (pm > st.m) {  // the running maximum grows (rarely, after the first packs)
+            if (pm > st.m) {
                 st.shift_to(pm);
                 st.m = pm;
             }
-#pragma unroll
-            for (int i = 0; i < VEC; ++i) {
-                const A zs = v[i] - st.r;
-                v[i] = zs;
-                if (full || in_row(c0 + i, n)) {
-                    st.rs.s += exp_shifted(zs);
-                    if (SOFT) {
-                        const A wq = weight_at(P.weight, c0 + i) * qv[i];
-                        st.rs.Q1 += wq;
-                        st.rs.Q2 += wq * zs;
-                    }
-                }
-            }
-            if (P.smooth) {
-#pragma unroll
-                for (int i = 0; i < VEC; ++i) {
-                    if (full || in_row(c0 + i, n)) {
-                        const A wc = weight_at(P.weight, c0 + i);
-                        st.rs.S += wc * v[i];
-                        st.rs.W += wc;
-                    }
-                }
-            }
-        };
-        Pack<T, VEC> rx[NB], rq[SOFT ? NB : 1];
-        auto load_full = [&](int b, int k) {
-            rx[b] = load_pack<VEC>(x + pk.c0(k));
-            if (SOFT) rq[SOFT ? b : 0] = load_pack<VEC>(q + pk.c0(k));
-        };
-        for_full_packs<NB>(pk, w, load_full,
-                           [&](int b, int k) { fold(k, rx[b], rq[SOFT ? b : 0], true); });
-        for_partial_packs(pk, P.vec_ok, w, [&](int k) {
-            Pack<T, VEC> x_raw, q_raw;
-            load_raw<VEC>(x, pk.c0(k), n, false, x_raw);
-            if (SOFT) load_raw<VEC>(q, pk.c0(k), n, false, q_raw);
-            fold(k, x_raw, q_raw, false);
+            st.template add<SOFT, false, VEC>(P, c0, n, v, qv, st.rs.s);
         });
         // merge: every thread shifts its sums to the block maximum, then one fixed-order sum
         const A m = group_max_all(gr, st.m, red);
@@ -662,46 +790,33 @@ __device__ __forceinline__ void ce_online(const CeParams<T>& P, double (&racc)[3
         const RowOut<A> o = row_epilogue<SOFT, GENERAL>(P, row, rt, m, mr, rs, z_t, leader, racc);
         if (P.grad == nullptr || P.stats_mode) continue;
         T* g = P.grad + row * P.grad_row_stride;
-        if (!SOFT && !rt.owned) {
+        if (!SOFT && !rt.owned) {  // sk:cold {
             skipped_row<VEC>(P, row, RowTarget{0, rt.counted, false}, pk, w, false, racc);
             continue;
-        }
+        }  // sk:cold }
         // pass 2: gradient (reads C again, + C soft targets, writes C); in-place safe: the same
         // thread reads then writes each element
-        auto result = [&](int k, const Pack<T, VEC>& x_raw, const Pack<T, VEC>& q_raw,
-                          A (&v)[VEC], bool full) {
-            const int c0 = pk.c0(k);
-            A qv[VEC];
-            raw_to_acc<VEC>(x_raw, v);
-            if (SOFT) raw_to_acc<VEC>(q_raw, qv);
-#pragma unroll
-            for (int i = 0; i < VEC; ++i) {
-                const bool in = full || in_row(c0 + i, n);
-                const A z = cap<GENERAL>(P, v[i]);
-                const A e = exp_shifted(z - mr);
-                A gv;
-                if (SOFT) {
-                    const A wc = in ? weight_at(P.weight, c0 + i) : A(0);
-                    gv = e * o.ar - wc * (qv[i] * o.kr + o.er);
-                } else {
-                    const A wc = (P.smooth && in) ? weight_at(P.weight, c0 + i) : A(1);
-                    gv = e * o.ar - o.er * wc;
-                }
-                if (GENERAL) gv *= cap_chain<GENERAL>(P, z);
-                v[i] = gv;
-            }
-        };
-        for_full_packs<NB>(pk, w, load_full, [&](int b, int k) {
-            A v[VEC];
-            result(k, rx[b], rq[SOFT ? b : 0], v, true);
-            store_full<VEC>(g + pk.c0(k), v);
-        });
+        for_full_packs<NB>(  // sk:grad {
+            pk, w,
+            [&](int b, int k) {
+                rx[b] = load_pack<VEC>(x + pk.c0(k));
+                if (SOFT) rq[SOFT ? b : 0] = load_pack<VEC>(q + pk.c0(k));
+            },
+            [&](int b, int k) {
+                A v[VEC], qv[VEC];
+                raw_to_acc<VEC>(rx[b], v);
+                if (SOFT) raw_to_acc<VEC>(rq[SOFT ? b : 0], qv);
+                grad_pack<SOFT, GENERAL, true, VEC>(P, o, mr, pk.c0(k), n, v, qv);
+                store_full<VEC>(g + pk.c0(k), v);
+            });  // sk:grad }
         for_partial_packs(pk, P.vec_ok, w, [&](int k) {
             Pack<T, VEC> x_raw, q_raw;
             load_raw<VEC>(x, pk.c0(k), n, false, x_raw);
             if (SOFT) load_raw<VEC>(q, pk.c0(k), n, false, q_raw);
-            A v[VEC];
-            result(k, x_raw, q_raw, v, false);
+            A v[VEC], qv[VEC];
+            raw_to_acc<VEC>(x_raw, v);
+            if (SOFT) raw_to_acc<VEC>(q_raw, qv);
+            grad_pack<SOFT, GENERAL, false, VEC>(P, o, mr, pk.c0(k), n, v, qv);
             store_acc<VEC>(g, pk.c0(k), n, false, v);
         });
         if (!SOFT) {
@@ -731,11 +846,10 @@ struct CeWorkspace {
 // precomputed on the host: keep = 1 - eps, eps_c = eps / C (0 without smoothing),
 // inv_softcap = 1 / softcap. row_threads: threads per row of strategy (b).
 
-// Register budgets: (a) with soft targets holds twice the row (logits and probabilities): 2
-// blocks of 4 warps per SM at least (255 registers); (b) and (c) carry the row's five running
-// sums, the reduction's accumulators and the option scalars on top of the batched loads: 2
-// blocks of 8 warps (128 registers; ptxas spills at 85).
-#define SK_CE_MIN_BLOCKS(STRATEGY, SOFT) ((STRATEGY) == SK_WARP_ROWS ? ((SOFT) ? 2 : 4) : 2)
+// Register budgets (SK_LAUNCH_BOUNDS in common.cuh): (a) holds 32 values per lane (64 with soft
+// targets) and a row epilogue with many live scalars: 2 blocks of 4 warps per SM at least (255
+// registers; at 128, ptxas recomputes the option flags and pointers every row).
+#define SK_CE_MIN_BLOCKS(STRATEGY, SOFT) ((STRATEGY) == SK_WARP_ROWS ? 2 : SK_MIN_BLOCKS(STRATEGY))
 
 template <typename T, bool SOFT, int STRATEGY, int LANES, int PACKS, bool FAST>
 __global__ void SK_LAUNCH_BOUNDS_MIN(STRATEGY, SK_CE_MIN_BLOCKS(STRATEGY, SOFT))
@@ -866,7 +980,7 @@ __global__ void SK_LAUNCH_BOUNDS_MIN(SK_ONLINE, 2)
     typedef acc_t<T> A;
     constexpr bool GENERAL = !FAST;
     constexpr int VEC = Vec<T>::value;
-    constexpr int NB = SOFT ? BATCH / 2 : BATCH;
+    constexpr int NB = batch_packs<T>(SOFT);
     CeParams<T> P;  // the fields the shared helpers read
     P.target = target_ptr;
     P.weight = weight_ptr;

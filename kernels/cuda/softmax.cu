@@ -1,479 +1,705 @@
 // softmax / log_softmax forward and backward over the rows of 2-D arrays.
 //
-// Forward:   v = scale * x (masked entries -inf),  m = max(v),  s = sum(exp(v - m))
-//            softmax: y = exp(v - m) / s           log_softmax: y = (v - m) - log(s)
-//            A row whose mask keeps nothing gives all 0 / all -inf; otherwise NaN and -inf
-//            flow through the formulas exactly as in the NumPy reference (an all -inf row, or a
-//            NaN anywhere, makes the row NaN).
+// Forward:   v = scale * x (masked entries -inf),  m = max(v),  mr = m (0 when m = -inf),
+//            s = sum(exp(v - mr));  softmax: y = exp(v - mr) / s;  log_softmax: y = (v - mr) - log s
+//            Masked entries are 0 / -inf, also in a row that a NaN makes NaN, and a row whose
+//            mask keeps nothing is all 0 / all -inf; otherwise NaN and -inf flow through the
+//            formulas exactly as in the NumPy reference (an all -inf row, or a NaN anywhere,
+//            makes the row NaN). -inf needs no test per element: exp(-inf - mr) = 0 once mr is
+//            finite, and mr is settled once per row.
 // Backward:  softmax:     dx = scale * (dy - dot(dy, y)) * y
 //            log_softmax: dx = scale * (dy - exp(y) * sum(dy))
+//            the row sums accumulated in sum_t (float64 for float32 data: they may cancel).
 //
 // Memory traffic per row of n: forward reads n (+ n mask bytes) and writes n; backward reads
 // 2 x n and writes n. Strategy (c) (ONLINE) reads the inputs a second time (log_softmax
-// backward: dy only).
+// backward: dy only in its first pass).
 //
 // Arguments are the rows' base pointers and row strides in elements (the last axis has unit
-// stride); rows are indexed with 64-bit offsets. The output may be the input's own memory
-// (out=x): every element of a row is read before any element of that row is written.
+// stride); rows are indexed with 64-bit offsets, columns with 32-bit ones (rows of fewer than
+// 2**31 elements, as the host checks). The output may be an input's own memory (out=x, dx=dy or
+// dx=y): every element of a row is read before any element of that row is written, and each
+// thread writes only what it read itself (or after the group's barriers).
 
 #include "common.cuh"
 
 namespace sk {
 
+template <typename T>
+struct FwdParams {
+    const T* x;
+    T* y;
+    const unsigned char* mask;
+    idx_t n_rows, row_stride, y_row_stride, mask_row_stride;
+    int n_cols, row_threads;
+    acc_t<T> scale;
+    bool vec_ok, mask_vec;
+};
+
+template <typename T>
+struct BwdParams {
+    const T* dy;
+    const T* y;
+    T* dx;
+    idx_t n_rows, dy_row_stride, y_row_stride, dx_row_stride;
+    int n_cols, row_threads;
+    acc_t<T> scale;
+    bool is_log, vec_ok;
+};
+
+template <typename A>
+__device__ __forceinline__ A empty_fill(bool is_log) {
+    return is_log ? neg_inf<A>() : A(0);
+}
+
 // ---------------------------------------------------------------------------------------------
 // (a) WARP_ROWS: LANES lanes per row (32 / LANES rows per warp); lane l holds the packs
-// k = p * LANES + l, p = 0..PACKS-1, so each load instruction of a group covers LANES
-// consecutive packs.
+// k = p * LANES + l, p < PACKS, so each load instruction of a group covers LANES consecutive
+// packs. FAST instances take rows of whole packs (vector path, no shift, n a multiple of VEC, a
+// mask in step): no bounds check per element; the others any row.
 
-template <typename T, bool IS_LOG, int LANES, int PACKS>
-__device__ __forceinline__ void softmax_fwd_warp(const T* x_ptr, T* y_ptr,
-                                                 const unsigned char* mask_ptr, idx_t n_rows,
-                                                 int n_cols, idx_t row_stride, idx_t y_row_stride,
-                                                 idx_t mask_row_stride, acc_t<T> scale,
-                                                 bool vec_ok, bool mask_vec) {
+template <typename T, bool IS_LOG, int LANES, int PACKS, bool FAST>
+__device__ __forceinline__ void softmax_fwd_warp(const FwdParams<T>& P) {
     typedef acc_t<T> A;
     constexpr int VEC = Vec<T>::value;
     constexpr int ROWS = WARP / LANES;
     const int lane = threadIdx.x % WARP;
     const int l = lane % LANES;
-    const bool has_mask = mask_ptr != nullptr;
-    for (idx_t row0 = global_warp() * ROWS; row0 < n_rows; row0 += grid_warps() * ROWS) {
+    const int n = P.n_cols;
+    const bool has_mask = P.mask != nullptr;
+    for (idx_t row0 = global_warp() * ROWS; row0 < P.n_rows; row0 += grid_warps() * ROWS) {  // sk:hot packs=PACKS
         const idx_t row = row0 + lane / LANES;
-        const bool active = row < n_rows;
-        const T* x = x_ptr + (active ? row * row_stride : 0);
-        const unsigned char* mk = has_mask ? mask_ptr + (active ? row * mask_row_stride : 0)
-                                           : nullptr;
-        const int shift = row_shift(x, vec_ok);
+        const bool active = row < P.n_rows;
+        const T* x = P.x + (active ? row * P.row_stride : 0);
+        const unsigned char* mk = P.mask + (has_mask && active ? row * P.mask_row_stride : 0);
+        const int shift = FAST ? 0 : row_shift(x, P.vec_ok);
         A v[PACKS][VEC];
-        unsigned keep[PACKS];  // mask bits per pack
+        unsigned keep[PACKS];  // mask bits per pack (bit i: entry i kept)
+        unsigned any = 0;
         A m = neg_inf<A>();
-        int any = 0;
 #pragma unroll
         for (int p = 0; p < PACKS; ++p) {
             const int c0 = (p * LANES + l) * VEC - shift;
-            const bool live = active && c0 < n_cols;
+            const bool live = active && c0 < n;
+            keep[p] = ~0u;
             if (live) {
-                load_acc<VEC>(x, c0, n_cols, vec_ok, v[p]);
-            } else {
+                if (FAST) {
+                    raw_to_acc<VEC>(load_pack<VEC>(x + c0), v[p]);
+                } else {
+                    load_acc<VEC>(x, c0, n, P.vec_ok, v[p]);
+                }
 #pragma unroll
-                for (int i = 0; i < VEC; ++i) v[p][i] = A(0);
+                for (int i = 0; i < VEC; ++i) v[p][i] *= P.scale;
+                if (has_mask) {  // sk:opt {
+                    keep[p] = load_keep<VEC, FAST>(mk, c0, n, P.mask_vec);
+                    any |= keep[p];
+#pragma unroll
+                    for (int i = 0; i < VEC; ++i) {
+                        if (!((keep[p] >> i) & 1u)) v[p][i] = neg_inf<A>();
+                    }
+                }  // sk:opt }
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) {
+                    if (FAST || in_row(c0 + i, n)) m = sk_max(m, v[p][i]);
+                }
             }
-            keep[p] = scale_and_mask<VEC>(v[p], scale, mk, has_mask, mask_vec, c0, n_cols, live,
-                                          false, any);
-#pragma unroll
-            for (int i = 0; i < VEC; ++i) m = sk_max(m, v[p][i]);
         }
         m = group_max<LANES>(m);
-        if (has_mask) any = group_or<LANES>(any);
+        if (has_mask) any = group_or<LANES>(any);  // sk:opt
+        const A mr = row_ref(m);
         A s = A(0);
 #pragma unroll
         for (int p = 0; p < PACKS; ++p) {
             const int c0 = (p * LANES + l) * VEC - shift;
+            if (active && c0 < n) {
 #pragma unroll
-            for (int i = 0; i < VEC; ++i) {
-                const int c = c0 + i;
-                if (active && in_row(c, n_cols)) {
-                    const A e = sk_exp(v[p][i] - m);
-                    s += e;
-                    if (!IS_LOG) v[p][i] = e;  // keep exp(v - m) for the write
+                for (int i = 0; i < VEC; ++i) {
+                    if (FAST || in_row(c0 + i, n)) {
+                        const A e = exp_shifted(v[p][i] - mr);
+                        s += e;
+                        if (!IS_LOG) v[p][i] = e;  // keep exp(v - mr) for the write
+                    }
                 }
             }
         }
         s = group_sum<LANES>(s);
         if (!active) continue;  // after the last shuffle: the loop condition is warp-uniform
-        const bool empty = has_mask && !any;
         const A lse = IS_LOG ? sk_log(s) : A(0);
         const A r = IS_LOG ? A(0) : sk_rcp(s);
-        T* y = y_ptr + row * y_row_stride;
+        const A off = mr + lse;  // log_softmax: y = v - (mr + log s)
+        // masked entries 0 / -inf whatever the row holds; nothing kept: all 0 / -inf
+        const bool empty = has_mask && any == 0;
+        T* y = P.y + row * P.y_row_stride;
 #pragma unroll
         for (int p = 0; p < PACKS; ++p) {
             const int c0 = (p * LANES + l) * VEC - shift;
-            if (c0 < n_cols) {
+            if (c0 < n) {
                 A out[VEC];
 #pragma unroll
-                for (int i = 0; i < VEC; ++i) {
-                    if (empty || !((keep[p] >> i) & 1u)) {  // masked: 0 / -inf, NaN row or not
-                        out[i] = IS_LOG ? neg_inf<A>() : A(0);
-                    } else {
-                        out[i] = IS_LOG ? (v[p][i] - m) - lse : v[p][i] * r;
+                for (int i = 0; i < VEC; ++i) out[i] = IS_LOG ? v[p][i] - off : v[p][i] * r;
+                if (has_mask) {  // sk:opt {
+#pragma unroll
+                    for (int i = 0; i < VEC; ++i) {
+                        if (empty || !((keep[p] >> i) & 1u)) out[i] = empty_fill<A>(IS_LOG);
                     }
+                }  // sk:opt }
+                if (FAST) {
+                    store_full<VEC>(y + c0, out);
+                } else {
+                    store_acc<VEC>(y, c0, n, P.vec_ok, out);
                 }
-                store_acc<VEC>(y, c0, n_cols, vec_ok, out);
             }
         }
     }
 }
 
-template <typename T, int LANES, int PACKS>
-__device__ __forceinline__ void softmax_bwd_warp(const T* dy_ptr, const T* y_ptr, T* dx_ptr,
-                                                 idx_t n_rows, int n_cols, idx_t dy_row_stride,
-                                                 idx_t y_row_stride, idx_t dx_row_stride,
-                                                 acc_t<T> scale, bool is_log,
-                                                 bool vec_ok) {
+template <typename T, int LANES, int PACKS, bool FAST>
+__device__ __forceinline__ void softmax_bwd_warp(const BwdParams<T>& P) {
     typedef acc_t<T> A;
+    typedef sum_t<T> S;
     constexpr int VEC = Vec<T>::value;
     constexpr int ROWS = WARP / LANES;
     const int lane = threadIdx.x % WARP;
     const int l = lane % LANES;
-    for (idx_t row0 = global_warp() * ROWS; row0 < n_rows; row0 += grid_warps() * ROWS) {
+    const int n = P.n_cols;
+    for (idx_t row0 = global_warp() * ROWS; row0 < P.n_rows; row0 += grid_warps() * ROWS) {  // sk:hot packs=PACKS
         const idx_t row = row0 + lane / LANES;
-        const bool active = row < n_rows;
-        const T* dyr = dy_ptr + (active ? row * dy_row_stride : 0);
-        const T* yr = y_ptr + (active ? row * y_row_stride : 0);
-        const int shift = row_shift(dyr, vec_ok);
-        // the rows stay in registers as loaded (half types: two per register)
+        const bool active = row < P.n_rows;
+        const T* dyr = P.dy + (active ? row * P.dy_row_stride : 0);
+        const T* yr = P.y + (active ? row * P.y_row_stride : 0);
+        const int shift = FAST ? 0 : row_shift(dyr, P.vec_ok);
+        // the rows stay in registers as loaded (half types: two per register); elements outside
+        // the row load as 0 and add nothing
         Pack<T, VEC> dy[PACKS], yv[PACKS];
-        // softmax: dot(dy, y); log_softmax: sum(dy). Accumulated in sum_t (float64 for float32
-        // data): the terms may nearly cancel (a zero-mean dy), and the error would reach dx.
-        sum_t<T> dot = 0;
 #pragma unroll
         for (int p = 0; p < PACKS; ++p) {
             const int c0 = (p * LANES + l) * VEC - shift;
-            if (active && c0 < n_cols) {
-                load_raw<VEC>(dyr, c0, n_cols, vec_ok, dy[p]);
-                load_raw<VEC>(yr, c0, n_cols, vec_ok, yv[p]);
+            if (active && c0 < n) {
+                if (FAST) {
+                    dy[p] = load_pack<VEC>(dyr + c0);
+                    yv[p] = load_pack<VEC>(yr + c0);
+                } else {
+                    load_raw<VEC>(dyr, c0, n, P.vec_ok, dy[p]);
+                    load_raw<VEC>(yr, c0, n, P.vec_ok, yv[p]);
+                }
             } else {
 #pragma unroll
                 for (int i = 0; i < VEC; ++i) dy[p].v[i] = yv[p].v[i] = Convert<T>::from(A(0));
             }
-            // (elements outside the row load as 0 and add nothing)
-#pragma unroll
-            for (int i = 0; i < VEC; ++i) {
-                // (a float32 product is exact to 6e-8 |dy y|: only the sum needs float64)
-                dot += sum_t<T>(is_log ? to_acc(dy[p].v[i])
-                                       : to_acc(dy[p].v[i]) * to_acc(yv[p].v[i]));
-            }
         }
+        // softmax: dot(dy, y); log_softmax: sum(dy); in S (float64 for float32 data: the
+        // terms may nearly cancel, a zero-mean dy, and the error would reach dx). A float32
+        // product is exact to 6e-8 |dy y|: only the sum needs float64.
+        S dot = S(0);
+        if (P.is_log) {  // sk:log {
+#pragma unroll
+            for (int p = 0; p < PACKS; ++p) {
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) dot += S(to_acc(dy[p].v[i]));
+            }
+        } else {  // sk:log } sk:prob {
+#pragma unroll
+            for (int p = 0; p < PACKS; ++p) {
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) dot += S(to_acc(dy[p].v[i]) * to_acc(yv[p].v[i]));
+            }
+        }  // sk:prob }
         const A dsum = A(group_sum<LANES>(dot));
         if (!active) continue;
-        T* dx = dx_ptr + row * dx_row_stride;
+        T* dx = P.dx + row * P.dx_row_stride;
+        const A ds = dsum * P.scale;
 #pragma unroll
         for (int p = 0; p < PACKS; ++p) {
             const int c0 = (p * LANES + l) * VEC - shift;
-            if (c0 < n_cols) {
+            if (c0 < n) {
                 A d[VEC], yy[VEC];
                 raw_to_acc<VEC>(dy[p], d);
                 raw_to_acc<VEC>(yv[p], yy);
+                if (P.is_log) {  // sk:log {
 #pragma unroll
-                for (int i = 0; i < VEC; ++i) {
-                    d[i] = is_log ? (d[i] - sk_exp(yy[i]) * dsum) * scale
-                                  : (d[i] - dsum) * yy[i] * scale;
+                    for (int i = 0; i < VEC; ++i) d[i] = d[i] * P.scale - exp_shifted(yy[i]) * ds;
+                } else {  // sk:log } sk:prob {
+#pragma unroll
+                    for (int i = 0; i < VEC; ++i) d[i] = (d[i] - dsum) * yy[i] * P.scale;
+                }  // sk:prob }
+                if (FAST) {
+                    store_full<VEC>(dx + c0, d);
+                } else {
+                    store_acc<VEC>(dx, c0, n, P.vec_ok, d);
                 }
-                store_acc<VEC>(dx, c0, n_cols, vec_ok, d);
             }
         }
     }
 }
 
 // ---------------------------------------------------------------------------------------------
-// (b) BLOCK_SMEM: a block per row. Thread t owns packs k = t + j * blockDim.x and parks them in
-// shared memory at slot k * VEC; as each thread only ever touches its own slots, the passes
-// need no barrier besides the reductions'.
+// (b) BLOCK_SMEM: a group of G threads per row (256 / G rows per 256-thread block, G = 32..256
+// so that each thread has at least 4 packs), the row in the group's part of the dynamic shared
+// memory by pack (slot k * VEC for pack k, owned by thread k mod G, so a thread only reads back
+// its own slots). Each group loads the first batch of its next row while it reduces the current
+// one; the other groups of the block, and the other blocks of the SM, overlap their phases.
 
 template <typename T, bool IS_LOG>
-__device__ __forceinline__ void softmax_fwd_block(const T* x_ptr, T* y_ptr,
-                                                  const unsigned char* mask_ptr, idx_t n_rows,
-                                                  int n_cols, idx_t row_stride, idx_t y_row_stride,
-                                                  idx_t mask_row_stride, acc_t<T> scale,
-                                                  bool vec_ok, bool mask_vec) {
+__device__ __forceinline__ void softmax_fwd_block(const FwdParams<T>& P) {
     typedef acc_t<T> A;
     constexpr int VEC = Vec<T>::value;
-    __shared__ A red[WARP];
-    A* buf = reinterpret_cast<A*>(sk_dyn_smem);  // the row's v = scale * x, by pack
-    const bool has_mask = mask_ptr != nullptr;
-    const int nt = blockDim.x;
-    for (idx_t row = blockIdx.x; row < n_rows; row += gridDim.x) {
-        const T* x = x_ptr + row * row_stride;
-        const unsigned char* mk = has_mask ? mask_ptr + row * mask_row_stride : nullptr;
-        const Packs<VEC, int> pk(n_cols, row_shift(x, vec_ok), vec_ok);
+    constexpr int NB = batch_packs<T>(false);
+    __shared__ A red[MAX_WARPS];
+    __shared__ unsigned redu[MAX_WARPS];
+    const Group gr = row_group(P.row_threads);
+    const Walker w = gr.walker();
+    const int R = int(blockDim.x) / gr.G;
+    const int n = P.n_cols;
+    A* buf = reinterpret_cast<A*>(sk_dyn_smem) + gr.g * smem_slots<VEC>(n, P.vec_ok);
+    const bool has_mask = P.mask != nullptr;
+    const idx_t stride = idx_t(gridDim.x) * R;
+    idx_t row = idx_t(blockIdx.x) * R + gr.g;
+    Pack<T, VEC> raw[NB];
+    if (row < P.n_rows) {
+        const T* x = P.x + row * P.row_stride;
+        const Packs<VEC, int> pk(n, row_shift(x, P.vec_ok), P.vec_ok);
+        prefetch_batch<NB>(pk, w, [&](int b, int k) { raw[b] = load_pack<VEC>(x + pk.c0(k)); });
+    }
+    for (; row < P.n_rows; row += stride) {
+        const T* x = P.x + row * P.row_stride;
+        const unsigned char* mk = P.mask + (has_mask ? row * P.mask_row_stride : 0);
+        const Packs<VEC, int> pk(n, row_shift(x, P.vec_ok), P.vec_ok);
         A m = neg_inf<A>();
-        int any = 0;
-        // pass 1: global -> shared, row maximum (reads n)
-        auto park = [&](int k, const Pack<T, VEC>& raw, bool full) {
+        unsigned any = 0;
+        // pass 1: global -> shared, v = scale * x (masked -inf), row maximum (reads n)
+        auto park = [&](int k, const Pack<T, VEC>& r, bool full) {
             const int c0 = pk.c0(k);
             A v[VEC];
-            raw_to_acc<VEC>(raw, v);
-            scale_and_mask<VEC>(v, scale, mk, has_mask, mask_vec, c0, n_cols, true, full, any);
+            raw_to_acc<VEC>(r, v);
 #pragma unroll
-            for (int i = 0; i < VEC; ++i) m = sk_max(m, v[i]);
+            for (int i = 0; i < VEC; ++i) v[i] *= P.scale;
+            if (has_mask) {  // sk:opt {
+                const unsigned keep = load_keep<VEC, false>(mk, c0, n, P.mask_vec);
+                any |= keep;
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) {
+                    if (!((keep >> i) & 1u)) v[i] = neg_inf<A>();
+                }
+            }  // sk:opt }
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) {
+                if (full || in_row(c0 + i, n)) m = sk_max(m, v[i]);
+            }
             smem_store<VEC>(buf + k * VEC, v);
         };
-        Pack<T, VEC> raw[BATCH];
-        for_full_packs<BATCH>(
-            pk, Walker{int(threadIdx.x), int(blockDim.x)}, [&](int b, int k) { raw[b] = *reinterpret_cast<const Pack<T, VEC>*>(x + pk.c0(k)); },
+        for_full_packs_prefetched<NB>(
+            pk, w, [&](int b, int k) { raw[b] = load_pack<VEC>(x + pk.c0(k)); },
             [&](int b, int k) { park(k, raw[b], true); });
-        for_partial_packs(pk, vec_ok, Walker{int(threadIdx.x), int(blockDim.x)}, [&](int k) {
+        for_partial_packs(pk, P.vec_ok, w, [&](int k) {
             Pack<T, VEC> r;
-            load_raw<VEC>(x, pk.c0(k), n_cols, false, r);
+            load_raw<VEC>(x, pk.c0(k), n, false, r);
             park(k, r, false);
         });
-        m = block_max(m, red);
-        if (has_mask) any = __syncthreads_or(any);
-        // pass 2: s = sum(exp(v - m)); softmax keeps exp(v - m) in shared memory
+        // the next row's first batch, in flight while this row is reduced
+        const idx_t next = row + stride;
+        if (next < P.n_rows) {
+            const T* xn = P.x + next * P.row_stride;
+            const Packs<VEC, int> pn(n, row_shift(xn, P.vec_ok), P.vec_ok);
+            prefetch_batch<NB>(pn, w, [&](int b, int k) { raw[b] = load_pack<VEC>(xn + pn.c0(k)); });
+        }
+        m = group_max_all(gr, m, red);
+        if (has_mask) any = group_or_all(gr, any, redu);  // sk:opt
+        const A mr = row_ref(m);
+        // pass 2: s = sum(exp(v - mr)); softmax keeps exp(v - mr) in shared memory
         A s[1] = {A(0)};
-        for (int k = threadIdx.x; k < pk.np; k += nt) {
+        for_smem_packs(pk, P.vec_ok, w, [&](int k, auto full) {
             const int c0 = pk.c0(k);
             A v[VEC];
             smem_load<VEC>(buf + k * VEC, v);
 #pragma unroll
             for (int i = 0; i < VEC; ++i) {
-                const A e = in_row(c0 + i, n_cols) ? sk_exp(v[i] - m) : A(0);
-                s[0] += e;
+                const A e = exp_shifted(v[i] - mr);
+                if (decltype(full)::value || in_row(c0 + i, n)) s[0] += e;
                 if (!IS_LOG) v[i] = e;
             }
             if (!IS_LOG) smem_store<VEC>(buf + k * VEC, v);
-        }
-        block_sum<1>(s, red);
-        // pass 3: shared -> global (writes n). In a row a NaN makes NaN (s = NaN), the masked
-        // entries still get 0 / -inf: only there is the mask read again.
-        const bool empty = has_mask && !any;
-        const bool nan_masked = has_mask && !(s[0] == s[0]);
+        });
+        group_sum_n<1>(gr, s, red);
         const A lse = IS_LOG ? sk_log(s[0]) : A(0);
         const A r = IS_LOG ? A(0) : sk_rcp(s[0]);
-        T* y = y_ptr + row * y_row_stride;
-        for (int k = threadIdx.x; k < pk.np; k += nt) {
+        const bool empty = has_mask && any == 0;
+        T* y = P.y + row * P.y_row_stride;
+        if (gr.G <= WARP) __syncwarp();  // (larger groups: their barriers order the reads)
+        if (has_mask && !(s[0] == s[0])) {  // sk:cold { a NaN row: the masked entries still 0 / -inf
+            for (int k = w.t; k < pk.np; k += w.nt) {
+                A v[VEC];
+                smem_load<VEC>(buf + k * VEC, v);
+                const unsigned keep = load_keep<VEC, false>(mk, pk.c0(k), n, P.mask_vec);
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) {
+                    v[i] = !((keep >> i) & 1u) ? empty_fill<A>(IS_LOG)
+                           : IS_LOG            ? (v[i] - mr) - lse
+                                               : v[i] * r;
+                }
+                store_acc<VEC>(y, pk.c0(k), n, P.vec_ok, v);
+            }
+            continue;
+        }  // sk:cold }
+        // pass 3: shared -> global (writes n)
+        const A off = mr + lse;  // log_softmax: y = v - (mr + log s)
+        for_smem_packs(pk, P.vec_ok, w, [&](int k, auto full) {
+            const int c0 = pk.c0(k);
             A v[VEC];
             smem_load<VEC>(buf + k * VEC, v);
-            const unsigned keep =
-                nan_masked ? load_keep<VEC, false>(mk, pk.c0(k), n_cols, mask_vec) : ~0u;
 #pragma unroll
-            for (int i = 0; i < VEC; ++i) {
-                if (empty || !((keep >> i) & 1u)) {
-                    v[i] = IS_LOG ? neg_inf<A>() : A(0);
-                } else {
-                    v[i] = IS_LOG ? (v[i] - m) - lse : v[i] * r;
-                }
+            for (int i = 0; i < VEC; ++i) v[i] = IS_LOG ? v[i] - off : v[i] * r;
+            if (empty) {  // sk:opt {
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) v[i] = empty_fill<A>(IS_LOG);
+            }  // sk:opt }
+            if constexpr (decltype(full)::value) {
+                store_full<VEC>(y + c0, v);
+            } else {
+                store_acc<VEC>(y, c0, n, false, v);
             }
-            store_acc<VEC>(y, pk.c0(k), n_cols, vec_ok, v);
-        }
+        });
     }
 }
 
 template <typename T>
-__device__ __forceinline__ void softmax_bwd_block(const T* dy_ptr, const T* y_ptr, T* dx_ptr,
-                                                  idx_t n_rows, int n_cols, idx_t dy_row_stride,
-                                                  idx_t y_row_stride, idx_t dx_row_stride,
-                                                  acc_t<T> scale, bool is_log,
-                                                 bool vec_ok) {
+__device__ __forceinline__ void softmax_bwd_block(const BwdParams<T>& P) {
     typedef acc_t<T> A;
+    typedef sum_t<T> S;
     constexpr int VEC = Vec<T>::value;
-    constexpr int NB = BATCH / 2;  // full packs per batch: two operands, the same bytes in flight
-    __shared__ sum_t<T> red[WARP];  // the row sum, in sum_t (see softmax_bwd_warp)
+    constexpr int NB = batch_packs<T>(true);  // two operands, the same bytes in flight
+    __shared__ S red[MAX_WARPS];
+    const Group gr = row_group(P.row_threads);
+    const Walker w = gr.walker();
+    const int R = int(blockDim.x) / gr.G;
+    const int n = P.n_cols;
+    const int slots = smem_slots<VEC>(n, P.vec_ok);
     // dy and y rows as raw T, by pack (each buffer a multiple of 16 bytes)
-    T* dyb = reinterpret_cast<T*>(sk_dyn_smem);
-    T* yb = dyb + smem_slots<VEC>(n_cols, vec_ok);
-    const int nt = blockDim.x;
-    for (idx_t row = blockIdx.x; row < n_rows; row += gridDim.x) {
-        const T* dyr = dy_ptr + row * dy_row_stride;
-        const T* yr = y_ptr + row * y_row_stride;
-        const Packs<VEC, int> pk(n_cols, row_shift(dyr, vec_ok), vec_ok);
-        sum_t<T> dot[1] = {0};
+    T* dyb = reinterpret_cast<T*>(sk_dyn_smem) + gr.g * 2 * slots;
+    T* yb = dyb + slots;
+    const idx_t stride = idx_t(gridDim.x) * R;
+    idx_t row = idx_t(blockIdx.x) * R + gr.g;
+    Pack<T, VEC> rd[NB], ry[NB];
+    if (row < P.n_rows) {
+        const T* dyr = P.dy + row * P.dy_row_stride;
+        const T* yr = P.y + row * P.y_row_stride;
+        const Packs<VEC, int> pk(n, row_shift(dyr, P.vec_ok), P.vec_ok);
+        prefetch_batch<NB>(pk, w, [&](int b, int k) {
+            rd[b] = load_pack<VEC>(dyr + pk.c0(k));
+            ry[b] = load_pack<VEC>(yr + pk.c0(k));
+        });
+    }
+    for (; row < P.n_rows; row += stride) {
+        const T* dyr = P.dy + row * P.dy_row_stride;
+        const T* yr = P.y + row * P.y_row_stride;
+        const Packs<VEC, int> pk(n, row_shift(dyr, P.vec_ok), P.vec_ok);
+        S dot[1] = {S(0)};
         // pass 1: global -> shared, dot(dy, y) or sum(dy) (reads 2 x n; elements outside the
         // row load as 0 and add nothing)
         auto park = [&](int k, const Pack<T, VEC>& d_raw, const Pack<T, VEC>& y_raw) {
-            *reinterpret_cast<Pack<T, VEC>*>(dyb + k * VEC) = d_raw;
-            *reinterpret_cast<Pack<T, VEC>*>(yb + k * VEC) = y_raw;
+            store_pack<VEC>(dyb + k * VEC, d_raw);
+            store_pack<VEC>(yb + k * VEC, y_raw);
             A d[VEC], yv[VEC];
             raw_to_acc<VEC>(d_raw, d);
             raw_to_acc<VEC>(y_raw, yv);
+            if (P.is_log) {  // sk:log {
 #pragma unroll
-            for (int i = 0; i < VEC; ++i) dot[0] += sum_t<T>(is_log ? d[i] : d[i] * yv[i]);
+                for (int i = 0; i < VEC; ++i) dot[0] += S(d[i]);
+            } else {  // sk:log } sk:prob {
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) dot[0] += S(d[i] * yv[i]);
+            }  // sk:prob }
         };
-        Pack<T, VEC> rd[NB], ry[NB];
-        for_full_packs<NB>(
-            pk, Walker{int(threadIdx.x), int(blockDim.x)},
+        for_full_packs_prefetched<NB>(
+            pk, w,
             [&](int b, int k) {
-                rd[b] = *reinterpret_cast<const Pack<T, VEC>*>(dyr + pk.c0(k));
-                ry[b] = *reinterpret_cast<const Pack<T, VEC>*>(yr + pk.c0(k));
+                rd[b] = load_pack<VEC>(dyr + pk.c0(k));
+                ry[b] = load_pack<VEC>(yr + pk.c0(k));
             },
             [&](int b, int k) { park(k, rd[b], ry[b]); });
-        for_partial_packs(pk, vec_ok, Walker{int(threadIdx.x), int(blockDim.x)}, [&](int k) {
+        for_partial_packs(pk, P.vec_ok, w, [&](int k) {
             Pack<T, VEC> d_raw, y_raw;
-            load_raw<VEC>(dyr, pk.c0(k), n_cols, false, d_raw);
-            load_raw<VEC>(yr, pk.c0(k), n_cols, false, y_raw);
+            load_raw<VEC>(dyr, pk.c0(k), n, false, d_raw);
+            load_raw<VEC>(yr, pk.c0(k), n, false, y_raw);
             park(k, d_raw, y_raw);
         });
-        block_sum<1>(dot, red);
-        const A dsum = A(dot[0]);
-        // pass 2: shared -> global (writes n)
-        T* dx = dx_ptr + row * dx_row_stride;
-        for (int k = threadIdx.x; k < pk.np; k += nt) {
-            A d[VEC], yv[VEC];
-            raw_to_acc<VEC>(*reinterpret_cast<const Pack<T, VEC>*>(dyb + k * VEC), d);
-            raw_to_acc<VEC>(*reinterpret_cast<const Pack<T, VEC>*>(yb + k * VEC), yv);
-#pragma unroll
-            for (int i = 0; i < VEC; ++i) {
-                d[i] = is_log ? (d[i] - sk_exp(yv[i]) * dsum) * scale
-                              : (d[i] - dsum) * yv[i] * scale;
-            }
-            store_acc<VEC>(dx, pk.c0(k), n_cols, vec_ok, d);
+        const idx_t next = row + stride;
+        if (next < P.n_rows) {
+            const T* dn = P.dy + next * P.dy_row_stride;
+            const T* yn = P.y + next * P.y_row_stride;
+            const Packs<VEC, int> pn(n, row_shift(dn, P.vec_ok), P.vec_ok);
+            prefetch_batch<NB>(pn, w, [&](int b, int k) {
+                rd[b] = load_pack<VEC>(dn + pn.c0(k));
+                ry[b] = load_pack<VEC>(yn + pn.c0(k));
+            });
         }
+        group_sum_n<1>(gr, dot, red);
+        const A dsum = A(dot[0]);
+        const A ds = dsum * P.scale;
+        if (gr.G <= WARP) __syncwarp();
+        // pass 2: shared -> global (writes n)
+        T* dx = P.dx + row * P.dx_row_stride;
+        for_smem_packs(pk, P.vec_ok, w, [&](int k, auto full) {
+            const int c0 = pk.c0(k);
+            A d[VEC], yv[VEC];
+            raw_to_acc<VEC>(load_pack<VEC>(dyb + k * VEC), d);
+            raw_to_acc<VEC>(load_pack<VEC>(yb + k * VEC), yv);
+            if (P.is_log) {  // sk:log {
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) d[i] = d[i] * P.scale - exp_shifted(yv[i]) * ds;
+            } else {  // sk:log } sk:prob {
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) d[i] = (d[i] - dsum) * yv[i] * P.scale;
+            }  // sk:prob }
+            if constexpr (decltype(full)::value) {
+                store_full<VEC>(dx + c0, d);
+            } else {
+                store_acc<VEC>(dx, c0, n, false, d);
+            }
+        });
     }
 }
 
 // ---------------------------------------------------------------------------------------------
-// (c) ONLINE: rows too long for shared memory. Pass 1 folds the row into an online (max, sum)
-// per thread (one merge per pack), merged over the block; pass 2 reads the row again.
-// Column indices are 64-bit here: this path has no row-length limit.
+// (c) ONLINE: rows too long for shared memory, a 256-thread block per row. Pass 1 keeps, per
+// thread, a running maximum m and s = sum(exp(v - m)), rescaled only when a pack raises m (a
+// branch taken a few times per row); the block merges them by moving every thread's s to the
+// row maximum. Pass 2 reads the row again (the same thread reads then writes each element).
 
 template <typename T, bool IS_LOG>
-__device__ __forceinline__ void softmax_fwd_online(const T* x_ptr, T* y_ptr,
-                                                   const unsigned char* mask_ptr, idx_t n_rows,
-                                                   idx_t n_cols, idx_t row_stride,
-                                                   idx_t y_row_stride, idx_t mask_row_stride,
-                                                   acc_t<T> scale, bool vec_ok, bool mask_vec) {
+__device__ __forceinline__ void softmax_fwd_online(const FwdParams<T>& P) {
     typedef acc_t<T> A;
     constexpr int VEC = Vec<T>::value;
-    __shared__ A red[2 * WARP];
-    const bool has_mask = mask_ptr != nullptr;
-    for (idx_t row = blockIdx.x; row < n_rows; row += gridDim.x) {
-        const T* x = x_ptr + row * row_stride;
-        const unsigned char* mk = has_mask ? mask_ptr + row * mask_row_stride : nullptr;
-        const Packs<VEC, idx_t> pk(n_cols, row_shift(x, vec_ok), vec_ok);
-        Online<A> o;
-        o.init();
-        int any = 0;
-        // v = scale * x of a pack, -inf where masked or outside the row
-        auto values = [&](idx_t k, const Pack<T, VEC>& raw, A (&v)[VEC], bool full) {
-            const idx_t c0 = pk.c0(k);
+    constexpr int NB = batch_packs<T>(false);
+    __shared__ A red[MAX_WARPS];
+    __shared__ unsigned redu[MAX_WARPS];
+    const Group gr = whole_block();
+    const Walker w = gr.walker();
+    const int n = P.n_cols;
+    const bool has_mask = P.mask != nullptr;
+    for (idx_t row = blockIdx.x; row < P.n_rows; row += gridDim.x) {
+        const T* x = P.x + row * P.row_stride;
+        const unsigned char* mk = P.mask + (has_mask ? row * P.mask_row_stride : 0);
+        const Packs<VEC, int> pk(n, row_shift(x, P.vec_ok), P.vec_ok);
+        A m = neg_inf<A>(), ref = A(0), s = A(0);
+        unsigned any = 0;
+        // v = scale * x of a pack, -inf where masked; returns the mask bits
+        auto values = [&](int k, const Pack<T, VEC>& raw, A (&v)[VEC]) {
             raw_to_acc<VEC>(raw, v);
-            return scale_and_mask<VEC>(v, scale, mk, has_mask, mask_vec, c0, n_cols, true, full,
-                                       any);
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) v[i] *= P.scale;
+            unsigned keep = ~0u;
+            if (has_mask) {  // sk:opt {
+                keep = load_keep<VEC, false>(mk, pk.c0(k), n, P.mask_vec);
+                any |= keep;
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) {
+                    if (!((keep >> i) & 1u)) v[i] = neg_inf<A>();
+                }
+            }  // sk:opt }
+            return keep;
         };
-        // pass 1 (reads n): one online merge per pack
-        auto fold = [&](idx_t k, const Pack<T, VEC>& raw, bool full) {
-            A v[VEC];
-            values(k, raw, v, full);
+        // pass 1 (reads n): a batch of NB full packs at a time, the running maximum checked once
+        // per batch
+        Pack<T, VEC> raw[NB];
+        auto fold = [&](int nb, const int (&ks)[NB]) {
+            A v[NB][VEC];
             A pm = neg_inf<A>();
 #pragma unroll
-            for (int i = 0; i < VEC; ++i) pm = sk_max(pm, v[i]);
-            const A mn = sk_max(o.m, pm);
-            A s = o.s * exp_rel(o.m, mn);
+            for (int b = 0; b < NB; ++b) {
+                if (b < nb) {
+                    values(ks[b], raw[b], v[b]);
 #pragma unroll
-            for (int i = 0; i < VEC; ++i) s += exp_rel(v[i], mn);
-            o.m = mn;
-            o.s = s;
-        };
-        Pack<T, VEC> raw[BATCH];
-        for_full_packs<BATCH>(
-            pk, Walker{int(threadIdx.x), int(blockDim.x)}, [&](int b, idx_t k) { raw[b] = *reinterpret_cast<const Pack<T, VEC>*>(x + pk.c0(k)); },
-            [&](int b, idx_t k) { fold(k, raw[b], true); });
-        for_partial_packs(pk, vec_ok, Walker{int(threadIdx.x), int(blockDim.x)}, [&](idx_t k) {
-            Pack<T, VEC> r;
-            load_raw<VEC>(x, pk.c0(k), n_cols, false, r);
-            fold(k, r, false);
-        });
-        block_online(o, red);
-        if (has_mask) any = __syncthreads_or(any);
-        // pass 2 (reads n again, writes n); the same thread reads then writes each element
-        const bool empty = has_mask && !any;
-        const A lse = IS_LOG ? sk_log(o.s) : A(0);
-        const A r = IS_LOG ? A(0) : sk_rcp(o.s);
-        T* y = y_ptr + row * y_row_stride;
-        auto result = [&](idx_t k, const Pack<T, VEC>& raw, A (&v)[VEC], bool full) {
-            if (empty) {
-#pragma unroll
-                for (int i = 0; i < VEC; ++i) v[i] = IS_LOG ? neg_inf<A>() : A(0);
-                return;
+                    for (int i = 0; i < VEC; ++i) pm = sk_max(pm, v[b][i]);
+                }
             }
-            const unsigned keep = values(k, raw, v, full);
+            if (pm > m) {  // the running maximum grows: rescale s (0 while m = -inf)
+                if (m != neg_inf<A>()) s *= exp_shifted(ref - pm);
+                m = ref = pm;
+            }
+            // the batch's sum first, then into the row's: a thread's error grows with its
+            // batches, not its elements (a 2**20 row gives a thread 4096 of them)
+            A bs = A(0);
+#pragma unroll
+            for (int b = 0; b < NB; ++b) {
+                if (b < nb) {
+#pragma unroll
+                    for (int i = 0; i < VEC; ++i) bs += exp_shifted(v[b][i] - ref);
+                }
+            }
+            s += bs;
+        };
+        int kb = first_full(pk, w);
+#pragma unroll 1
+        for (; kb + (NB - 1) * w.nt < pk.hi; kb += NB * w.nt) {  // sk:hot packs=NB
+            int ks[NB];
+#pragma unroll
+            for (int b = 0; b < NB; ++b) {
+                ks[b] = kb + b * w.nt;
+                raw[b] = load_pack<VEC>(x + pk.c0(ks[b]));
+            }
+            fold(NB, ks);
+        }
+#pragma unroll 1
+        for (; kb < pk.hi; kb += w.nt) {  // sk:cold { fewer than NB full packs left
+            int ks[NB] = {kb};
+            raw[0] = load_pack<VEC>(x + pk.c0(kb));
+            fold(1, ks);
+        }  // sk:cold }
+        for_partial_packs(pk, P.vec_ok, w, [&](int k) {
+            Pack<T, VEC> r;
+            load_raw<VEC>(x, pk.c0(k), n, false, r);
+            const int c0 = pk.c0(k);
+            A v[VEC];
+            values(k, r, v);
+            A pm = neg_inf<A>();
 #pragma unroll
             for (int i = 0; i < VEC; ++i) {
-                // masked entries: 0 / -inf, also in a row that a NaN makes NaN
-                v[i] = !((keep >> i) & 1u) ? (IS_LOG ? neg_inf<A>() : A(0))
-                       : IS_LOG          ? (v[i] - o.m) - lse
-                                         : sk_exp(v[i] - o.m) * r;
+                if (in_row(c0 + i, n)) pm = sk_max(pm, v[i]);
             }
+            if (pm > m) {
+                if (m != neg_inf<A>()) s *= exp_shifted(ref - pm);
+                m = ref = pm;
+            }
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) {
+                const A e = exp_shifted(v[i] - ref);
+                if (in_row(c0 + i, n)) s += e;
+            }
+        });
+        const A M = group_max_all(gr, m, red);
+        const A mr = row_ref(M);
+        A ss[1] = {m != neg_inf<A>() ? s * exp_shifted(ref - mr) : A(0)};
+        group_sum_n<1>(gr, ss, red);
+        if (has_mask) any = group_or_all(gr, any, redu);  // sk:opt
+        const bool empty = has_mask && any == 0;
+        const A lse = IS_LOG ? sk_log(ss[0]) : A(0);
+        const A r = IS_LOG ? A(0) : sk_rcp(ss[0]);
+        T* y = P.y + row * P.y_row_stride;
+        // pass 2 (reads n again, writes n)
+        const A off = mr + lse;  // log_softmax: y = v - (mr + log s)
+        // scale * x - mr in one FMA (the product exact, one rounding: as accurate as the two
+        // steps); masked entries get their fill afterwards
+        auto result = [&](int k, const Pack<T, VEC>& raw, A (&v)[VEC]) {
+            raw_to_acc<VEC>(raw, v);
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) {
+                v[i] = IS_LOG ? fma_acc(v[i], P.scale, -off)
+                              : exp_shifted(fma_acc(v[i], P.scale, -mr)) * r;
+            }
+            if (has_mask) {  // sk:opt { masked: 0 / -inf, also in a NaN row
+                const unsigned keep = load_keep<VEC, false>(mk, pk.c0(k), n, P.mask_vec);
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) {
+                    if (empty || !((keep >> i) & 1u)) v[i] = empty_fill<A>(IS_LOG);
+                }
+            }  // sk:opt }
         };
-        for_full_packs<BATCH>(
-            pk, Walker{int(threadIdx.x), int(blockDim.x)},
-            [&](int b, idx_t k) {
-                if (!empty) raw[b] = *reinterpret_cast<const Pack<T, VEC>*>(x + pk.c0(k));
-            },
-            [&](int b, idx_t k) {
+        for_full_packs<NB>(
+            pk, w, [&](int b, int k) { raw[b] = load_pack<VEC>(x + pk.c0(k)); },
+            [&](int b, int k) {
                 A v[VEC];
-                result(k, raw[b], v, true);
+                result(k, raw[b], v);
                 store_full<VEC>(y + pk.c0(k), v);
             });
-        for_partial_packs(pk, vec_ok, Walker{int(threadIdx.x), int(blockDim.x)}, [&](idx_t k) {
+        for_partial_packs(pk, P.vec_ok, w, [&](int k) {
             Pack<T, VEC> rr;
-            load_raw<VEC>(x, pk.c0(k), n_cols, false, rr);
+            load_raw<VEC>(x, pk.c0(k), n, false, rr);
             A v[VEC];
-            result(k, rr, v, false);
-            store_acc<VEC>(y, pk.c0(k), n_cols, false, v);
+            result(k, rr, v);
+            store_acc<VEC>(y, pk.c0(k), n, false, v);
         });
     }
 }
 
 template <typename T>
-__device__ __forceinline__ void softmax_bwd_online(const T* dy_ptr, const T* y_ptr, T* dx_ptr,
-                                                   idx_t n_rows, idx_t n_cols,
-                                                   idx_t dy_row_stride, idx_t y_row_stride,
-                                                   idx_t dx_row_stride, acc_t<T> scale,
-                                                   bool is_log, bool vec_ok) {
+__device__ __forceinline__ void softmax_bwd_online(const BwdParams<T>& P) {
     typedef acc_t<T> A;
+    typedef sum_t<T> S;
     constexpr int VEC = Vec<T>::value;
-    constexpr int NB = BATCH / 2;  // full packs per batch: two operands, the same bytes in flight
-    __shared__ sum_t<T> red[WARP];  // the row sum, in sum_t (see softmax_bwd_warp)
-    for (idx_t row = blockIdx.x; row < n_rows; row += gridDim.x) {
-        const T* dyr = dy_ptr + row * dy_row_stride;
-        const T* yr = y_ptr + row * y_row_stride;
-        const Packs<VEC, idx_t> pk(n_cols, row_shift(dyr, vec_ok), vec_ok);
-        sum_t<T> dot[1] = {0};
-        // pass 1 (reads 2 x n; log_softmax: n, dy only)
-        auto accumulate = [&](const Pack<T, VEC>& d_raw, const Pack<T, VEC>& y_raw) {
-            A d[VEC], yv[VEC];
-            raw_to_acc<VEC>(d_raw, d);
-            if (!is_log) raw_to_acc<VEC>(y_raw, yv);
-#pragma unroll
-            for (int i = 0; i < VEC; ++i) dot[0] += sum_t<T>(is_log ? d[i] : d[i] * yv[i]);
-        };
+    constexpr int NB = batch_packs<T>(true);  // two operands, the same bytes in flight
+    __shared__ S red[MAX_WARPS];
+    const Group gr = whole_block();
+    const Walker w = gr.walker();
+    const int n = P.n_cols;
+    for (idx_t row = blockIdx.x; row < P.n_rows; row += gridDim.x) {
+        const T* dyr = P.dy + row * P.dy_row_stride;
+        const T* yr = P.y + row * P.y_row_stride;
+        const Packs<VEC, int> pk(n, row_shift(dyr, P.vec_ok), P.vec_ok);
+        S dot[1] = {S(0)};
         Pack<T, VEC> rd[NB], ry[NB];
-        for_full_packs<NB>(
-            pk, Walker{int(threadIdx.x), int(blockDim.x)},
-            [&](int b, idx_t k) {
-                rd[b] = *reinterpret_cast<const Pack<T, VEC>*>(dyr + pk.c0(k));
-                if (!is_log) ry[b] = *reinterpret_cast<const Pack<T, VEC>*>(yr + pk.c0(k));
-            },
-            [&](int b, idx_t k) { accumulate(rd[b], ry[b]); });
-        for_partial_packs(pk, vec_ok, Walker{int(threadIdx.x), int(blockDim.x)}, [&](idx_t k) {
-            Pack<T, VEC> d_raw, y_raw;
-            load_raw<VEC>(dyr, pk.c0(k), n_cols, false, d_raw);
-            if (!is_log) load_raw<VEC>(yr, pk.c0(k), n_cols, false, y_raw);
-            accumulate(d_raw, y_raw);
-        });
-        block_sum<1>(dot, red);
+        // pass 1 (reads 2 x n; log_softmax: n, dy only)
+        if (P.is_log) {  // sk:log {
+            auto acc_log = [&](const Pack<T, VEC>& d_raw) {
+                A d[VEC];
+                raw_to_acc<VEC>(d_raw, d);
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) dot[0] += S(d[i]);
+            };
+            for_full_packs<NB>(
+                pk, w, [&](int b, int k) { rd[b] = load_pack<VEC>(dyr + pk.c0(k)); },
+                [&](int b, int k) { acc_log(rd[b]); });
+            for_partial_packs(pk, P.vec_ok, w, [&](int k) {
+                Pack<T, VEC> d_raw;
+                load_raw<VEC>(dyr, pk.c0(k), n, false, d_raw);
+                acc_log(d_raw);
+            });
+        } else {  // sk:log } sk:prob {
+            auto acc_dot = [&](const Pack<T, VEC>& d_raw, const Pack<T, VEC>& y_raw) {
+                A d[VEC], yv[VEC];
+                raw_to_acc<VEC>(d_raw, d);
+                raw_to_acc<VEC>(y_raw, yv);
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) dot[0] += S(d[i] * yv[i]);
+            };
+            for_full_packs<NB>(
+                pk, w,
+                [&](int b, int k) {
+                    rd[b] = load_pack<VEC>(dyr + pk.c0(k));
+                    ry[b] = load_pack<VEC>(yr + pk.c0(k));
+                },
+                [&](int b, int k) { acc_dot(rd[b], ry[b]); });
+            for_partial_packs(pk, P.vec_ok, w, [&](int k) {
+                Pack<T, VEC> d_raw, y_raw;
+                load_raw<VEC>(dyr, pk.c0(k), n, false, d_raw);
+                load_raw<VEC>(yr, pk.c0(k), n, false, y_raw);
+                acc_dot(d_raw, y_raw);
+            });
+        }  // sk:prob }
+        group_sum_n<1>(gr, dot, red);
         const A dsum = A(dot[0]);
+        const A ds = dsum * P.scale;
         // pass 2 (reads 2 x n again, writes n)
-        T* dx = dx_ptr + row * dx_row_stride;
+        T* dx = P.dx + row * P.dx_row_stride;
         auto result = [&](const Pack<T, VEC>& d_raw, const Pack<T, VEC>& y_raw, A (&d)[VEC]) {
             A yv[VEC];
             raw_to_acc<VEC>(d_raw, d);
             raw_to_acc<VEC>(y_raw, yv);
+            if (P.is_log) {  // sk:log {
 #pragma unroll
-            for (int i = 0; i < VEC; ++i) {
-                d[i] = is_log ? (d[i] - sk_exp(yv[i]) * dsum) * scale
-                              : (d[i] - dsum) * yv[i] * scale;
-            }
+                for (int i = 0; i < VEC; ++i) d[i] = d[i] * P.scale - exp_shifted(yv[i]) * ds;
+            } else {  // sk:log } sk:prob {
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) d[i] = (d[i] - dsum) * yv[i] * P.scale;
+            }  // sk:prob }
         };
         for_full_packs<NB>(
-            pk, Walker{int(threadIdx.x), int(blockDim.x)},
-            [&](int b, idx_t k) {
-                rd[b] = *reinterpret_cast<const Pack<T, VEC>*>(dyr + pk.c0(k));
-                ry[b] = *reinterpret_cast<const Pack<T, VEC>*>(yr + pk.c0(k));
+            pk, w,
+            [&](int b, int k) {
+                rd[b] = load_pack<VEC>(dyr + pk.c0(k));
+                ry[b] = load_pack<VEC>(yr + pk.c0(k));
             },
-            [&](int b, idx_t k) {
+            [&](int b, int k) {
                 A d[VEC];
                 result(rd[b], ry[b], d);
                 store_full<VEC>(dx + pk.c0(k), d);
             });
-        for_partial_packs(pk, vec_ok, Walker{int(threadIdx.x), int(blockDim.x)}, [&](idx_t k) {
+        for_partial_packs(pk, P.vec_ok, w, [&](int k) {
             Pack<T, VEC> d_raw, y_raw;
-            load_raw<VEC>(dyr, pk.c0(k), n_cols, false, d_raw);
-            load_raw<VEC>(yr, pk.c0(k), n_cols, false, y_raw);
+            load_raw<VEC>(dyr, pk.c0(k), n, false, d_raw);
+            load_raw<VEC>(yr, pk.c0(k), n, false, y_raw);
             A d[VEC];
             result(d_raw, y_raw, d);
-            store_acc<VEC>(dx, pk.c0(k), n_cols, false, d);
+            store_acc<VEC>(dx, pk.c0(k), n, false, d);
         });
     }
 }
@@ -481,45 +707,66 @@ __device__ __forceinline__ void softmax_bwd_online(const T* dy_ptr, const T* y_p
 }  // namespace sk
 
 // ---------------------------------------------------------------------------------------------
-// Kernels. STRATEGY picks (a)/(b)/(c); LANES and PACKS shape strategy (a) (1 for the others).
-// vec_ok / mask_vec: 16-byte packs are legal for the data rows / the mask rows (see
-// common.cuh). Grids are capped to fill the GPU once and loop over rows (grid-stride).
+// Kernels. STRATEGY picks (a)/(b)/(c); LANES and PACKS shape strategy (a) (1 for the others);
+// FAST: (a)'s instance for rows of whole packs (always true for (b) and (c)). vec_ok / mask_vec:
+// 16-byte packs are legal for the data rows / the mask rows (see common.cuh). row_threads:
+// threads per row of (b). Grids are capped to fill the GPU once and loop over rows.
+// Register budgets: SK_LAUNCH_BOUNDS (common.cuh).
 
-template <typename T, bool IS_LOG, int STRATEGY, int LANES, int PACKS>
-__global__ void SK_LAUNCH_BOUNDS_MIN(STRATEGY, (STRATEGY) == SK_WARP_ROWS ? 4 : 2)
+// (the GENERAL (a) instances, with per-element bounds checks, get 2 blocks: 255 registers)
+template <typename T, bool IS_LOG, int STRATEGY, int LANES, int PACKS, bool FAST>
+__global__ void SK_LAUNCH_BOUNDS_MIN(STRATEGY, STRATEGY == SK_WARP_ROWS && !FAST ? 2 : SK_MIN_BLOCKS(STRATEGY))
     softmax_fwd_kernel(const T* x_ptr, T* y_ptr, const unsigned char* mask_ptr, long long n_rows,
                        long long n_cols, long long row_stride, long long y_row_stride,
-                       long long mask_row_stride, sk::acc_t<T> scale, int vec_ok, int mask_vec) {
+                       long long mask_row_stride, long long row_threads, sk::acc_t<T> scale,
+                       int vec_ok, int mask_vec) {
+    sk::FwdParams<T> P;
+    P.x = x_ptr;
+    P.y = y_ptr;
+    P.mask = mask_ptr;
+    P.n_rows = n_rows;
+    P.n_cols = int(n_cols);
+    P.row_stride = row_stride;
+    P.y_row_stride = y_row_stride;
+    P.mask_row_stride = mask_row_stride;
+    P.row_threads = int(row_threads);
+    P.scale = scale;
+    P.vec_ok = vec_ok != 0;
+    P.mask_vec = mask_vec != 0;
     if constexpr (STRATEGY == SK_WARP_ROWS) {
-        sk::softmax_fwd_warp<T, IS_LOG, LANES, PACKS>(x_ptr, y_ptr, mask_ptr, n_rows, int(n_cols),
-                                                      row_stride, y_row_stride, mask_row_stride,
-                                                      scale, vec_ok != 0, mask_vec != 0);
+        sk::softmax_fwd_warp<T, IS_LOG, LANES, PACKS, FAST>(P);
     } else if constexpr (STRATEGY == SK_BLOCK_SMEM) {
-        sk::softmax_fwd_block<T, IS_LOG>(x_ptr, y_ptr, mask_ptr, n_rows, int(n_cols), row_stride,
-                                         y_row_stride, mask_row_stride, scale, vec_ok != 0,
-                                         mask_vec != 0);
+        sk::softmax_fwd_block<T, IS_LOG>(P);
     } else {
-        sk::softmax_fwd_online<T, IS_LOG>(x_ptr, y_ptr, mask_ptr, n_rows, n_cols, row_stride,
-                                          y_row_stride, mask_row_stride, scale, vec_ok != 0,
-                                          mask_vec != 0);
+        sk::softmax_fwd_online<T, IS_LOG>(P);
     }
 }
 
 // is_log: log_softmax backward (y is the log_softmax output), else softmax backward.
-template <typename T, int STRATEGY, int LANES, int PACKS>
-__global__ void SK_LAUNCH_BOUNDS_MIN(STRATEGY, (STRATEGY) == SK_WARP_ROWS ? 4 : 2)
+template <typename T, int STRATEGY, int LANES, int PACKS, bool FAST>
+__global__ void SK_LAUNCH_BOUNDS_MIN(STRATEGY, STRATEGY == SK_WARP_ROWS && !FAST ? 2 : SK_MIN_BLOCKS(STRATEGY))
     softmax_bwd_kernel(const T* dy_ptr, const T* y_ptr, T* dx_ptr, long long n_rows,
                        long long n_cols, long long dy_row_stride, long long y_row_stride,
-                       long long dx_row_stride, sk::acc_t<T> scale, int is_log, int vec_ok) {
+                       long long dx_row_stride, long long row_threads, sk::acc_t<T> scale,
+                       int is_log, int vec_ok) {
+    sk::BwdParams<T> P;
+    P.dy = dy_ptr;
+    P.y = y_ptr;
+    P.dx = dx_ptr;
+    P.n_rows = n_rows;
+    P.n_cols = int(n_cols);
+    P.dy_row_stride = dy_row_stride;
+    P.y_row_stride = y_row_stride;
+    P.dx_row_stride = dx_row_stride;
+    P.row_threads = int(row_threads);
+    P.scale = scale;
+    P.is_log = is_log != 0;
+    P.vec_ok = vec_ok != 0;
     if constexpr (STRATEGY == SK_WARP_ROWS) {
-        sk::softmax_bwd_warp<T, LANES, PACKS>(dy_ptr, y_ptr, dx_ptr, n_rows, int(n_cols),
-                                              dy_row_stride, y_row_stride, dx_row_stride, scale,
-                                              is_log != 0, vec_ok != 0);
+        sk::softmax_bwd_warp<T, LANES, PACKS, FAST>(P);
     } else if constexpr (STRATEGY == SK_BLOCK_SMEM) {
-        sk::softmax_bwd_block<T>(dy_ptr, y_ptr, dx_ptr, n_rows, int(n_cols), dy_row_stride,
-                                 y_row_stride, dx_row_stride, scale, is_log != 0, vec_ok != 0);
+        sk::softmax_bwd_block<T>(P);
     } else {
-        sk::softmax_bwd_online<T>(dy_ptr, y_ptr, dx_ptr, n_rows, n_cols, dy_row_stride,
-                                  y_row_stride, dx_row_stride, scale, is_log != 0, vec_ok != 0);
+        sk::softmax_bwd_online<T>(P);
     }
 }

@@ -66,16 +66,19 @@ BLOCK_THREADS = 256  # SK_BLOCK_THREADS: blocks of (b) and (c) are 8 warps (thei
 STATIC_SMEM_RESERVE = 1024
 # Shared memory per block without opting in (any CUDA GPU): the planner's default.
 DEFAULT_SMEM_LIMIT = 48 * 1024
-# Cross-entropy kernels index a row's columns in 32 bits (fewer registers in the long-row loops).
-MAX_CE_COLS = 2**31 - 64
+# The kernels index a row's columns in 32 bits (fewer registers and instructions in the
+# long-row loops; rows are addressed with 64-bit offsets): rows of fewer than this many elements.
+MAX_COLS = 2**31 - 64
 # Slots of the grid reductions' partial sums (SK_WS_PARTIALS): reducing grids are capped here.
 WS_PARTIALS = 8192
 # Packs per thread strategy (b) wants at least: with fewer, a thread's loads are not enough to
 # keep the memory system busy, and the group shrinks instead (more rows per block).
 MIN_PACKS_PER_THREAD = 4
 # Elements each lane of strategy (a) holds at least: the row's fixed cost (reductions, log,
-# the loss) spreads over this many elements (16: 4 float32 packs, 2 half packs, 8 float64).
+# the loss) spreads over this many elements (16: 4 float32 packs, 2 half packs, 8 float64);
+# cross-entropy's row costs more (target, loss, the target's gradient entry): 32 (float64: 16).
 WARP_MIN_ELEMS = 16
+CE_WARP_ELEMS = 32
 
 
 def vec_width(itemsize: int) -> int:
@@ -103,16 +106,32 @@ def _pow2_floor(n: int) -> int:
     return 1 << (max(1, n).bit_length() - 1)
 
 
-def warp_configs(itemsize: int) -> list[tuple[int, int]]:
-    """Every (LANES, PACKS) shape strategy (a) uses for this element size.
-
-    Each lane holds at least WARP_MIN_ELEMS elements (PACKS = 16 / VEC packs); short rows share
-    a warp with LANES = 1, 4 or 16 lanes per row, longer rows get the whole warp and PACKS
-    doubles up to warp_max_cols. Few shapes keep the instance count (and the compile time)
-    small; a lane's unused packs cost only predicated-off instructions."""
+def _warp_per_lane(itemsize: int, ce: bool) -> int:
+    """Packs each lane of strategy (a) holds at least: WARP_MIN_ELEMS elements (CE_WARP_ELEMS for
+    cross-entropy, whose row epilogue -- target, log, loss, the target's gradient -- costs more),
+    no more than a warp's share of warp_max_cols."""
     vec = vec_width(itemsize)
-    base = max(1, WARP_MIN_ELEMS // vec)
-    out = [(lanes, base) for lanes in (1, 4, 16)]
+    want = max(1, (CE_WARP_ELEMS if ce else WARP_MIN_ELEMS) // vec)
+    return min(want, warp_max_cols(itemsize) // (WARP * vec))
+
+
+def warp_lanes(ce: bool) -> tuple[int, ...]:
+    """Lanes per row strategy (a) uses: softmax 1, 4, 16 or 32 (few instances); cross-entropy
+    every power of two, so that the power-of-two vocabularies fill their lanes exactly (its
+    lanes hold twice the elements, and a half-filled lane would double the row's cost)."""
+    return (1, 2, 4, 8, 16, WARP) if ce else (1, 4, 16, WARP)
+
+
+def warp_configs(itemsize: int, ce: bool = False) -> list[tuple[int, int]]:
+    """Every (LANES, PACKS) shape strategy (a) uses for this element size (and op family).
+
+    Short rows share a warp with LANES < 32 lanes per row of the minimum packs per lane; longer
+    rows get the whole warp and PACKS doubles up to warp_max_cols (cross-entropy: its minimum
+    already reaches it). Few shapes keep the instance count (and the compile time) small; a
+    lane's unused packs cost only predicated-off instructions."""
+    vec = vec_width(itemsize)
+    base = _warp_per_lane(itemsize, ce)
+    out = [(lanes, base) for lanes in warp_lanes(ce) if lanes < WARP]
     packs = base
     while WARP * packs * vec <= warp_max_cols(itemsize):
         out.append((WARP, packs))
@@ -161,10 +180,6 @@ def block_row_threads(n_packs: int) -> int:
     return max(WARP, min(BLOCK_THREADS, _pow2_floor(max(1, n_packs // MIN_PACKS_PER_THREAD))))
 
 
-# Ops whose (b) kernels run row groups (the others, softmax's, still give a block to each row).
-GROUP_OPS = ("cross_entropy_fwd",)
-
-
 def plan_launch(
     op: str,
     dtype_name: str,
@@ -200,18 +215,20 @@ def plan_launch(
         # elementwise given the rows' statistics: a block per row streams it (reads n, writes n)
         return LaunchPlan(ONLINE, 1, 1, BLOCK_THREADS, 0, 1, fast=not softcap)
     # (a) rows of up to warp_max_cols (1024; 512 for float64) live in registers: one read, one
-    # write, no shared memory, no block barrier; short rows share a warp so no lane idles.
-    # Cross-entropy takes (a) only for rows of whole packs (its FAST instance: no per-element
-    # bounds checks) without a softcap; other short rows go to (b) with a warp per row (8 rows
-    # per block), whose per-pack loops need no second, bounds-checked copy of the unrolled row.
+    # write, no shared memory, no block barrier; short rows share a warp so no lane idles. The
+    # FAST instance takes rows of whole packs (no per-element bounds checks), the GENERAL one
+    # (softmax only) other rows. Cross-entropy takes (a) only for rows of whole packs without a
+    # softcap; its other short rows go to (b) with a warp per row (8 rows per block), whose
+    # per-pack loops need no second, bounds-checked copy of the unrolled row.
     if n_packs * vec <= warp_max_cols(itemsize) and not (ce and (softcap or not whole_packs)):
-        per_lane = max(1, WARP_MIN_ELEMS // vec)
-        lanes = next(la for la in (1, 4, 16, WARP) if la * per_lane >= n_packs or la == WARP)
+        per_lane = _warp_per_lane(itemsize, ce)
+        lanes = next(la for la in warp_lanes(ce) if la * per_lane >= n_packs or la == WARP)
         packs = per_lane if lanes < WARP else max(per_lane, _pow2_ceil(-(-n_packs // WARP)))
         return LaunchPlan(
-            WARP_ROWS, lanes, packs, WARP_BLOCK_THREADS, 0, WARP_BLOCK_THREADS // lanes, ce
-        )
-    fast = not softcap if ce else True
+            WARP_ROWS, lanes, packs, WARP_BLOCK_THREADS, 0, WARP_BLOCK_THREADS // lanes,
+            whole_packs,
+        )  # fmt: skip
+    fast = not (ce and softcap)
     # Cross-entropy without a gradient reads each logit once whatever the strategy: the online
     # loop (c) needs no shared memory, so it serves every row longer than (a) does (short
     # softcapped rows excepted: a 256-thread block per row would idle).
@@ -222,20 +239,15 @@ def plan_launch(
     buffers = 2 if op == "softmax_bwd" or (op == "cross_entropy_fwd" and soft) else 1
     per_elem = smem_bytes_per_col(op, itemsize, soft) // buffers
     row_bytes = buffers * smem_slots(n_cols, vec, vec_ok) * per_elem
-    if op in GROUP_OPS:
-        g = block_row_threads(n_packs)
-        rows = BLOCK_THREADS // g
-        if rows * row_bytes <= smem_limit - STATIC_SMEM_RESERVE:
-            return LaunchPlan(BLOCK_SMEM, 1, 1, BLOCK_THREADS, rows * row_bytes, rows, fast, g)
-        if row_bytes <= smem_limit - STATIC_SMEM_RESERVE:  # fewer rows per block
-            rows = max(1, (smem_limit - STATIC_SMEM_RESERVE) // row_bytes)
-            rows = _pow2_floor(rows)
-            return LaunchPlan(
-                BLOCK_SMEM, 1, 1, BLOCK_THREADS, rows * row_bytes, rows, fast,
-                BLOCK_THREADS // rows,
-            )  # fmt: skip
-    elif row_bytes <= smem_limit - STATIC_SMEM_RESERVE:
-        return LaunchPlan(BLOCK_SMEM, 1, 1, BLOCK_THREADS, row_bytes, 1, fast)
+    g = block_row_threads(n_packs)
+    rows = BLOCK_THREADS // g
+    if rows * row_bytes <= smem_limit - STATIC_SMEM_RESERVE:
+        return LaunchPlan(BLOCK_SMEM, 1, 1, BLOCK_THREADS, rows * row_bytes, rows, fast, g)
+    if row_bytes <= smem_limit - STATIC_SMEM_RESERVE:  # fewer, longer-handled rows per block
+        rows = _pow2_floor(max(1, (smem_limit - STATIC_SMEM_RESERVE) // row_bytes))
+        return LaunchPlan(
+            BLOCK_SMEM, 1, 1, BLOCK_THREADS, rows * row_bytes, rows, fast, BLOCK_THREADS // rows
+        )
     # (c) beyond: the online (max, sum) pass then the write pass read the row twice.
     return LaunchPlan(ONLINE, 1, 1, BLOCK_THREADS, 0, 1, fast)
 
@@ -244,9 +256,9 @@ def plan_launch(
 # (cross_entropy_fwd_kernel, cross_entropy_grad_kernel). softmax_bwd_kernel takes is_log as a
 # run-time argument: both backward formulas share one instance.
 FLAG_OPS = ("softmax_fwd", "cross_entropy_fwd", "cross_entropy_grad")
-# Ops whose kernels take the FAST flag: (a) rows of whole packs without a softcap, (b)/(c)
-# without a softcap; the GENERAL instances (FAST = false) take any row.
-FAST_OPS = ("cross_entropy_fwd", "cross_entropy_grad")
+# Every kernel takes the FAST flag last: (a) rows of whole packs (cross-entropy: only those),
+# (b)/(c) without a softcap (softmax: always); the GENERAL instances (FAST = false) the rest.
+FAST_OPS = OPS
 
 
 def kernel_name(op: str, dtype_name: str, flag: bool, plan: LaunchPlan) -> str:
@@ -259,8 +271,7 @@ def kernel_name(op: str, dtype_name: str, flag: bool, plan: LaunchPlan) -> str:
         args.append("true" if flag else "false")
     if op != "cross_entropy_grad":
         args += [str(plan.strategy), str(plan.lanes), str(plan.packs)]
-    if op in FAST_OPS:
-        args.append("true" if plan.fast else "false")
+    args.append("true" if plan.fast else "false")
     return f"{op}_kernel<{', '.join(args)}>"
 
 
@@ -272,21 +283,20 @@ def all_kernel_names(dtype_name: str) -> list[str]:
     """Every kernel instance plan_launch can pick for this dtype (the module's name
     expressions, and what kernels/cuda/check.py instantiates)."""
     itemsize = CTYPES[dtype_name][1]
-    warp = [(WARP_ROWS, lanes, packs) for lanes, packs in warp_configs(itemsize)]
     names = []
     for op in OPS:
+        ce = op.startswith("cross_entropy")
+        warp = [(WARP_ROWS, lanes, packs) for lanes, packs in warp_configs(itemsize, ce)]
         for flag in (False, True) if op in FLAG_OPS else (False,):
             if op == "cross_entropy_grad":
                 shapes = [(ONLINE, 1, 1)]
             else:
                 shapes = warp + [(BLOCK_SMEM, 1, 1), (ONLINE, 1, 1)]
             for strategy, lanes, packs in shapes:
-                if op in FAST_OPS and strategy == WARP_ROWS:  # (a): whole packs only
-                    fasts = (True,)
-                elif op in FAST_OPS:
-                    fasts = (True, False)
-                else:
-                    fasts = (strategy != WARP_ROWS,)
+                if strategy == WARP_ROWS:  # cross-entropy: whole packs only
+                    fasts = (True,) if ce else (True, False)
+                else:  # softmax: no softcap, so no GENERAL instance
+                    fasts = (True, False) if ce else (True,)
                 for fast in fasts:
                     plan = LaunchPlan(strategy, lanes, packs, 0, 0, 1, fast)
                     names.append(kernel_name(op, dtype_name, flag, plan))
@@ -654,19 +664,31 @@ def _acc(dtype_name: str):
 # The backend interface (see softmax_kernels.dispatch).
 
 
+def _check_cols(fn: str, n_cols: int) -> None:
+    if n_cols >= MAX_COLS:
+        raise ValueError(
+            f"{fn}: rows of {n_cols} elements; the CuPy backend's kernels take rows of fewer "
+            f"than {MAX_COLS} (32-bit column indices)"
+        )
+
+
 def softmax_fwd(x, out, *, scale: float, mask, is_log: bool) -> None:
     # y = exp(s*x - m) / sum(exp(s*x - m)), m = max(s*x); log: s*x - m - log(sum(...)).
     # Reads x (and the mask) once and writes y once; (c) reads x twice.
     n_rows, n_cols = (int(d) for d in x.shape)
     if n_rows == 0 or n_cols == 0:
         return
+    _check_cols("softmax_fwd", n_cols)
     dn = _arrays.dtype_name(x)
     xr, yr = _rows(x), _rows(out)
     mr = _rows(mask) if mask is not None else None
     vec_ok, shifted, mask_vec = vector_flags([xr, yr], mr)
+    vec = vec_width(xr.itemsize)
+    whole = vec_ok and not shifted and n_cols % vec == 0 and (mr is None or mask_vec)
     plan = plan_launch(
-        "softmax_fwd", dn, n_cols, vec_ok=vec_ok, shifted=shifted, smem_limit=_smem_limit(x)
-    )
+        "softmax_fwd", dn, n_cols, vec_ok=vec_ok, shifted=shifted, smem_limit=_smem_limit(x),
+        whole_packs=whole,
+    )  # fmt: skip
     args = (
         np.uint64(xr.ptr),
         np.uint64(yr.ptr),
@@ -676,6 +698,7 @@ def softmax_fwd(x, out, *, scale: float, mask, is_log: bool) -> None:
         np.int64(xr.row_stride),
         np.int64(yr.row_stride),
         np.int64(mr.row_stride if mr is not None else 0),
+        np.int64(plan.row_threads or plan.threads),
         _acc(dn)(scale),
         np.int32(vec_ok),
         np.int32(mask_vec),
@@ -686,9 +709,11 @@ def softmax_fwd(x, out, *, scale: float, mask, is_log: bool) -> None:
 def softmax_bwd(dy, y, out, *, scale: float, is_log: bool) -> None:
     # softmax:     dx = s * y * (dy - dot(dy, y))     reads 2 x n, writes n
     # log_softmax: dx = s * (dy - exp(y) * sum(dy))   reads 2 x n, writes n
+    # (the row sums in float64 for float32 data: sum_t in common.cuh)
     n_rows, n_cols = (int(d) for d in y.shape)
     if n_rows == 0 or n_cols == 0:
         return
+    _check_cols("softmax_bwd", n_cols)
     dn = _arrays.dtype_name(y)
     dr, yr, orr = _rows(dy), _rows(y), _rows(out)
     vec_ok, shifted, _ = vector_flags([dr, yr, orr])
@@ -704,6 +729,7 @@ def softmax_bwd(dy, y, out, *, scale: float, is_log: bool) -> None:
         np.int64(dr.row_stride),
         np.int64(yr.row_stride),
         np.int64(orr.row_stride),
+        np.int64(plan.row_threads or plan.threads),
         _acc(dn)(scale),
         np.int32(is_log),
         np.int32(vec_ok),
@@ -740,11 +766,7 @@ def _clamp_i64(v: int) -> int:
 def _ce_plan(fn, logits, target, grad, soft, with_grad, softcap):
     """Rows, vector flags and the plan of a cross-entropy kernel over logits (and grad)."""
     n_cols = int(logits.shape[1])
-    if n_cols >= MAX_CE_COLS:
-        raise ValueError(
-            f"{fn}: rows of {n_cols} classes; the CuPy backend's cross-entropy kernels take rows "
-            f"of fewer than {MAX_CE_COLS} (32-bit column indices)"
-        )
+    _check_cols(fn, n_cols)
     dn = _arrays.dtype_name(logits)
     xr = _rows(logits)
     tr, tflags = _ce_targets(fn, target, soft)
@@ -946,3 +968,155 @@ def cross_entropy_grad(
         acc(grad_scale),
     )
     _launch(kernel_name(fn, dn, soft, plan), logits, plan, n_rows, args)
+
+
+# ----------------------------------------------------------------------------------------------
+# The static performance model (pure Python, no GPU): what bench's --model table prints.
+
+# sm_90 (H100 / H200) per-SM limits the model assumes.
+SM_THREADS = 2048
+SM_BLOCKS = 32
+SM_REGISTERS = 65536
+SM_SMEM = 233472  # 228 KiB, of which 1 KiB per block is reserved by the hardware
+SMEM_PER_BLOCK_RESERVED = 1024
+REPORT_ENV = "SK_KERNELS_REPORT"
+_report_cache: dict[str, Any] = {}
+
+
+def kernels_report_path() -> Path:
+    """Where kernels/cuda/check.py writes its JSON report by default ($SK_KERNELS_REPORT
+    overrides): registers, shared memory, spills and instructions per element per kernel."""
+    import os
+
+    env = os.environ.get(REPORT_ENV)
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "softmax-kernels" / "kernels-check" / "report.json"
+
+
+def kernels_report() -> dict | None:
+    """The JSON report of `make kernels-check` (None when it has not run here)."""
+    import json
+
+    path = kernels_report_path()
+    try:
+        mtime = path.stat().st_mtime
+    except OSError:
+        return None
+    key = f"{path}:{mtime}"
+    if key not in _report_cache:
+        try:
+            _report_cache.clear()
+            _report_cache[key] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+    return _report_cache[key]
+
+
+def _blocks_per_sm(threads: int, smem: int, registers: int | None) -> tuple[int, str]:
+    """Resident blocks per SM and the resource that limits them."""
+    limits = {"threads": SM_THREADS // threads, "blocks": SM_BLOCKS}
+    if smem:
+        limits["shared memory"] = SM_SMEM // (smem + SMEM_PER_BLOCK_RESERVED)
+    if registers:
+        per_warp = -(-registers * WARP // 256) * 256  # allocated per warp in units of 256
+        limits["registers"] = SM_REGISTERS // (per_warp * (threads // WARP))
+    why = min(limits, key=lambda k: limits[k])
+    return max(0, limits[why]), why
+
+
+def static_model(
+    op: str,
+    dtype_name: str,
+    n_rows: int,
+    n_cols: int,
+    *,
+    sm_count: int = 132,
+    smem_limit: int = 232448,
+    soft: bool = False,
+    with_grad: bool = True,
+    reduction: str = "mean",
+) -> dict[str, Any]:
+    """What one call would do on an sm_90 GPU, without one: the strategy plan_launch picks, the
+    launches per call, the bytes moved over the op's minimum (forward 2n, backward 3n, CE
+    forward n, CE forward + gradient 2n elements; + n for soft targets), blocks per SM (from
+    the plan and, where `make kernels-check` has written its report, the kernel's registers and
+    static shared memory), SMs used, registers, spills and hot-loop instructions per element
+    (check.py's figure; cross-entropy with a gradient: its "with gradient" figure).
+    Contiguous rows (x's row stride n_cols) are assumed."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r} (one of {', '.join(OPS)})")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}")
+    itemsize = CTYPES[dtype_name][1]
+    vec = vec_width(itemsize)
+    shifted = (n_cols * itemsize) % 16 != 0 and n_rows > 1
+    ce = op.startswith("cross_entropy")
+    grad = with_grad if op == "cross_entropy_fwd" else True
+    plan = plan_launch(
+        op, dtype_name, n_cols, vec_ok=True, shifted=shifted, smem_limit=smem_limit, soft=soft,
+        with_grad=grad,
+    )  # fmt: skip
+    name = kernel_name(op, dtype_name, soft if ce else False, plan)
+    n = n_rows * n_cols * itemsize
+    # bytes: the minimum (the benchmark's definition) and what the plan moves
+    if op == "softmax_fwd":
+        minimum, moved = 2 * n, (3 if plan.strategy == ONLINE else 2) * n
+    elif op == "softmax_bwd":  # (c) reads dy and y twice (log_softmax: dy once more only)
+        minimum, moved = 3 * n, (5 if plan.strategy == ONLINE else 3) * n
+    elif op == "cross_entropy_grad":
+        minimum = moved = (3 if soft else 2) * n
+    else:
+        streams_in = 2 if soft else 1
+        minimum = streams_in * n + (n if grad else 0)
+        reread = grad and plan.strategy == ONLINE
+        moved = streams_in * n * (2 if reread else 1) + (n if grad else 0)
+        per_row = (0 if soft else 8) + (4 if reduction == "none" else 0)
+        moved += n_rows * per_row
+    launches = 1
+    if op == "cross_entropy_fwd" and reduction == "mean" and grad and not soft:
+        launches = 2
+        moved += 8 * n_rows  # the denominator kernel reads the targets first
+    rep = kernels_report()
+    entry = None
+    if rep is not None:
+        archs = rep.get("kernels", {}).get(name, {})
+        entry = archs.get("sm_90") or next(iter(archs.values()), None)
+    registers = entry.get("registers") if entry else None
+    static_smem = entry.get("smem", 0) if entry else 0
+    smem = plan.smem + static_smem
+    per_sm, limit = _blocks_per_sm(plan.threads, smem, registers)
+    blocks = -(-n_rows // plan.rows_per_block)
+    grid = min(blocks, per_sm * sm_count) if per_sm else blocks
+    if op == "cross_entropy_fwd" and reduction != "none":
+        grid = min(grid, WS_PARTIALS)
+    ipe = None
+    if entry:
+        ipe = entry.get("ipe_grad") if (ce and grad) else entry.get("ipe")
+    out: dict[str, Any] = {
+        "strategy": plan.strategy_name,
+        "kernel": name,
+        "launches": launches,
+        "bytes": moved,
+        "min_bytes": minimum,
+        "bytes_ratio": round(moved / minimum, 3) if minimum else None,
+        "threads": plan.threads,
+        "rows_per_block": plan.rows_per_block,
+        "smem": smem,
+        "blocks_per_sm": per_sm,
+        "blocks_per_sm_limit": limit
+        if registers is not None or plan.smem
+        else f"{limit} (registers unknown: run make kernels-check)",
+        "grid": grid,
+        "sms_used": min(sm_count, grid),
+        "registers": registers,
+        "spills": entry.get("spills") if entry else None,
+        "instructions_per_element": ipe,
+    }
+    if plan.strategy == WARP_ROWS:
+        # the instance's figure assumes full packs; a shorter row leaves some lanes' packs idle
+        out["fill"] = round(n_cols / (plan.lanes * plan.packs * vec), 3)
+    if plan.strategy == BLOCK_SMEM:
+        out["row_threads"] = plan.row_threads
+    return out
