@@ -40,8 +40,9 @@ def test_cross_entropy_class_axis(target, dtype, soft, reduction, rng):
     xr = np.moveaxis(to_numpy64(x), 1, -1)
     tr = np.moveaxis(to_numpy64(t), 1, -1) if soft else t_last
     ref_loss, ref_grad = ref_cross_entropy(xr, tr, reduction=reduction, label_smoothing=0.1)
-    loss, grad = sk.cross_entropy_with_grad(x, t, axis=1, reduction=reduction,
-                                            label_smoothing=0.1, backend=target.backend)  # fmt: skip
+    loss, grad = sk.cross_entropy_with_grad(
+        x, t, axis=1, reduction=reduction, label_smoothing=0.1, backend=target.backend
+    )
     assert tuple(grad.shape) == logits.shape
     assert_close(loss, ref_loss, LOSS_DTYPE[dtype], "loss, axis=1")
     assert_close(grad, np.moveaxis(ref_grad, -1, 1), dtype, "grad, axis=1")

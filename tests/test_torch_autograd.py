@@ -163,6 +163,7 @@ def test_backward_ops_gradcheck(axis, is_log):
     x = _randn(2, 3, 4, seed=45, requires_grad=False)
     y = (sk.log_softmax if is_log else sk.softmax)(x, axis).requires_grad_()
     dy = _randn(2, 3, 4, seed=46)
+
     def fn(dy, y):
         return torch_ops.backward_entry(dy, y, axis, 0.6, None, None, is_log)
 

@@ -77,9 +77,9 @@ def run(rank, world, port, result_dir, backend, counts):
     import torch.distributed as dist
 
     sys.path.insert(0, os.path.dirname(__file__))
-    from reference import TOL, ref_cross_entropy
-
     import softmax_kernels as sk
+
+    from reference import TOL, ref_cross_entropy
 
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -139,14 +139,17 @@ def run(rank, world, port, result_dir, backend, counts):
             xg = x.clone().requires_grad_()
             out = sk.cross_entropy(xg, t, **kw)
             (out.sum() * gs).backward()
-            np.testing.assert_allclose(xg.grad.numpy(), ref_grad[:, start : start + size],
-                                       atol=atol, rtol=rtol, err_msg=what + " (autograd)")  # fmt: skip
+            want = ref_grad[:, start : start + size]
+            np.testing.assert_allclose(
+                xg.grad.numpy(), want, atol=atol, rtol=rtol, err_msg=what + " (autograd)"
+            )
             # in place
             xi = x.clone()
             _, gi = sk.cross_entropy_with_grad(xi, t, grad_scale=gs, inplace=True, **kw)
             assert gi is xi
-            np.testing.assert_allclose(xi.numpy(), ref_grad[:, start : start + size],
-                                       atol=atol, rtol=rtol, err_msg=what + " (in place)")  # fmt: skip
+            np.testing.assert_allclose(
+                xi.numpy(), want, atol=atol, rtol=rtol, err_msg=what + " (in place)"
+            )
         # one process group == no process group (world 1) is covered by world=1 runs; and a
         # float32 run within the float32 bound
         logits, target, _ = _problem(7, 6, 64, False, {})
@@ -172,7 +175,10 @@ def run(rank, world, port, result_dir, backend, counts):
         start, size = shard_bounds(v, world, "uneven")[rank]
         ref = ref_cross_entropy(xs @ wfull.T + bfull, tl, label_smoothing=0.1)
         xt = torch.tensor(xs)
-        wt, bt = torch.tensor(wfull[start : start + size]), torch.tensor(bfull[start : start + size])
+        wt, bt = (
+            torch.tensor(wfull[start : start + size]),
+            torch.tensor(bfull[start : start + size]),
+        )
         for k in calls:
             calls[k] = 0
         loss, dx, dw, db = sk.linear_cross_entropy_with_grad(
