@@ -67,10 +67,10 @@ GPU_GRIDS: dict[str, list[tuple[int, int]]] = {
 }
 
 CPU_GRIDS: dict[str, list[tuple[int, int]]] = {
-    # 4096 x 4096 float32 is the issue-2 target; the others: an ImageNet-sized classifier, an
-    # LLM vocabulary, few long rows, many short rows.
-    "cpu": [(4096, 4096), (1024, 1000), (256, 32000), (8, 262144), (16384, 256)],
-    # small shapes only: float16 on the CPU is slow in SciPy and NumPy (no native half maths).
+    # The CPU target's five shapes (bench/report.py CPU_TARGET): square, many short rows, an LLM
+    # vocabulary, few long rows, very few very long rows (8-33M elements each).
+    "cpu": [(4096, 4096), (32768, 256), (1024, 32000), (64, 262144), (8, 1048576)],
+    # small shapes: an ImageNet-sized classifier and a quick long-row point.
     "cpu-small": [(1024, 1000), (8, 262144)],
     "cpu-quick": [(4096, 4096), (1024, 1000)],
 }
@@ -94,15 +94,15 @@ GPU_DEFAULT_PLAN: dict[str, dict[str, tuple[str, ...]]] = {
 }
 GPU_QUICK_PLAN = {op: {"gpu-quick": ("bf16",)} for op in OPS}
 
-CPU_DEFAULT_PLAN = {op: {"cpu": ("fp32", "fp64"), "cpu-small": ("fp16",)} for op in OPS}
+CPU_DEFAULT_PLAN = {op: {"cpu": ("fp32", "fp64", "fp16")} for op in OPS}
 CPU_QUICK_PLAN = {op: {"cpu-quick": ("fp32",)} for op in OPS}
 
 GPU_DEFAULT_DTYPES = ("bf16", "fp16", "fp32")
-CPU_DEFAULT_DTYPES = ("fp32", "fp64")
+CPU_DEFAULT_DTYPES = ("fp32", "fp64", "fp16")
 
 # Shapes the markdown summary lists point by point (when measured).
 KEY_SHAPES = {
-    "cpu": [(4096, 4096), (256, 32000)],
+    "cpu": [(4096, 4096), (1024, 32000)],
     "cuda": [(32768, 4096), (32768, 65536), (8192, 128256), (16384, 256000)],
 }
 
@@ -225,7 +225,9 @@ def estimate_seconds(points: list[Point], providers: dict[str, list[str]], devic
     """Seconds a plan should take. ``providers[op]`` lists the providers that will run the op.
     GPU: kernels at 2.5 TB/s (peers at 1.2 TB/s), torch.compile 1.5 s per compiled shape (3 s
     for forward + backward), 25 s of one-off start-up (CUDA context, imports, first compiles).
-    CPU: ours and peers at the speeds measured on 2 EPYC cores (bench/NOTES.md)."""
+    CPU: the speeds measured on 2 EPYC cores (bench/NOTES.md): ours and torch ~4 GB/s in
+    fp32/fp64 and ~2 GB/s in fp16 (the same element rate), SciPy ~2 GB/s and ~0.2 GB/s in fp16
+    (NumPy's half maths), plus the float64 reference and every provider's result check."""
     gpu = device == "cuda"
     total = 25.0 if gpu else 2.0
     copies = set()
@@ -235,12 +237,13 @@ def estimate_seconds(points: list[Point], providers: dict[str, list[str]], devic
             fast, slow = b / 2.5e12, b / 1.2e12
             total += 0.02 + 3 * p.elements * ITEMSIZE[p.dtype] / 4e11  # data + reference
         else:
-            # measured: ~2 GB/s for ours and the peers in fp32/fp64, fp16 ~10x slower
-            bw = 2e9 if p.dtype in ("fp32", "fp64") else 2e8
-            fast = slow = b / bw
+            half = p.dtype not in ("fp32", "fp64")
+            fast, slow = b / (2e9 if half else 4e9), b / (2e8 if half else 2e9)
             total += 0.002 + 3 * p.elements * 8 / 1e9  # data + float64 reference
         for name in providers.get(p.op, []):
-            k = fast if name.startswith("ours") else slow
+            # GPU: the peers slower than ours; CPU: SciPy slower than ours and torch
+            k = (slow if not name.startswith("ours") else fast) if gpu else (
+                slow if name == "scipy" else fast)  # fmt: skip
             total += _timing_seconds(k, gpu=gpu, quick=quick)
             total += (2 * p.elements * ITEMSIZE[p.dtype] / (4e11 if gpu else 1e9)) + 0.002
             if name == "torch.compile":

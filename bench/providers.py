@@ -11,7 +11,8 @@ is done when it is built, outside the timed call. Optional libraries are importe
 provider is asked whether it can run, never at import time.
 
 ``ours-*`` call the public softmax_kernels API with an explicit backend; each result, like the
-outputs it allocates, is fresh ("as called"). ``ours-numpy-out`` is the same backend *kernel
+outputs it allocates, is fresh ("as called"); ``ours-numpy-torch`` is ``ours-numpy`` on torch CPU
+tensors (zero-copy views of the same inputs). ``ours-numpy-out`` is the same backend *kernel
 only*: outputs allocated once when it is built -- ``out=`` for softmax, log_softmax and the
 backward passes (the public API, which then allocates nothing), and for cross-entropy, which has
 no ``out=``, the backend's own ``cross_entropy_fwd`` with a preallocated loss and gradient
@@ -241,6 +242,25 @@ def _ours_out(backend: str, devices: tuple[str, ...]) -> Provider:
         build=build,
         impl=impl,
         kernel_only=True,
+    )
+
+
+def _ours_torch_cpu() -> Provider:
+    """ours-numpy on torch CPU tensors (zero-copy views of the run's NumPy inputs), as called:
+    the figure behind "torch CPU tensors through sk as fast as NumPy arrays through sk"."""
+    base = _ours("numpy", ("cpu",))
+
+    def build(op, d, device):
+        return base.build(op, {k: _as_torch(v) for k, v in d.items()}, device)
+
+    return Provider(
+        name="ours-numpy-torch",
+        label="ours (numpy, torch CPU tensors)",
+        devices=("cpu",),
+        ours=True,
+        can_run=lambda op, dt, dev: _torch_can_run(op, dt, dev) or base.can_run(op, dt, dev),
+        build=build,
+        impl=lambda op: f"{_SK_IMPL[op]}(torch CPU tensor, backend='numpy')",
     )
 
 
@@ -533,6 +553,7 @@ def _default_providers() -> dict[str, Provider]:
     ps = [
         _ours("numpy", ("cpu",)),
         _ours_out("numpy", ("cpu",)),
+        _ours_torch_cpu(),
         _ours("triton", ("cuda",)),
         _ours("cupy", ("cuda",)),
         Provider(

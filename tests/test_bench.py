@@ -106,8 +106,8 @@ def test_tiny_grid_writes_every_output_and_catches_a_wrong_provider(tmp_path, wr
     assert rec["versions"]["numpy"] == np.__version__
     assert rec["grid"]["grids"]["custom"] == [[16, 33], [3, 7]]
     points = rec["points"]
-    # ours-numpy, ours-numpy-out (kernel only), torch, torch-out, scipy, wrong
-    assert len(points) == 6 * 2 * 2 * (6 if _has("torch") else 4)
+    # ours-numpy, ours-numpy-out (kernel only), ours-numpy-torch, torch, torch-out, scipy, wrong
+    assert len(points) == 6 * 2 * 2 * (7 if _has("torch") else 4)
     assert all(c["gbps"] and c["gbps"] > 0 for c in rec["copies"])
 
     by = {(p["provider"], p["op"], p["dtype"], p["n_rows"]): p for p in points}
@@ -128,6 +128,9 @@ def test_tiny_grid_writes_every_output_and_catches_a_wrong_provider(tmp_path, wr
                     assert ours["err_ratio"] <= 1.0
                 if _has("torch"):
                     assert by[("torch", op, dt, n)]["status"] == "ok"
+                    # sk on torch CPU tensors: checked and timed like NumPy arrays
+                    assert by[("ours-numpy-torch", op, dt, n)]["status"] == "ok"
+                    assert by[("ours-numpy-torch", op, dt, n)]["err_ratio"] <= 1.0
                     want = "unsupported" if op.startswith("ce") else "ok"  # no out= for CE
                     assert by[("torch-out", op, dt, n)]["status"] == want
 
@@ -348,23 +351,43 @@ def test_gpu_reference_is_independent_of_our_kernels(monkeypatch):
 
 
 def test_cpu_target_is_a_measured_result():
-    def row(prov, op, ms, status="ok"):
-        return {"provider": prov, "op": op, "dtype": "fp32", "n_rows": 4096, "n_cols": 4096,
-                "status": status, "ms": ms}  # fmt: skip
+    def row(prov, op, ms, dtype="fp32", shape=(4096, 4096), status="ok"):
+        return {"provider": prov, "op": op, "dtype": dtype, "n_rows": shape[0],
+                "n_cols": shape[1], "status": status, "ms": ms}  # fmt: skip
 
-    rows = [row("ours-numpy", "softmax_fwd", 40.0), row("scipy", "softmax_fwd", 60.0),
-            row("torch", "softmax_fwd", 30.0), row("ours-numpy", "softmax_bwd", 50.0),
-            row("scipy", "softmax_bwd", 45.0), row("torch", "softmax_bwd", 30.0)]  # fmt: skip
+    rows = [
+        # softmax_fwd: as called faster than torch; kernel only 1.8x torch-out's time
+        row("ours-numpy", "softmax_fwd", 40.0), row("torch", "softmax_fwd", 50.0),
+        row("ours-numpy-out", "softmax_fwd", 36.0), row("torch-out", "softmax_fwd", 20.0),
+        row("ours-numpy-torch", "softmax_fwd", 40.0),
+        # ce_fwd at a second shape: as called slower than torch; kernel only against torch as
+        # called (torch has no out= for CE): 36 / 40 = 0.9
+        row("ours-numpy", "ce_fwd", 50.0, shape=(8, 1048576)),
+        row("torch", "ce_fwd", 40.0, shape=(8, 1048576)),
+        row("ours-numpy-out", "ce_fwd", 36.0, shape=(8, 1048576)),
+        row("ours-numpy-torch", "ce_fwd", 60.0, shape=(8, 1048576)),
+        # float64: met
+        row("ours-numpy", "softmax_fwd", 10.0, "fp64"), row("torch", "softmax_fwd", 11.0, "fp64"),
+        row("ours-numpy-out", "softmax_fwd", 9.0, "fp64"),
+        row("torch-out", "softmax_fwd", 9.0, "fp64"),
+    ]  # fmt: skip
     tc = report.target_check(rows)
-    assert (tc["met"], tc["of"]) == (1, 2) and "1.5x torch" in tc["target"]
+    assert "1.2x torch" in tc["target"] and tc["met"] is False
+    k = {e["dtype"]: e for e in tc["kernel_only"]}
+    assert k["fp32"]["points"] == 2 and abs(k["fp32"]["time_ratio"] - (1.8 * 0.9) ** 0.5) < 1e-9
+    assert k["fp32"]["met"] is False and k["fp64"]["met"] is True
+    assert tc["as_called"]["slower"] == [
+        {"op": "ce_fwd", "dtype": "fp32", "shape": [8, 1048576], "speedup": 0.8}
+    ]
+    assert tc["torch_tensors"]["points"] == 2 and tc["torch_tensors"]["worst"] == 1.2
+    assert tc["torch_tensors"]["met"] is False  # geomean sqrt(1.2) = 1.095 > 1.05
     lines = "\n".join(report._target_lines({"cpu_target": tc}))
-    assert (
-        "Measured in this run: met for 1 of 2 ops; missed: softmax_bwd (1.67x torch's time, "
-        "slower than SciPy)." in lines
-    )
-    assert "| softmax_fwd | 40.00 | 60.00 | 30.00 | yes | 1.33 | yes |" in lines
+    assert "| kernel only, fp32 (2 points) | 1.27x torch's time | **no** |" in lines
+    assert "| kernel only, fp64 (1 points) | 1.00x torch's time | yes |" in lines
+    assert "1 slower than torch; lowest speed-up 0.80x" in lines
+    assert "ce_fwd fp32 8x1048576 0.80x" in lines
     # without torch there is no target to measure: no section at all
-    no_torch = [r for r in rows if r["provider"] != "torch"]
+    no_torch = [r for r in rows if not r["provider"].startswith("torch")]
     assert report.target_check(no_torch) is None
     assert report._target_lines({"cpu_target": None}) == []
 
