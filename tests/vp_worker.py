@@ -72,7 +72,8 @@ def _sk_opts(opts):
     return {k: opts[k] for k in keys if k in opts}
 
 
-def run(rank, world, port, result_dir, backend, counts):
+def run(rank, world, port, result_dir, backend, counts, device="cpu"):
+    """One rank: gloo on CPU tensors (device "cpu"), NCCL on GPU ``rank`` (device "cuda")."""
     import torch
     import torch.distributed as dist
 
@@ -83,7 +84,16 @@ def run(rank, world, port, result_dir, backend, counts):
 
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+        dev = torch.device("cuda", rank)
+    else:
+        dev = torch.device("cpu")
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world)
+
+    def tt(a, dtype=None):  # a tensor of this rank's device
+        return torch.tensor(a, dtype=dtype, device=dev)
+
     calls = {"all_gather": 0, "all_reduce": 0}
     for name in ("all_gather_into_tensor", "all_gather_single", "all_reduce", "all_gather",
                  "all_to_all_single", "broadcast", "reduce_scatter_tensor"):  # fmt: skip
@@ -108,9 +118,9 @@ def run(rank, world, port, result_dir, backend, counts):
                 logits, target, weight=weight, grad_scale=gs, return_lse=True,
                 **_sk_opts(opts),
             )  # fmt: skip
-            x = torch.tensor(logits[:, start : start + size])
-            t = torch.tensor(target[:, start : start + size] if soft else target)
-            w = torch.tensor(weight[start : start + size]) if weight is not None else None
+            x = tt(logits[:, start : start + size])
+            t = tt(target[:, start : start + size] if soft else target)
+            w = tt(weight[start : start + size]) if weight is not None else None
             kw = dict(weight=w, process_group=dist.group.WORLD, backend=backend, **_sk_opts(opts))
             if layout != "equal":
                 kw["vocab_start"] = start
@@ -122,10 +132,14 @@ def run(rank, world, port, result_dir, backend, counts):
                 failures.append(f"case {i}: collectives per call {calls}")
             what = f"case {i} (V={v} {layout} soft={soft} {opts}) rank {rank}/{world}"
             atol, rtol = TOL["float64"]
-            np.testing.assert_allclose(loss.numpy(), ref_loss, atol=atol, rtol=rtol, err_msg=what)
-            np.testing.assert_allclose(grad.numpy(), ref_grad[:, start : start + size],
+            np.testing.assert_allclose(
+                loss.cpu().numpy(), ref_loss, atol=atol, rtol=rtol, err_msg=what
+            )
+            np.testing.assert_allclose(grad.cpu().numpy(), ref_grad[:, start : start + size],
                                        atol=atol, rtol=rtol, err_msg=what)  # fmt: skip
-            np.testing.assert_allclose(lse.numpy(), ref_lse, atol=atol, rtol=rtol, err_msg=what)
+            np.testing.assert_allclose(
+                lse.cpu().numpy(), ref_lse, atol=atol, rtol=rtol, err_msg=what
+            )
             # the loss bitwise equal on every rank
             mine = loss.reshape(-1).clone()
             every = [torch.empty_like(mine) for _ in range(world)]
@@ -134,21 +148,21 @@ def run(rank, world, port, result_dir, backend, counts):
                 failures.append(f"{what}: the loss differs between ranks")
             # loss only; autograd through the custom op
             loss2 = sk.cross_entropy(x, t, **kw)
-            np.testing.assert_allclose(loss2.numpy(), ref_loss, atol=atol, rtol=rtol,
+            np.testing.assert_allclose(loss2.cpu().numpy(), ref_loss, atol=atol, rtol=rtol,
                                        err_msg=what + " (loss only)")  # fmt: skip
             xg = x.clone().requires_grad_()
             out = sk.cross_entropy(xg, t, **kw)
             (out.sum() * gs).backward()
             want = ref_grad[:, start : start + size]
             np.testing.assert_allclose(
-                xg.grad.numpy(), want, atol=atol, rtol=rtol, err_msg=what + " (autograd)"
+                xg.grad.cpu().numpy(), want, atol=atol, rtol=rtol, err_msg=what + " (autograd)"
             )
             # in place
             xi = x.clone()
             _, gi = sk.cross_entropy_with_grad(xi, t, grad_scale=gs, inplace=True, **kw)
             assert gi is xi
             np.testing.assert_allclose(
-                xi.numpy(), want, atol=atol, rtol=rtol, err_msg=what + " (in place)"
+                xi.cpu().numpy(), want, atol=atol, rtol=rtol, err_msg=what + " (in place)"
             )
         # one process group == no process group (world 1) is covered by world=1 runs; and a
         # float32 run within the float32 bound
@@ -156,13 +170,13 @@ def run(rank, world, port, result_dir, backend, counts):
         bounds = shard_bounds(64, world, "uneven")
         start, size = bounds[rank]
         ref_loss, ref_grad = ref_cross_entropy(logits, target)
-        x = torch.tensor(logits[:, start : start + size], dtype=torch.float32)
-        loss, grad = sk.cross_entropy_with_grad(x, torch.tensor(target), backend=backend,
+        x = tt(logits[:, start : start + size], torch.float32)
+        loss, grad = sk.cross_entropy_with_grad(x, tt(target), backend=backend,
                                                 process_group=dist.group.WORLD,
                                                 vocab_start=start)  # fmt: skip
         atol, rtol = TOL["float32"]
-        np.testing.assert_allclose(loss.numpy(), ref_loss, atol=atol, rtol=rtol)
-        np.testing.assert_allclose(grad.numpy(), ref_grad[:, start : start + size],
+        np.testing.assert_allclose(loss.cpu().numpy(), ref_loss, atol=atol, rtol=rtol)
+        np.testing.assert_allclose(grad.cpu().numpy(), ref_grad[:, start : start + size],
                                    atol=atol, rtol=rtol)  # fmt: skip
         # linear + vocabulary-parallel
         rng = np.random.default_rng(11)
@@ -174,26 +188,26 @@ def run(rank, world, port, result_dir, backend, counts):
         tl[2] = -100
         start, size = shard_bounds(v, world, "uneven")[rank]
         ref = ref_cross_entropy(xs @ wfull.T + bfull, tl, label_smoothing=0.1)
-        xt = torch.tensor(xs)
+        xt = tt(xs)
         wt, bt = (
-            torch.tensor(wfull[start : start + size]),
-            torch.tensor(bfull[start : start + size]),
+            tt(wfull[start : start + size]),
+            tt(bfull[start : start + size]),
         )
         for k in calls:
             calls[k] = 0
         loss, dx, dw, db = sk.linear_cross_entropy_with_grad(
-            xt, wt, torch.tensor(tl), linear_bias=bt, label_smoothing=0.1, chunk_size=3,
+            xt, wt, tt(tl), linear_bias=bt, label_smoothing=0.1, chunk_size=3,
             process_group=dist.group.WORLD, vocab_start=start, backend=backend,
         )  # fmt: skip
         if calls != {"all_gather": 1, "all_reduce": 1}:
             failures.append(f"linear: collectives per call {calls}")
         atol, rtol = TOL["float64"]
-        np.testing.assert_allclose(loss.numpy(), ref[0], atol=atol, rtol=rtol)
+        np.testing.assert_allclose(loss.cpu().numpy(), ref[0], atol=atol, rtol=rtol)
         g = ref[1]  # d loss / d logits: dx = g @ W, dW = g^T x, db = sum g
-        np.testing.assert_allclose(dx.numpy(), g @ wfull, atol=1e-11, rtol=1e-11)
-        np.testing.assert_allclose(dw.numpy(), g[:, start : start + size].T @ xs, atol=1e-11,
+        np.testing.assert_allclose(dx.cpu().numpy(), g @ wfull, atol=1e-11, rtol=1e-11)
+        np.testing.assert_allclose(dw.cpu().numpy(), g[:, start : start + size].T @ xs, atol=1e-11,
                                    rtol=1e-11)  # fmt: skip
-        np.testing.assert_allclose(db.numpy(), g[:, start : start + size].sum(0), atol=1e-11,
+        np.testing.assert_allclose(db.cpu().numpy(), g[:, start : start + size].sum(0), atol=1e-11,
                                    rtol=1e-11)  # fmt: skip
     except Exception:
         failures.append(traceback.format_exc())
