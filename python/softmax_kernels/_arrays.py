@@ -12,6 +12,7 @@ import math
 import sys
 from dataclasses import dataclass
 from typing import Any
+from weakref import ref as _weakref
 
 import numpy as np
 
@@ -88,10 +89,17 @@ def as_supported_array(x: Any, name: str, *, native: bool = True) -> Any:
     )
 
 
+_NP_DTYPE_NAMES: dict = {}  # NumPy dtype -> name: dtype.name takes ~3.5 us, called ~6x per op
+
+
 def dtype_name(x: Any) -> str:
     """The dtype's name without the library prefix or byte order: 'float32', 'int64', ..."""
     if isinstance(x, (np.ndarray, np.generic)):  # (a tuple: torch.compile traces this)
-        return x.dtype.name
+        dt = x.dtype
+        name = _NP_DTYPE_NAMES.get(dt)
+        if name is None:
+            name = _NP_DTYPE_NAMES[dt] = dt.name
+        return name
     return str(x.dtype).replace("torch.", "")
 
 
@@ -179,6 +187,8 @@ class Ops:
             dtype = self.dtype(dtype)
         if self.kind == TORCH:
             return _torch_empty(tuple(shape), dtype, like)
+        if self.kind == NUMPY:
+            return cpu_empty(tuple(shape), dtype)
         return self.xp.empty(shape, dtype=dtype)
 
     def zeros(self, shape, dtype, like):
@@ -225,10 +235,149 @@ class Ops:
         return self.xp.full(shape, value, dtype=dtype)
 
 
-# Outputs of torch CPU tensors from this many elements on come from NumPy's allocator: it maps
-# large buffers with huge pages and without zeroing, where torch's faults them in 4 KiB at a
-# time (softmax_backward at 4096 x 4096 float32: 36 ms with torch's buffers, 23 ms with NumPy's).
-_NUMPY_ALLOC_MIN = 1 << 16
+# ----------------------------------------------------------------------------------------------
+# CPU output buffers.
+#
+# A fresh output costs more than the kernel writing it unless its memory is already mapped.
+# Measured on the 2-core VM (interleaved with torch's calls, as a benchmark or a training step
+# runs them): glibc serves blocks under its mmap threshold (128 KiB, rising to 32 MiB once such
+# blocks are freed) from the heap, whose top it trims back to the kernel and faults in again
+# whenever two callers' blocks alternate (16 MiB: 0.6 ms alone, 1.3 ms interleaved); from 32 MiB
+# every block is a fresh mmap: NumPy's (madvised to 2 MiB pages) costs ~0.05 ms/MiB of faults
+# and zeroing, torch's (4 KiB pages) ~0.35 ms/MiB, as much as the kernel itself or more (64 MiB:
+# 13 ms for NumPy's empty + write, 32 ms for torch's, 10 ms for the write alone).
+#
+# So outputs of CPU arrays from _POOL_MIN_BYTES on come from blocks kept here: a block is handed
+# out as a 1-D array over a memoryview of it, reshaped. Every NumPy view of the result keeps
+# that 1-D array alive as its base (NumPy collapses a view's base only through arrays whose own
+# base is an array), and so does every torch tensor made by torch.from_numpy. When the last of
+# them dies, a weakref callback puts the block back, and the next output of about that size
+# reuses it already mapped: no page faults, no zeroing, no system call. Free blocks are kept up to
+# 1 GiB in all (at most a quarter of the machine's memory, and 16 blocks; the oldest freed go
+# first); SOFTMAX_KERNELS_CPU_POOL_MB sets that limit (0: no pool, every output from np.empty);
+# release_cpu_buffers() empties it. Blocks are 64-byte aligned (AVX-512 lines).
+
+_POOL_ENV = "SOFTMAX_KERNELS_CPU_POOL_MB"
+_POOL_MIN_BYTES = 1 << 18
+_POOL_MAX_BLOCKS = 16
+_POOL_ALIGN = 64
+
+
+def _pool_keep_bytes() -> int:
+    import os
+
+    v = os.environ.get(_POOL_ENV)
+    if v is not None:
+        try:
+            return max(0, int(float(v) * (1 << 20)))
+        except ValueError:
+            pass
+    keep = 1 << 30
+    try:  # at most a quarter of the machine's memory
+        keep = min(keep, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4)
+    except (AttributeError, OSError, ValueError):
+        pass
+    return keep
+
+
+class _Pool:
+    def __init__(self):
+        import collections
+        import threading
+
+        self.keep = _pool_keep_bytes()
+        # refcount-based liveness needs the GIL (free-threaded builds: no pool)
+        gil = getattr(sys, "_is_gil_enabled", lambda: True)()
+        self.enabled = self.keep > 0 and gil
+        self.free: list = []  # free blocks (uint8 arrays), oldest returned first
+        self.free_bytes = 0
+        self.live: dict = {}  # id of a weakref to a handed-out 1-D array -> (weakref, block)
+        self.returned = collections.deque()  # blocks given back, not yet in free
+        self.lock = threading.Lock()
+
+    def _gone(self, ref) -> None:
+        # The weakref callback: may run in any thread, at any point (a GC in the middle of
+        # take()), so it only moves the block to the deque (atomic) and tidies up when the
+        # lock is free.
+        self.returned.append(self.live.pop(id(ref))[1])
+        if self.lock.acquire(blocking=False):
+            try:
+                self._drain()
+            finally:
+                self.lock.release()
+
+    def _drain(self) -> None:
+        while self.returned:
+            b = self.returned.popleft()
+            self.free.append(b)
+            self.free_bytes += b.nbytes
+        while self.free and (self.free_bytes > self.keep or len(self.free) > _POOL_MAX_BLOCKS):
+            self.free_bytes -= self.free.pop(0).nbytes  # the oldest freed goes back to the OS
+
+    def take(self, nbytes: int):
+        """A free block of nbytes to 1.25 x nbytes + 64 KiB (the smallest such), or None."""
+        hi = nbytes + (nbytes >> 2) + (1 << 16)
+        with self.lock:
+            if self.returned:
+                self._drain()
+            best, size = -1, hi + 1
+            for i, b in enumerate(self.free):
+                if nbytes <= b.nbytes < size:
+                    best, size = i, b.nbytes
+            if best < 0:
+                return None
+            self.free_bytes -= size
+            return self.free.pop(best)
+
+    def clear(self) -> None:
+        with self.lock:
+            self._drain()
+            self.free.clear()
+            self.free_bytes = 0
+
+    def empty(self, shape: tuple[int, ...], dtype: np.dtype, count: int) -> np.ndarray:
+        nbytes = count * dtype.itemsize
+        block = self.take(nbytes)
+        if block is None:
+            size = -(-nbytes // (1 << 16)) << 16  # whole 64 KiB: near sizes share blocks
+            raw = np.empty(size + _POOL_ALIGN, np.uint8)
+            off = -raw.ctypes.data % _POOL_ALIGN
+            block = raw[off : off + size]
+        # over a memoryview, never the block itself: NumPy would collapse the views' bases
+        # down to the block's owner, and a view could outlive `flat`
+        flat = np.frombuffer(memoryview(block), dtype=dtype, count=count)
+        r = _weakref(flat, self._gone)
+        self.live[id(r)] = (r, block)
+        return flat.reshape(shape)
+
+
+_pool: _Pool | None = None
+
+
+def cpu_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """np.empty(shape, dtype) for an output: from the block pool above from _POOL_MIN_BYTES."""
+    global _pool
+    dtype = np.dtype(dtype)
+    count = math.prod(shape)
+    if count * dtype.itemsize >= _POOL_MIN_BYTES:
+        if _pool is None:
+            _pool = _Pool()
+        if _pool.enabled:
+            return _pool.empty(tuple(shape), dtype, count)
+    return np.empty(shape, dtype)
+
+
+def release_cpu_buffers() -> None:
+    """Return the pool's free blocks to the operating system (blocks in use are unaffected and
+    are freed when their arrays die)."""
+    if _pool is not None:
+        _pool.clear()
+
+
+# Outputs of torch CPU tensors in the dtypes NumPy has come from cpu_empty, through
+# torch.from_numpy (zero-copy): torch's own allocator faults large outputs in 4 KiB pages at a
+# time and never reuses them (above).
+_NUMPY_ALLOC_MIN = _POOL_MIN_BYTES
 _NUMPY_NAMES = ("float16", "float32", "float64", "int32", "int64", "bool", "uint8")
 
 
@@ -237,12 +386,12 @@ def _torch_empty(shape: tuple[int, ...], dtype, like):
     name = str(dtype).replace("torch.", "")
     if (
         type(like) is torch.Tensor  # not a FakeTensor / functional tensor while tracing
-        and not torch.compiler.is_compiling()
         and like.device.type == "cpu"
         and name in _NUMPY_NAMES
-        and math.prod(shape) >= _NUMPY_ALLOC_MIN
+        and math.prod(shape) * dtype.itemsize >= _NUMPY_ALLOC_MIN
+        and not torch.compiler.is_compiling()
     ):
-        return torch.from_numpy(np.empty(shape, dtype=name))
+        return torch.from_numpy(cpu_empty(shape, name))
     return torch.empty(shape, dtype=dtype, device=like.device)
 
 

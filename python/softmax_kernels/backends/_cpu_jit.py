@@ -151,10 +151,22 @@ def _addr(a) -> int:
     return 0 if a is None else a.ctypes.data
 
 
-def _blocks(n_rows: int, n_cols: int, work) -> None:
-    from .numpy_backend import _for_row_blocks  # at call time: numpy_backend may import us
+# Row blocks of the compiled kernels: ~64K elements (a few tens of us of work against ~1.5 us
+# of Python per block), at least 4 per thread where the rows allow (a core shared with another
+# process, or with torch's spinning OpenMP workers, then costs a block's imbalance, not a
+# thread's share), never under 16K elements; the pool runs from 128K elements (below, a
+# worker's wake-up costs about what it saves).
+_BLOCK_ELEMS = 1 << 16
+_MIN_BLOCK_ELEMS = 1 << 14
+_PARALLEL_MIN_ELEMS = 1 << 17
 
-    _for_row_blocks(n_rows, n_cols, work)
+
+def _blocks(n_rows: int, n_cols: int, work) -> None:
+    from . import numpy_backend as nb  # at call time: numpy_backend imports us lazily
+
+    total = n_rows * n_cols
+    be = min(_BLOCK_ELEMS, max(n_cols, _MIN_BLOCK_ELEMS, total // (4 * nb._THREADS)))
+    nb._for_row_blocks(n_rows, n_cols, work, be, _PARALLEL_MIN_ELEMS)
 
 
 def _vec(a, n: int, cdt, what: str) -> np.ndarray:

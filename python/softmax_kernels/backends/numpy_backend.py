@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -33,7 +32,7 @@ _BLOCK_ELEMS = 1 << 18
 # Below this many elements a thread pool costs more than it saves (about 100 us of overhead).
 _PARALLEL_MIN_ELEMS = 1 << 18
 _THREADS = max(1, min(8, os.cpu_count() or 1))
-_pool: ThreadPoolExecutor | None = None
+_pool = None  # the _Pool below, started on the first parallel call
 
 
 def unavailable_reason() -> str | None:
@@ -100,37 +99,108 @@ def _compute_dtype(a: np.ndarray) -> np.dtype:
     return np.dtype(np.float64 if a.dtype == np.float64 else np.float32)
 
 
-def _for_row_blocks(n_rows: int, n_cols: int, work) -> None:
-    """Call work(r0, r1) over blocks of rows, on the thread pool when the input is large."""
+class _Job:
+    """One call's row blocks, taken in order by whichever thread asks next (the caller and
+    the pool's workers). The caller waits only for blocks that were taken: a worker that
+    wakes after the last block was taken finds nothing to do and costs the caller nothing
+    (a wake-up on this VM costs 20-100 us, as much as a small call's work)."""
+
+    __slots__ = ("work", "rows", "n_rows", "n_blocks", "next", "done", "error", "lock", "event")
+
+    def __init__(self, work, rows: int, n_rows: int):
+        self.work, self.rows, self.n_rows = work, rows, n_rows
+        self.n_blocks = -(-n_rows // rows)
+        self.next = self.done = 0
+        self.error: BaseException | None = None
+        self.lock = threading.Lock()
+        self.event = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            with self.lock:
+                i = self.next
+                if i >= self.n_blocks or self.error is not None:
+                    return
+                self.next = i + 1
+            r0 = i * self.rows
+            try:
+                self.work(r0, min(r0 + self.rows, self.n_rows))
+            except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
+                with self.lock:
+                    if self.error is None:
+                        self.error = e
+            with self.lock:
+                self.done += 1
+                if self.done == self.next and (self.next >= self.n_blocks or self.error):
+                    self.event.set()
+
+    def wait(self) -> None:
+        with self.lock:
+            finished = self.done == self.next
+        if not finished:
+            self.event.wait()
+        if self.error is not None:
+            raise self.error
+
+
+class _Pool:
+    """Worker threads that run jobs from a queue (lighter than a ThreadPoolExecutor: no
+    future per task). Daemon threads: a job never depends on a worker starting, so neither
+    interpreter exit nor a fork (the child gets a fresh pool) can leave a caller waiting."""
+
+    def __init__(self):
+        import queue
+
+        self.queue = queue.SimpleQueue()
+        self.threads: list[threading.Thread] = []
+
+    def ensure(self, n: int) -> None:
+        while len(self.threads) < n:
+            t = threading.Thread(target=self._worker, name=f"softmax_kernels-{len(self.threads)}",
+                                 daemon=True)  # fmt: skip
+            t.start()
+            self.threads.append(t)
+
+    def _worker(self) -> None:
+        while True:
+            self.queue.get().run()
+
+
+def _reset_pool_after_fork() -> None:
     global _pool
-    rows = max(1, _BLOCK_ELEMS // max(n_cols, 1))
-    blocks = [(r, min(r + rows, n_rows)) for r in range(0, n_rows, rows)]
-    if _THREADS > 1 and len(blocks) > 1 and n_rows * n_cols >= _PARALLEL_MIN_ELEMS:
+    _pool = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_pool_after_fork)
+
+
+def _for_row_blocks(n_rows: int, n_cols: int, work, block_elems: int | None = None,
+                    parallel_min: int | None = None) -> None:  # fmt: skip
+    """Call work(r0, r1) over blocks of rows (about block_elems elements each, default
+    _BLOCK_ELEMS), on the thread pool when the input has at least parallel_min elements
+    (default _PARALLEL_MIN_ELEMS)."""
+    global _pool
+    be = _BLOCK_ELEMS if block_elems is None else block_elems
+    rows = max(1, be // max(n_cols, 1))
+    n_blocks = -(-n_rows // rows)
+    threshold = _PARALLEL_MIN_ELEMS if parallel_min is None else parallel_min
+    if _THREADS > 1 and n_blocks > 1 and n_rows * n_cols >= threshold:
         if _pool is None:
-            _pool = ThreadPoolExecutor(_THREADS - 1, thread_name_prefix="softmax_kernels")
+            _pool = _Pool()
         # The calling thread takes blocks too (one worker fewer to wake per call); blocks go to
         # whichever thread asks next. Each row's result depends only on the row, so which
         # thread computes it changes no bit.
-        todo = iter(blocks)
-        lock = threading.Lock()
-
-        def drain():
-            while True:
-                with lock:
-                    b = next(todo, None)
-                if b is None:
-                    return
-                work(*b)
-
-        helpers = [_pool.submit(drain) for _ in range(min(_THREADS - 1, len(blocks) - 1))]
-        try:
-            drain()
-        finally:
-            for f in helpers:
-                f.result()
+        job = _Job(work, rows, n_rows)
+        helpers = min(_THREADS - 1, n_blocks - 1)
+        _pool.ensure(helpers)
+        for _ in range(helpers):
+            _pool.queue.put(job)
+        job.run()
+        job.wait()
     else:
-        for r0, r1 in blocks:
-            work(r0, r1)
+        for r0 in range(0, n_rows, rows):
+            work(r0, min(r0 + rows, n_rows))
 
 
 _F16_MIN_NORMAL = np.float32(2.0**-14)
