@@ -536,12 +536,11 @@ def test_bitwise_deterministic_for_any_threads_and_blocking(rng, monkeypatch, dt
     a = _all_ops(x, t, mask, w)
     b = _all_ops(x, t, mask, w)  # run to run
     monkeypatch.setattr(numpy_backend, "_THREADS", 1)
-    monkeypatch.setattr(J, "_BLOCK_ELEMS", 1 << 10)
-    monkeypatch.setattr(J, "_MIN_BLOCK_ELEMS", 1 << 10)
+    monkeypatch.setattr(J, "_MAX_BLOCK_ELEMS", 1 << 10)
     c = _all_ops(x, t, mask, w)  # one thread, small blocks
     monkeypatch.setattr(numpy_backend, "_THREADS", 3)
-    monkeypatch.setattr(J, "_BLOCK_ELEMS", 5 * n_cols)
     monkeypatch.setattr(J, "_MIN_BLOCK_ELEMS", 5 * n_cols)
+    monkeypatch.setattr(J, "_MAX_BLOCK_ELEMS", 5 * n_cols)
     monkeypatch.setattr(numpy_backend, "_pool", None)
     d = _all_ops(x, t, mask, w)  # three threads, blocks of 5 rows
     for i, (p, q, r, s) in enumerate(zip(a, b, c, d, strict=True)):

@@ -151,22 +151,26 @@ def _addr(a) -> int:
     return 0 if a is None else a.ctypes.data
 
 
-# Row blocks of the compiled kernels: ~64K elements (a few tens of us of work against ~1.5 us
-# of Python per block), at least 4 per thread where the rows allow (a core shared with another
-# process, or with torch's spinning OpenMP workers, then costs a block's imbalance, not a
-# thread's share), never under 16K elements; the pool runs from 128K elements (below, a
-# worker's wake-up costs about what it saves).
-_BLOCK_ELEMS = 1 << 16
-_MIN_BLOCK_ELEMS = 1 << 14
+# Row blocks of the compiled kernels. Each costs ~1.5 us of Python (the block's claim and
+# numba's dispatch); with dynamic scheduling the threads end within about half a block of each
+# other. So about 16 blocks per thread (a core shared with another process, or with torch's
+# spinning OpenMP workers, then costs a fraction of a block, not a thread's share), of 64K to
+# 256K elements (~25-100 us of work): 1024 x 1000 float32 runs as 16 blocks, 4096 x 4096 as 64.
+# One thread: blocks of 256K. The pool runs from 128K elements (below, a worker's wake-up costs
+# about what it saves).
+_MIN_BLOCK_ELEMS = 1 << 16
+_MAX_BLOCK_ELEMS = 1 << 18
 _PARALLEL_MIN_ELEMS = 1 << 17
 
 
 def _blocks(n_rows: int, n_cols: int, work) -> None:
     from . import numpy_backend as nb  # at call time: numpy_backend imports us lazily
 
-    total = n_rows * n_cols
-    be = min(_BLOCK_ELEMS, max(n_cols, _MIN_BLOCK_ELEMS, total // (4 * nb._THREADS)))
-    nb._for_row_blocks(n_rows, n_cols, work, be, _PARALLEL_MIN_ELEMS)
+    threads = nb._THREADS
+    be = _MAX_BLOCK_ELEMS
+    if threads > 1:
+        be = min(be, max(_MIN_BLOCK_ELEMS, n_rows * n_cols // (16 * threads)))
+    nb._for_row_blocks(n_rows, n_cols, work, max(be, n_cols), _PARALLEL_MIN_ELEMS)
 
 
 def _vec(a, n: int, cdt, what: str) -> np.ndarray:
