@@ -131,3 +131,116 @@ def merge_lanes(m, s, IS_FP64: tl.constexpr):
     """(row max, shift, s of the row relative to shift) from the lanes' running pairs."""
     shift = safe_shift(tl.max(m, axis=0))
     return tl.max(m, axis=0), shift, tl.sum(s * exp_c(m - shift, IS_FP64), axis=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows split over several programs ("split" strategies, see triton_backend._launch_config).
+#
+# A row of n_cols is cut into n_seg segments of BLOCK_N columns; program (group, j) of a grid of
+# n_groups x n_seg handles segment j of the rows group, group + n_groups, ... Per row, every
+# segment's program stores its partials (max, sum, ...) into the workspace, then takes a ticket
+# from the row's counter; the last of the n_seg to arrive merges the partials in segment order
+# (so the result does not depend on who merges: bitwise deterministic) and stores the row's
+# merged values. Then, either
+# - no second phase (the row's outputs are the merged values): the last one resets the counter;
+# - fused (GPU only, PHASE 0): the last one publishes (counter n_seg -> n_seg + 1), the others
+#   spin until it has, every program normalises its segment from registers and departs
+#   (counter + 1 each); the last to depart (counter 2 n_seg + 1) resets it. Safe only when every
+#   program of the grid is resident at once (the launch plan sizes the grid so), and never under
+#   the interpreter, which runs programs one after another;
+# - two kernels (PHASE 1, then PHASE 2): the second launch reads the merged values and the
+#   segment again.
+# The counters are int32, one per row, zero at entry and left zero (a persistent buffer).
+
+
+@triton.jit
+def split_place(n_seg, seg_len, n_cols, BLOCK_N: tl.constexpr):
+    """(first row, row step, segment, its columns, their end) of this program in a split grid
+    of n_groups x n_seg programs: program (group, j) = group * n_seg + j, so the n_seg programs
+    of a row are consecutive (launched together). Segment j holds the columns [j seg_len,
+    end), end = min((j + 1) seg_len, n_cols), in BLOCK_N >= seg_len lanes; the masks are
+    ``c < end``. seg_len is a multiple of 16 elements (the host's choice), so every segment
+    starts on a 16-byte boundary of the row and its loads stay 16-byte vectors."""
+    pid = tl.program_id(0)
+    n_groups = tl.num_programs(0) // n_seg
+    group = pid // n_seg
+    seg = pid - group * n_seg
+    start = seg * seg_len
+    return group, n_groups, seg, start + tl.arange(0, BLOCK_N), tl.minimum(start + seg_len, n_cols)
+
+
+@triton.jit
+def seg_lane(t, seg, seg_len, end):
+    """The lane (int32) of column ``t`` (int64) in segment ``seg``, or -1 when the segment does
+    not hold it: compared with tl.arange, so that no int64 vector of columns is built."""
+    off = t - tl.cast(seg, tl.int64) * seg_len
+    return tl.where((off >= 0) & (t < end), off, -1).to(tl.int32)
+
+
+@triton.jit
+def seg_arrive(cnt_ptr, n_seg):
+    """True in the last of the row's ``n_seg`` programs to arrive. Every program's partial
+    stores come before its ticket (CTA barrier, then a release); the last one's loads of the
+    partials come after its acquire."""
+    tl.debug_barrier()
+    return tl.atomic_add(cnt_ptr, 1, sem="acq_rel") == n_seg - 1
+
+
+@triton.jit
+def seg_publish(cnt_ptr):
+    """The last arriver, after storing the row's merged values: they are ready."""
+    tl.debug_barrier()
+    tl.atomic_add(cnt_ptr, 1, sem="release")
+
+
+@triton.jit
+def seg_wait(cnt_ptr, n_seg):
+    """Spin until the row's merged values are published (counter > n_seg), polling with
+    acquire loads (ld.acquire.gpu), so that every later load of the merged values follows the
+    publishing release. Loads, not atomic read-modify-writes: the up to ~500 programs of a grid
+    polling rows' counters are then served by L2 without queueing behind each other's atomics
+    or behind the arrivals' tickets on the same counter."""
+    c = tl.atomic_load(cnt_ptr, sem="acquire")
+    while c <= n_seg:
+        c = tl.atomic_load(cnt_ptr, sem="acquire")
+
+
+@triton.jit
+def seg_depart(cnt_ptr, n_seg):
+    """After reading the merged values: the last of the n_seg to leave resets the counter
+    (nobody polls it any more: every program of the row has passed seg_wait)."""
+    if tl.atomic_add(cnt_ptr, 1, sem="relaxed") == 2 * n_seg:
+        tl.store(cnt_ptr, 0)
+
+
+@triton.jit
+def merge_max_sum(m_ptr, s_ptr, n, IS_FP64: tl.constexpr, BLOCK: tl.constexpr):
+    """(max, shift, sum) of ``n`` partial (m_j, s_j) pairs, s_j = sum exp(z - safe_shift(m_j))
+    over segment j: max_j m_j, shift = safe_shift(max) and sum_j s_j exp(m_j - shift), in a
+    fixed order (lane-wise over blocks of BLOCK, then one tree). Read through L2 (.cg: written by
+    other SMs). A segment of -inf (m_j = -inf, s_j = 0) adds 0; a NaN s_j makes the sum NaN;
+    m_j = +inf makes it NaN (inf - inf), as the row's softmax is."""
+    mx = full_vec(BLOCK, NEG_INF, IS_FP64)
+    for start in range(0, n, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        mx = tl.maximum(mx, tl.load(m_ptr + i, mask=i < n, other=NEG_INF, cache_modifier=".cg"))
+    row_max = tl.max(mx, axis=0)
+    shift = safe_shift(row_max)
+    acc = full_vec(BLOCK, 0.0, IS_FP64)
+    for start in range(0, n, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        m = tl.load(m_ptr + i, mask=i < n, other=NEG_INF, cache_modifier=".cg")
+        s = tl.load(s_ptr + i, mask=i < n, other=0.0, cache_modifier=".cg")
+        acc += s * exp_c(m - shift, IS_FP64)
+    return row_max, shift, tl.sum(acc, axis=0)
+
+
+@triton.jit
+def merge_sum(ptr, n, BLOCK: tl.constexpr):
+    """sum(ptr[0:n]) of float64 partials in a fixed order (lane-wise over blocks, one tree),
+    read through L2."""
+    acc = tl.zeros([BLOCK], tl.float64)
+    for start in range(0, n, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        acc += tl.load(ptr + i, mask=i < n, other=0.0, cache_modifier=".cg")
+    return tl.sum(acc, axis=0)

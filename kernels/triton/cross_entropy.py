@@ -55,7 +55,14 @@ from .common import (
     full_vec,
     group_online_update,
     merge_lanes,
+    merge_max_sum,
     safe_shift,
+    seg_arrive,
+    seg_depart,
+    seg_lane,
+    seg_publish,
+    seg_wait,
+    split_place,
     tanh_c,
     to_compute,
 )
@@ -567,10 +574,13 @@ def _fwd_online_row(
             if NUM_STAGES == 1:
                 x, q, w = _raw_chunk(x_row, t_row, w_ptr, c, n_load, n_cols, SOFT, LOAD_W)
             else:
+                # the chunk before (none after chunk 0: limits of 0; contiguous offsets, so
+                # that the loads stay 16-byte vectors)
                 x, q, w = x1, q1, w1
-                x1, q1, w1 = _raw_chunk(x_row, t_row, w_ptr,
-                                        tl.where(c >= BLOCK_N, c - BLOCK_N, n_cols), n_load,
-                                        n_cols, SOFT, LOAD_W)  # fmt: skip
+                c0 = (n_chunks - 1 - i) * BLOCK_N
+                x1, q1, w1 = _raw_chunk(x_row, t_row, w_ptr, tl.maximum(c0 - BLOCK_N, 0) + cols,
+                                        tl.where(c0 > 0, n_load, 0), tl.where(c0 > 0, n_cols, 0),
+                                        SOFT, LOAD_W)  # fmt: skip
             z, th = _to_z(x, c < n_load, cap_c, inv_cap_c, SOFTCAP, IS_FP64)
             g = a * exp_c((z - shift) - log_s, IS_FP64)
             if SOFT:
@@ -1103,11 +1113,14 @@ def cross_entropy_grad_kernel(
     lse_ptr,
     coef_ptr,
     scale_ptr,
+    shift_ptr,
     n_rows,
     n_cols,
     row_stride,
     t_row_stride,
     g_row_stride,
+    n_seg,
+    seg_len,
     ignore_index: tl.int64,
     vocab_start: tl.int64,
     keep: tl.float64,
@@ -1121,6 +1134,8 @@ def cross_entropy_grad_kernel(
     IS_FP64: tl.constexpr,
     INPLACE: tl.constexpr,
     ONLINE: tl.constexpr,
+    SPLIT: tl.constexpr,
+    ROW_SHIFT: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     GROUP: tl.constexpr,
@@ -1133,7 +1148,11 @@ def cross_entropy_grad_kernel(
     ``scale_ptr``: the 0-d row_scale. Ignored rows: 0. Reads the logits (and soft targets)
     once, writes the gradient once; ``g_ptr`` may be ``x_ptr`` (INPLACE: the target logits a
     program reads are ordered before its stores by a CTA barrier). NUM_STAGES 2: the next
-    tile's (chunk's) loads are issued before this one is computed."""
+    tile's (chunk's) loads are issued before this one is computed. SPLIT: each row cut into
+    ``n_seg`` segments of BLOCK_N, one per program of a group (no reduction: the segments are
+    independent; the one holding the target takes z_t from its registers); this is also the
+    gradient pass of cross_entropy_fwd_split_kernel's two-kernel form, with ROW_SHIFT: then
+    ``lse_ptr`` holds log s and ``shift_ptr`` the shift, p = exp((z - shift) - log s)."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     keep_c = to_compute(f64_scalar(keep), IS_FP64)
@@ -1146,7 +1165,52 @@ def cross_entropy_grad_kernel(
         inv_cap_c = to_compute(1.0 / cap, IS_FP64)
     LOAD_W: tl.constexpr = HAS_WEIGHT and (SOFT or HAS_SMOOTHING)
     cols = tl.arange(0, BLOCK_N)
-    if ONLINE:
+    if SPLIT:
+        group, n_groups, seg, c, end = split_place(n_seg, seg_len, n_cols, BLOCK_N)
+        ok = c < end
+        w = c  # this segment's class weights, loaded once
+        if LOAD_W:
+            w = tl.load(w_ptr + c, mask=ok, other=0.0)
+        # (ignored rows' logits are not read: their targets are loaded a row ahead)
+        t = _seg_target(t_ptr, group, n_rows, SOFT)
+        if NUM_STAGES >= 2:
+            x1, q1 = _seg_raw(x_ptr, t_ptr, group, t, c, n_rows, end, row_stride,
+                              t_row_stride, ignore_index, SOFT, SOFT)  # fmt: skip
+            t1 = _seg_target(t_ptr, group + n_groups, n_rows, SOFT)
+        for row in range(group, n_rows, n_groups):
+            r64 = tl.cast(row, tl.int64)
+            if NUM_STAGES == 1:
+                t = _seg_target(t_ptr, row, n_rows, SOFT)
+                x, q = _seg_raw(x_ptr, t_ptr, row, t, c, n_rows, end, row_stride,
+                                t_row_stride, ignore_index, SOFT, SOFT)  # fmt: skip
+            else:
+                x, q = x1, q1
+                x1, q1 = _seg_raw(x_ptr, t_ptr, row + n_groups, t1, c, n_rows, end,
+                                  row_stride, t_row_stride, ignore_index, SOFT,
+                                  SOFT)  # fmt: skip
+                t2 = _seg_target(t_ptr, row + 2 * n_groups, n_rows, SOFT)
+            lse = to_compute(tl.load(lse_ptr + r64), IS_FP64)
+            a = to_compute(tl.load(coef_ptr + r64), IS_FP64)
+            lane_t = tl.zeros([], tl.int32) - 1
+            if SOFT:
+                valid = r64 >= 0
+                t_local = r64 * 0
+                read = ok
+            else:
+                valid = t != ignore_index
+                t_local = t - vocab_start
+                lane_t = tl.where(valid, seg_lane(t_local, seg, seg_len, end), -1)
+                read = c < tl.where(valid, end, 0)
+            z, th = _to_z(x, read, cap_c, inv_cap_c, SOFTCAP, IS_FP64)
+            if ROW_SHIFT:
+                z = z - to_compute(tl.load(shift_ptr + r64), IS_FP64)
+            g = _seg_grad(z, th, q, w, tl.arange(0, BLOCK_N), ok, t_local, lane_t, valid, lse, a,
+                          w_ptr, keep_c, eps_cc, scale, SOFT, HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP,
+                          IS_FP64)  # fmt: skip
+            tl.store(g_ptr + r64 * g_row_stride + c, g.to(g_ptr.dtype.element_ty), mask=ok)
+            if NUM_STAGES >= 2:
+                t, t1 = t1, t2
+    elif ONLINE:
         # one row at a time in chunks: no reduction, so one pass
         for row in range(pid, n_rows, n_prog):
             r64 = tl.cast(row, tl.int64)
@@ -1237,3 +1301,437 @@ def cross_entropy_grad_kernel(
             )
             if NUM_STAGES >= 2:
                 x, q, rd, rd1 = x1, q1, rd1, rd2
+
+
+# ----------------------------------------------------------------------------------------------
+# rows split over several programs (common.py: the segment protocol). Per segment j the
+# partials [m_j, s_j, acc_j, csum_j, acc_w_j, csum_w_j, z_t] (``_seg_partials``; sums relative
+# to safe_shift(m_j), z_t stored by the segment holding the target only) go to the workspace
+# ([n_rows, 7, n_seg], compute dtype); the last program of the row to arrive merges them in
+# segment order (``_seg_merge``), as the vocabulary-parallel merge does for ranks.
+
+_WS_SLOTS = tl.constexpr(7)
+_WS_ZT = tl.constexpr(6)
+
+
+@triton.jit
+def _seg_partials(z, q, w, ok, keep_c, eps_c, SUMS: tl.constexpr, SUMS_W: tl.constexpr,
+                  SOFT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+                  IS_FP64: tl.constexpr):  # fmt: skip
+    """A segment's (m, s, acc, csum, acc_w, csum_w): m = max z, s = sum exp(z - shift), with
+    SUMS acc = sum coef (z - shift), csum = sum coef for _coef's coefficients, with SUMS_W the
+    same for coef = w; shift = safe_shift(m)."""
+    m = tl.max(z, axis=0)
+    rel = z - safe_shift(m)
+    s = tl.sum(exp_c(rel, IS_FP64), axis=0)
+    acc = s * 0.0
+    csum = acc
+    acc_w = acc
+    csum_w = acc
+    if SUMS:
+        coef = _coef(q, w, ok, keep_c, eps_c, SOFT, HAS_WEIGHT, HAS_SMOOTHING, IS_FP64)
+        acc = tl.sum(tl.where(ok, coef * rel, 0.0), axis=0)
+        csum = tl.sum(coef, axis=0)
+    if SUMS_W:
+        coef_w = _coef(q, w, ok, keep_c, eps_c, False, HAS_WEIGHT, False, IS_FP64)
+        acc_w = tl.sum(tl.where(ok, coef_w * rel, 0.0), axis=0)
+        csum_w = tl.sum(coef_w, axis=0)
+    return m, s, acc, csum, acc_w, csum_w
+
+
+@triton.jit
+def _seg_store(ws_row, n_seg, seg, m, s, acc, csum, acc_w, csum_w, SUMS: tl.constexpr,
+               SUMS_W: tl.constexpr):  # fmt: skip
+    tl.store(ws_row + seg, m)
+    tl.store(ws_row + n_seg + seg, s)
+    if SUMS:
+        tl.store(ws_row + 2 * n_seg + seg, acc)
+        tl.store(ws_row + 3 * n_seg + seg, csum)
+    if SUMS_W:
+        tl.store(ws_row + 4 * n_seg + seg, acc_w)
+        tl.store(ws_row + 5 * n_seg + seg, csum_w)
+
+
+@triton.jit
+def _seg_merge(ws_row, n_seg, SUMS: tl.constexpr, SUMS_W: tl.constexpr, IS_FP64: tl.constexpr,
+               BLOCK: tl.constexpr):  # fmt: skip
+    """The row's (max, shift, s, acc, csum, acc_w, csum_w) from its segments' partials, the
+    sums rebased from each segment's shift to the row's: acc += csum (shift_j - shift)
+    (finite shifts only). Fixed order: segment lanes in blocks, then one tree."""
+    row_max, shift, s = merge_max_sum(ws_row, ws_row + n_seg, n_seg, IS_FP64, BLOCK)
+    acc = full_vec(BLOCK, 0.0, IS_FP64)
+    csum = acc
+    acc_w = acc
+    csum_w = acc
+    if SUMS or SUMS_W:
+        for start in range(0, n_seg, BLOCK):
+            i = start + tl.arange(0, BLOCK)
+            mk = i < n_seg
+            m = tl.load(ws_row + i, mask=mk, other=NEG_INF, cache_modifier=".cg")
+            d = tl.where(mk, safe_shift(m) - shift, 0.0)
+            if SUMS:
+                cs = tl.load(ws_row + 3 * n_seg + i, mask=mk, other=0.0, cache_modifier=".cg")
+                a = tl.load(ws_row + 2 * n_seg + i, mask=mk, other=0.0, cache_modifier=".cg")
+                acc += a + cs * d
+                csum += cs
+            if SUMS_W:
+                cs = tl.load(ws_row + 5 * n_seg + i, mask=mk, other=0.0, cache_modifier=".cg")
+                a = tl.load(ws_row + 4 * n_seg + i, mask=mk, other=0.0, cache_modifier=".cg")
+                acc_w += a + cs * d
+                csum_w += cs
+    return (row_max, shift, s, tl.sum(acc, axis=0), tl.sum(csum, axis=0), tl.sum(acc_w, axis=0),
+            tl.sum(csum_w, axis=0))  # fmt: skip
+
+
+@triton.jit
+def _seg_target(t_ptr, row, n_rows, SOFT: tl.constexpr):
+    """A row's class target (int64; soft targets or past the last row: 0, unused)."""
+    r64 = tl.cast(row, tl.int64)
+    if SOFT:
+        t = r64 * 0
+    else:
+        t = tl.load(t_ptr + tl.where(r64 < n_rows, r64, 0), mask=r64 < n_rows, other=0)
+        t = t.to(tl.int64)
+    return t
+
+
+@triton.jit
+def _seg_raw(x_ptr, t_ptr, row, t, c, n_rows, end, row_stride, t_row_stride, ignore_index,
+             SOFT: tl.constexpr, READ_ALL: tl.constexpr):  # fmt: skip
+    """A row's segment (columns c < end) in its storage dtypes: the logits (-inf where not read:
+    past the segment, past the last row, or an ignored row's unless READ_ALL) and the soft
+    targets."""
+    # (masks as c < limit: the interpreter turns a vector & scalar of booleans into integers)
+    r64 = tl.cast(row, tl.int64)
+    lim = tl.where(r64 < n_rows, end, 0)
+    lim_x = lim
+    if not READ_ALL:
+        lim_x = tl.where(t != ignore_index, lim, 0)
+    x = tl.load(x_ptr + r64 * row_stride + c, mask=c < lim_x, other=NEG_INF)
+    q = x
+    if SOFT:
+        q = tl.load(t_ptr + r64 * t_row_stride + c, mask=c < lim, other=0.0)
+    return x, q
+
+
+@triton.jit
+def _seg_grad(z, th, q, w, lanes, ok, t, lane_t, valid, lse, a, w_ptr, keep_c, eps_c, scale,
+              SOFT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+              SOFTCAP: tl.constexpr, IS_FP64: tl.constexpr):  # fmt: skip
+    """A segment's gradient from the row's (lse, a): the segment holding the target (its lane
+    ``lane_t``, -1 elsewhere) picks z_t out of its registers (so an in-place gradient never
+    races with it) and loads w_t."""
+    onehot = lanes == lane_t
+    z_t = tl.sum(tl.where(onehot, z, 0.0), axis=0)
+    owner = lane_t >= 0
+    if HAS_WEIGHT:
+        w_t = to_compute(tl.load(w_ptr + tl.where(owner, t, 0), mask=owner, other=0.0), IS_FP64)
+    else:
+        w_t = to_compute(tl.where(owner, 1, 0), IS_FP64)
+    g_t = _grad_target(lse, a, z_t, w_t, keep_c, eps_c, HAS_SMOOTHING, IS_FP64)
+    return _grad_values(z, th, q, w, ok, lse, a, onehot, g_t, valid, keep_c, eps_c, scale, SOFT,
+                        HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP, IS_FP64)  # fmt: skip
+
+
+@triton.jit
+def cross_entropy_fwd_split_kernel(
+    x_ptr,
+    t_ptr,
+    w_ptr,
+    loss_ptr,
+    g_ptr,
+    lse_ptr,
+    denom_ptr,
+    ws_ptr,
+    res_ptr,
+    part_ptr,
+    cnt_ptr,
+    ticket_ptr,
+    n_rows,
+    n_cols,
+    row_stride,
+    t_row_stride,
+    g_row_stride,
+    n_seg,
+    seg_len,
+    ignore_index: tl.int64,
+    label_smoothing: tl.float64,
+    z_loss: tl.float64,
+    softcap: tl.float64,
+    grad_scale: tl.float64,
+    SOFT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_GRAD: tl.constexpr,
+    HAS_LSE: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    REDUCE: tl.constexpr,
+    DENOM: tl.constexpr,
+    PHASE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SEG_BLOCK: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    """cross_entropy_fwd_kernel's outputs with each row split into ``n_seg`` segments, one per
+    program of a group (common.py). The last program of a row to arrive merges its segments'
+    partials and writes the row's loss (REDUCE 0) or its float64 share (``part_ptr``: [3,
+    n_rows], loss, denominator term, counted; the last program of the grid sums them in row
+    order), ``lse_ptr``, and with HAS_GRAD ``res_ptr`` ([3, n_rows]: the rows' shift, NaN for
+    a bad target, log s and a). PHASE 0 (fused, GPU): the other programs wait for it and write the
+    gradient of their segment from registers (reads n, writes n; ``g_ptr`` may be ``x_ptr``).
+    PHASE 1: no gradient here (loss only, reads n), or HAS_GRAD: cross_entropy_grad_kernel
+    writes it next from ``res_ptr`` and the scale this kernel leaves at ``part_ptr[3 n_rows]``
+    (1 / denominator for "mean", DENOM 3 summed here; else 1): 2 launches, reads 2n, writes n.
+    ``denom_ptr``: as cross_entropy_fwd_kernel's. Ignored rows' logits are not read (unless
+    HAS_LSE); bad targets read nothing through them."""
+    group, n_groups, seg, c, end = split_place(n_seg, seg_len, n_cols, BLOCK_N)
+    lanes = tl.arange(0, BLOCK_N)
+    ok = c < end
+    eps = f64_scalar(label_smoothing)
+    keep_c = to_compute(1.0 - eps, IS_FP64)
+    eps_c = to_compute(eps / n_cols, IS_FP64)
+    z_c = to_compute(f64_scalar(z_loss), IS_FP64)
+    cap = f64_scalar(softcap)
+    cap_c = to_compute(cap, IS_FP64)
+    inv_cap_c = cap_c
+    if SOFTCAP:
+        inv_cap_c = to_compute(1.0 / cap, IS_FP64)
+    row_scale = to_compute(f64_scalar(grad_scale), IS_FP64)
+    if DENOM == 1 or DENOM == 2:
+        row_scale = row_scale / to_compute(tl.load(denom_ptr), IS_FP64)
+    if DENOM == 4:
+        row_scale = row_scale / to_compute(n_rows, IS_FP64)
+    SUMS: tl.constexpr = SOFT or HAS_SMOOTHING
+    READ_ALL: tl.constexpr = SOFT or HAS_LSE
+    LOAD_W: tl.constexpr = HAS_WEIGHT and (SOFT or HAS_SMOOTHING)
+    w = c  # this segment's class weights, the same for every row: loaded once
+    if LOAD_W:
+        w = tl.load(w_ptr + c, mask=ok, other=0.0)
+    # NUM_STAGES 2: the next row's segment in flight while this one is computed (and, fused,
+    # merged), its class target loaded one row earlier still
+    t = _seg_target(t_ptr, group, n_rows, SOFT)
+    if NUM_STAGES >= 2:
+        x1, q1 = _seg_raw(x_ptr, t_ptr, group, t, c, n_rows, end, row_stride, t_row_stride,
+                          ignore_index, SOFT, READ_ALL)  # fmt: skip
+        t1 = _seg_target(t_ptr, group + n_groups, n_rows, SOFT)
+    for row in range(group, n_rows, n_groups):
+        r64 = tl.cast(row, tl.int64)
+        if NUM_STAGES == 1:
+            t = _seg_target(t_ptr, row, n_rows, SOFT)
+            x, q = _seg_raw(x_ptr, t_ptr, row, t, c, n_rows, end, row_stride, t_row_stride,
+                            ignore_index, SOFT, READ_ALL)  # fmt: skip
+        else:
+            x, q = x1, q1
+            x1, q1 = _seg_raw(x_ptr, t_ptr, row + n_groups, t1, c, n_rows, end, row_stride,
+                              t_row_stride, ignore_index, SOFT, READ_ALL)  # fmt: skip
+            t2 = _seg_target(t_ptr, row + 2 * n_groups, n_rows, SOFT)
+        lane_t = tl.zeros([], tl.int32) - 1
+        if SOFT:
+            valid = r64 >= 0
+            in_range = r64 < 0
+            bad = in_range
+            read = ok
+        else:
+            valid = t != ignore_index
+            in_range = (t >= 0) & (t < n_cols)
+            bad = valid & (in_range == 0)
+            lane_t = seg_lane(t, seg, seg_len, end)
+            read = ok
+            if not READ_ALL:
+                read = c < tl.where(valid, end, 0)
+        z, th = _to_z(x, read, cap_c, inv_cap_c, SOFTCAP, IS_FP64)
+        m, s, acc, csum, _aw, _cw = _seg_partials(z, q, w, ok, keep_c, eps_c, SUMS, False, SOFT,
+                                                  HAS_WEIGHT, HAS_SMOOTHING, IS_FP64)  # fmt: skip
+        ws_row = ws_ptr + r64 * (_WS_SLOTS * n_seg)
+        _seg_store(ws_row, n_seg, seg, m, s, acc, csum, acc, csum, SUMS, False)
+        if not SOFT:
+            z_t = tl.sum(tl.where(lanes == lane_t, z, 0.0), axis=0)
+            tl.store(ws_row + _WS_ZT * n_seg + seg, z_t, mask=lane_t >= 0)
+        cnt = cnt_ptr + r64
+        if seg_arrive(cnt, n_seg):
+            # the row: its segments merged in order, then the loss terms of _fwd_online_row
+            _mx, shift, s_r, dot, coef_sum, _a, _b = _seg_merge(ws_row, n_seg, SUMS, False,
+                                                                IS_FP64, SEG_BLOCK)  # fmt: skip
+            log_s = tl.log(s_r)
+            lse = shift + log_s
+            if SOFT:
+                zs_t = log_s
+                w_t = log_s
+            else:
+                t_safe = tl.where(in_range, t, 0)
+                zs_t = tl.load(ws_row + _WS_ZT * n_seg + t_safe // seg_len, mask=in_range,
+                               other=0.0, cache_modifier=".cg") - shift  # fmt: skip
+                if HAS_WEIGHT:
+                    w_t = to_compute(tl.load(w_ptr + t_safe, mask=in_range, other=0.0), IS_FP64)
+                else:
+                    w_t = to_compute(tl.where(in_range, 1, 0), IS_FP64)
+            loss, a, _ar, _kw = _row_terms(log_s, lse, zs_t, w_t, dot, coef_sum, keep_c, eps_c,
+                                           z_c, SOFT, HAS_SMOOTHING, HAS_Z)  # fmt: skip
+            if not SOFT:
+                loss = tl.where(valid, loss, 0.0)
+                loss = tl.where(bad, float("nan"), loss)
+            if REDUCE == 0:
+                tl.store(loss_ptr + r64, loss.to(loss_ptr.dtype.element_ty))
+            else:
+                tl.store(part_ptr + r64, loss.to(tl.float64))
+            if DENOM == 3:
+                den = tl.where(valid, tl.where(in_range, w_t, float("nan")), 0.0)
+                tl.store(part_ptr + n_rows + r64, den.to(tl.float64))
+                tl.store(part_ptr + 2 * n_rows + r64, valid.to(tl.float64))
+            if HAS_LSE:
+                tl.store(lse_ptr + r64, lse.to(lse_ptr.dtype.element_ty))
+            if HAS_GRAD:
+                # p = exp((z - shift) - log_s), never exp(z - lse): lse rounds to the logits'
+                # scale (at 1e30 in float32 a log_s of 4 is below its ulp)
+                tl.store(res_ptr + r64, tl.where(bad, float("nan"), shift))
+                tl.store(res_ptr + n_rows + r64, log_s)
+                tl.store(res_ptr + 2 * n_rows + r64, a)
+            if PHASE == 0:
+                seg_publish(cnt)
+            else:
+                tl.store(cnt, 0)
+        if PHASE == 0:
+            seg_wait(cnt, n_seg)
+            shift_g = tl.load(res_ptr + r64, cache_modifier=".cg")
+            log_s_g = tl.load(res_ptr + n_rows + r64, cache_modifier=".cg")
+            a_g = tl.load(res_ptr + 2 * n_rows + r64, cache_modifier=".cg")
+            g = _seg_grad(z - shift_g, th, q, w, lanes, ok, t, lane_t, valid, log_s_g, a_g, w_ptr,
+                          keep_c, eps_c, row_scale, SOFT, HAS_WEIGHT, HAS_SMOOTHING, SOFTCAP,
+                          IS_FP64)  # fmt: skip
+            tl.store(g_ptr + r64 * g_row_stride + c, g.to(g_ptr.dtype.element_ty), mask=ok)
+            seg_depart(cnt, n_seg)
+        if NUM_STAGES >= 2:
+            t, t1 = t1, t2
+    # the reduction over rows (and, two kernels, the gradient's scale)
+    SCALE_OUT: tl.constexpr = PHASE == 1 and HAS_GRAD
+    if REDUCE > 0 or (SCALE_OUT and DENOM == 3):
+        if last_program(ticket_ptr):
+            total = sum_partials(part_ptr, n_rows)
+            if REDUCE == 2:
+                if DENOM == 3:
+                    d = sum_partials(part_ptr + n_rows, n_rows)
+                    counted = sum_partials(part_ptr + 2 * n_rows, n_rows)
+                elif DENOM == 4:
+                    d = tl.zeros([], tl.float64) + n_rows
+                    counted = d
+                elif DENOM == 2:
+                    d = tl.load(denom_ptr, cache_modifier=".cg").to(tl.float64)
+                    counted = tl.load(denom_ptr + 1, cache_modifier=".cg").to(tl.float64)
+                else:
+                    d = tl.load(denom_ptr).to(tl.float64)
+                    counted = d
+                # nothing counted (every target ignored, or a given denominator of 0): 0.0
+                total = tl.where(counted == 0, 0.0, total / d)
+                if SCALE_OUT and DENOM == 3:
+                    tl.store(part_ptr + 3 * n_rows, 1.0 / d)
+            if REDUCE > 0:
+                tl.store(loss_ptr, total.to(loss_ptr.dtype.element_ty))
+            tl.store(ticket_ptr, 0)
+    if SCALE_OUT and DENOM != 3:
+        if tl.program_id(0) == 0:
+            one = tl.zeros([], tl.float64) + 1.0
+            if DENOM == 1 or DENOM == 2:
+                one = one / tl.load(denom_ptr).to(tl.float64)
+            if DENOM == 4:
+                one = one / n_rows
+            tl.store(part_ptr + 3 * n_rows, one)
+
+
+@triton.jit
+def cross_entropy_stats_split_kernel(
+    x_ptr,
+    t_ptr,
+    w_ptr,
+    st_ptr,
+    ws_ptr,
+    cnt_ptr,
+    n_rows,
+    n_cols,
+    row_stride,
+    t_row_stride,
+    st_row_stride,
+    n_seg,
+    seg_len,
+    ignore_index: tl.int64,
+    vocab_start: tl.int64,
+    softcap: tl.float64,
+    SOFT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SEG_BLOCK: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    """cross_entropy_stats_kernel's statistics with each row split into ``n_seg`` segments
+    (common.py): the last program of a row to arrive merges the partials in segment order and
+    writes the row's statistics. Every row is read (ignored ones too), once: one launch,
+    reads n."""
+    group, n_groups, seg, c, end = split_place(n_seg, seg_len, n_cols, BLOCK_N)
+    lanes = tl.arange(0, BLOCK_N)
+    ok = c < end
+    cap = f64_scalar(softcap)
+    cap_c = to_compute(cap, IS_FP64)
+    inv_cap_c = cap_c
+    if SOFTCAP:
+        inv_cap_c = to_compute(1.0 / cap, IS_FP64)
+    one = to_compute(1.0, IS_FP64)  # the raw q: keep and eps/C apply after the merge
+    SUMS: tl.constexpr = SOFT or HAS_SMOOTHING
+    SUMS_W: tl.constexpr = SOFT and HAS_SMOOTHING
+    w = c
+    if HAS_WEIGHT and SUMS:
+        w = tl.load(w_ptr + c, mask=ok, other=0.0)
+    # (every row is read: the targets do not gate the loads)
+    if NUM_STAGES >= 2:
+        x1, q1 = _seg_raw(x_ptr, t_ptr, group, 0, c, n_rows, end, row_stride, t_row_stride,
+                          ignore_index, SOFT, True)  # fmt: skip
+    for row in range(group, n_rows, n_groups):
+        r64 = tl.cast(row, tl.int64)
+        if NUM_STAGES == 1:
+            x, q = _seg_raw(x_ptr, t_ptr, row, 0, c, n_rows, end, row_stride, t_row_stride,
+                            ignore_index, SOFT, True)  # fmt: skip
+        else:
+            x, q = x1, q1
+            x1, q1 = _seg_raw(x_ptr, t_ptr, row + n_groups, 0, c, n_rows, end, row_stride,
+                              t_row_stride, ignore_index, SOFT, True)  # fmt: skip
+        t = _seg_target(t_ptr, row, n_rows, SOFT)
+        z, _th = _to_z(x, ok, cap_c, inv_cap_c, SOFTCAP, IS_FP64)
+        m, s, acc, csum, acc_w, csum_w = _seg_partials(z, q, w, ok, one, one * 0.0, SUMS, SUMS_W,
+                                                       SOFT, HAS_WEIGHT, False,
+                                                       IS_FP64)  # fmt: skip
+        ws_row = ws_ptr + r64 * (_WS_SLOTS * n_seg)
+        _seg_store(ws_row, n_seg, seg, m, s, acc, csum, acc_w, csum_w, SUMS, SUMS_W)
+        t_local = t - vocab_start
+        owned = (t_local >= 0) & (t_local < n_cols)  # (an ignored target too, as NumPy's)
+        if not SOFT:
+            lane_t = seg_lane(t_local, seg, seg_len, end)
+            z_t = tl.sum(tl.where(lanes == lane_t, z, 0.0), axis=0)
+            tl.store(ws_row + _WS_ZT * n_seg + seg, z_t, mask=lane_t >= 0)
+        cnt = cnt_ptr + r64
+        if seg_arrive(cnt, n_seg):
+            row_max, shift, s_r, acc_r, csum_r, acc_w_r, _cw = _seg_merge(
+                ws_row, n_seg, SUMS, SUMS_W, IS_FP64, SEG_BLOCK
+            )
+            st_row = st_ptr + r64 * st_row_stride
+            _stats_store(st_row, 0, row_max)
+            _stats_store(st_row, 1, s_r)
+            if SOFT:
+                _stats_store(st_row, 2, csum_r)
+                _stats_store(st_row, 3, acc_r)
+                if HAS_SMOOTHING:
+                    _stats_store(st_row, 4, acc_w_r)
+            else:
+                t_safe = tl.where(owned, t_local, 0)
+                z_t = tl.load(ws_row + _WS_ZT * n_seg + t_safe // seg_len, mask=owned, other=0.0,
+                              cache_modifier=".cg")  # fmt: skip
+                _stats_store(st_row, 2, tl.where(owned, z_t - shift, 0.0))
+                k = 3
+                if HAS_WEIGHT:
+                    _stats_store(st_row, 3, tl.load(w_ptr + t_safe, mask=owned, other=0.0))
+                    k = 4
+                if HAS_SMOOTHING:
+                    _stats_store(st_row, k, acc_r)
+            tl.store(cnt, 0)

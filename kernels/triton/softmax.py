@@ -37,7 +37,14 @@ from .common import (
     full_vec,
     group_online_update,
     merge_lanes,
+    merge_max_sum,
+    merge_sum,
     safe_shift,
+    seg_arrive,
+    seg_depart,
+    seg_publish,
+    seg_wait,
+    split_place,
     to_compute,
 )
 
@@ -186,10 +193,12 @@ def _fwd_online_row(
         if NUM_STAGES == 1:
             x, mk = _chunk_load(x_row, k_row, c, n_cols, HAS_MASK)
         else:
-            # prefetch the chunk before this one (none after chunk 0: offsets n_cols, masked)
+            # prefetch the chunk before this one (none after chunk 0: a limit of 0; the offsets
+            # stay contiguous, so that the loads stay 16-byte vectors)
             x, mk = x1, k1
-            x1, k1 = _chunk_load(x_row, k_row, tl.where(c >= BLOCK_N, c - BLOCK_N, n_cols),
-                                 n_cols, HAS_MASK)  # fmt: skip
+            c0 = (n_chunks - 1 - i) * BLOCK_N
+            x1, k1 = _chunk_load(x_row, k_row, tl.maximum(c0 - BLOCK_N, 0) + cols,
+                                 tl.where(c0 > 0, n_cols, 0), HAS_MASK)  # fmt: skip
         z, keep = _chunk_z(x, mk, ok, scale_c, HAS_MASK, IS_FP64)
         zs = z - shift
         if IS_LOG:
@@ -394,9 +403,10 @@ def _bwd_online_row(
         if NUM_STAGES == 1:
             dy, y = _bwd_chunk_load(dy_row, y_row, c, n_cols, True)
         else:
-            dy, y = dy1, y1
-            dy1, y1 = _bwd_chunk_load(dy_row, y_row, tl.where(c >= BLOCK_N, c - BLOCK_N, n_cols),
-                                      n_cols, True)  # fmt: skip
+            dy, y = dy1, y1  # (the chunk before, as the forward's second pass)
+            c0 = (n_chunks - 1 - i) * BLOCK_N
+            dy1, y1 = _bwd_chunk_load(dy_row, y_row, tl.maximum(c0 - BLOCK_N, 0) + cols,
+                                      tl.where(c0 > 0, n_cols, 0), True)  # fmt: skip
         dy = to_compute(dy, IS_FP64)
         y = to_compute(y, IS_FP64)
         if IS_LOG:
@@ -455,3 +465,192 @@ def softmax_bwd_kernel(
                 _bwd_tile(out_ptr, dy, y, tile, n_rows, n_cols, out_row_stride, scale_c, IS_LOG,
                           IS_FP64, ACC_FP64, ROWS, BLOCK_N)  # fmt: skip
                 dy, y = dy_next, y_next
+
+
+# ----------------------------------------------------------------------------------------------
+# rows split over several programs (common.py: the segment protocol)
+
+
+@triton.jit
+def softmax_fwd_split_kernel(
+    x_ptr,
+    out_ptr,
+    mask_ptr,
+    ws_ptr,
+    res_ptr,
+    cnt_ptr,
+    n_rows,
+    n_cols,
+    row_stride,
+    out_row_stride,
+    mask_row_stride,
+    n_seg,
+    seg_len,
+    scale: tl.float64,
+    IS_LOG: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    PHASE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SEG_BLOCK: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    """softmax_fwd_kernel's result with each row split into ``n_seg`` segments of ``seg_len``
+    columns (BLOCK_N lanes), one per program of a group (common.py). Per segment j the partial
+    (m_j = max z, s_j = sum exp(z - m_j)) goes to ``ws_ptr`` ([n_rows, 2, n_seg], compute
+    dtype), the merged (shift, s) of the row to ``res_ptr`` ([n_rows, 2]). PHASE 0 (fused; GPU,
+    co-resident grid): the segment stays in registers while the row is merged (e = exp(z -
+    m_j) for softmax, then y = e exp(m_j - shift) / s: one exponential per element; z - m_j for
+    log_softmax), reads n, writes n. PHASE 1: the partials and the merge only (reads n);
+    PHASE 2: normalises from ``res_ptr`` (reads n, writes n): 3n together. NUM_STAGES 2: the
+    next row's segment is loaded before this one is computed (fused: so also during the wait).
+    ``out`` may be ``x``: a program writes only its own segment, after reading it (PHASE 0, 2),
+    and prefetches rows nobody has written yet."""
+    group, n_groups, seg, c, end = split_place(n_seg, seg_len, n_cols, BLOCK_N)
+    ok = c < end
+    scale_c = to_compute(f64_scalar(scale), IS_FP64)
+    r0 = tl.cast(group, tl.int64)
+    if NUM_STAGES >= 2:
+        x1, k1 = _chunk_load(x_ptr + r0 * row_stride, mask_ptr + r0 * mask_row_stride, c, end,
+                             HAS_MASK)  # fmt: skip
+    for row in range(group, n_rows, n_groups):
+        r64 = tl.cast(row, tl.int64)
+        if NUM_STAGES == 1:
+            x, mk = _chunk_load(x_ptr + r64 * row_stride, mask_ptr + r64 * mask_row_stride, c,
+                                end, HAS_MASK)  # fmt: skip
+        else:
+            x, mk = x1, k1
+            # (past the last row: every load masked off by a limit of 0, the offsets left
+            # contiguous so that the loads stay 16-byte vectors)
+            rn = r64 + n_groups
+            x1, k1 = _chunk_load(x_ptr + rn * row_stride, mask_ptr + rn * mask_row_stride, c,
+                                 tl.where(rn < n_rows, end, 0), HAS_MASK)  # fmt: skip
+        z, keep = _chunk_z(x, mk, ok, scale_c, HAS_MASK, IS_FP64)
+        res_row = res_ptr + r64 * 2
+        if PHASE == 2:
+            shift = tl.load(res_row)
+            s_row = tl.load(res_row + 1)
+            if IS_LOG:
+                y = (z - shift) - tl.log(s_row)
+            else:
+                y = exp_c(z - shift, IS_FP64) * (1.0 / s_row)
+        else:
+            # the segment's partial: reads n (its share), no barrier but the block reductions
+            m = tl.max(z, axis=0)
+            sh = safe_shift(m)
+            zs = z - sh
+            e = exp_c(zs, IS_FP64)
+            ws_row = ws_ptr + r64 * (2 * n_seg)
+            tl.store(ws_row + seg, m)
+            tl.store(ws_row + n_seg + seg, tl.sum(e, axis=0))
+            cnt = cnt_ptr + r64
+            if seg_arrive(cnt, n_seg):
+                _m, shift_m, s_m = merge_max_sum(ws_row, ws_row + n_seg, n_seg, IS_FP64, SEG_BLOCK)
+                tl.store(res_row, shift_m)
+                tl.store(res_row + 1, s_m)
+                if PHASE == 0:
+                    seg_publish(cnt)
+                else:
+                    tl.store(cnt, 0)
+            if PHASE == 0:
+                seg_wait(cnt, n_seg)
+                shift = tl.load(res_row, cache_modifier=".cg")
+                s_row = tl.load(res_row + 1, cache_modifier=".cg")
+                if IS_LOG:
+                    y = zs + ((sh - shift) - tl.log(s_row))
+                else:
+                    # a segment of -inf has e = 0: factor 0 (exp(0 - shift) could overflow)
+                    y = e * (tl.where(m == NEG_INF, 0.0, exp_c(sh - shift, IS_FP64)) / s_row)
+        if PHASE != 1:
+            if HAS_MASK:
+                # masked entries: 0 / -inf, also next to an unmasked NaN and in an empty row
+                y = tl.where(keep, y, NEG_INF if IS_LOG else 0.0)
+            tl.store(out_ptr + r64 * out_row_stride + c, y.to(out_ptr.dtype.element_ty), mask=ok)
+            if PHASE == 0:
+                seg_depart(cnt_ptr + r64, n_seg)
+
+
+@triton.jit
+def softmax_bwd_split_kernel(
+    dy_ptr,
+    y_ptr,
+    out_ptr,
+    ws_ptr,
+    res_ptr,
+    cnt_ptr,
+    n_rows,
+    n_cols,
+    dy_row_stride,
+    y_row_stride,
+    out_row_stride,
+    n_seg,
+    seg_len,
+    scale: tl.float64,
+    IS_LOG: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    PHASE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SEG_BLOCK: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    """softmax_bwd_kernel's result with each row split into ``n_seg`` segments (common.py):
+    the partial row sum, dot(dy, y) (softmax) or sum(dy) (log_softmax), per segment in float64
+    (``ws_ptr``: [n_rows, n_seg]), merged in segment order into ``res_ptr`` ([n_rows], float64).
+    PHASE 0 (fused): dy and y stay in registers, reads 2n, writes n; PHASE 1 + PHASE 2: reads
+    2n (log_softmax: n) + 2n, writes n. Segments are summed in float64 for float32 / float64
+    data (ACC_FP64; see _bwd_tile), the merged sum always is."""
+    group, n_groups, seg, c, end = split_place(n_seg, seg_len, n_cols, BLOCK_N)
+    ok = c < end
+    scale_c = to_compute(f64_scalar(scale), IS_FP64)
+    LOAD_Y: tl.constexpr = (PHASE != 1) or (not IS_LOG)  # phase 1 of log_softmax: dy only
+    r0 = tl.cast(group, tl.int64)
+    if NUM_STAGES >= 2:
+        dy1, y1 = _bwd_chunk_load(dy_ptr + r0 * dy_row_stride, y_ptr + r0 * y_row_stride, c,
+                                  end, LOAD_Y)  # fmt: skip
+    for row in range(group, n_rows, n_groups):
+        r64 = tl.cast(row, tl.int64)
+        if NUM_STAGES == 1:
+            dy, y = _bwd_chunk_load(dy_ptr + r64 * dy_row_stride, y_ptr + r64 * y_row_stride, c,
+                                    end, LOAD_Y)  # fmt: skip
+        else:
+            dy, y = dy1, y1
+            rn = r64 + n_groups
+            dy1, y1 = _bwd_chunk_load(dy_ptr + rn * dy_row_stride, y_ptr + rn * y_row_stride,
+                                      c, tl.where(rn < n_rows, end, 0), LOAD_Y)  # fmt: skip
+        dyc = to_compute(dy, IS_FP64)
+        if PHASE == 2:
+            total = to_compute(tl.load(res_ptr + r64), IS_FP64)
+        else:
+            if ACC_FP64:
+                if IS_LOG:
+                    part = tl.sum(dyc.to(tl.float64), axis=0)
+                else:
+                    part = tl.sum(dyc.to(tl.float64) * to_compute(y, IS_FP64).to(tl.float64),
+                                  axis=0)  # fmt: skip
+            else:
+                if IS_LOG:
+                    part = tl.sum(dyc, axis=0).to(tl.float64)
+                else:
+                    part = tl.sum(dyc * to_compute(y, IS_FP64), axis=0).to(tl.float64)
+            ws_row = ws_ptr + r64 * n_seg
+            tl.store(ws_row + seg, part)
+            cnt = cnt_ptr + r64
+            if seg_arrive(cnt, n_seg):
+                tl.store(res_ptr + r64, merge_sum(ws_row, n_seg, SEG_BLOCK))
+                if PHASE == 0:
+                    seg_publish(cnt)
+                else:
+                    tl.store(cnt, 0)
+            if PHASE == 0:
+                seg_wait(cnt, n_seg)
+                total = to_compute(tl.load(res_ptr + r64, cache_modifier=".cg"), IS_FP64)
+        if PHASE != 1:
+            yc = to_compute(y, IS_FP64)
+            if IS_LOG:
+                dx = scale_c * (dyc - exp_c(yc, IS_FP64) * total)
+            else:
+                dx = scale_c * yc * (dyc - total)
+            tl.store(out_ptr + r64 * out_row_stride + c, dx.to(out_ptr.dtype.element_ty), mask=ok)
+            if PHASE == 0:
+                seg_depart(cnt_ptr + r64, n_seg)

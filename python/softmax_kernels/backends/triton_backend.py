@@ -155,6 +155,10 @@ def _kernels(interpret: bool) -> types.SimpleNamespace:
             cross_entropy_denom=ce.cross_entropy_denom_kernel,
             cross_entropy_stats=ce.cross_entropy_stats_kernel,
             cross_entropy_grad=ce.cross_entropy_grad_kernel,
+            softmax_fwd_split=sm.softmax_fwd_split_kernel,
+            softmax_bwd_split=sm.softmax_bwd_split_kernel,
+            cross_entropy_fwd_split=ce.cross_entropy_fwd_split_kernel,
+            cross_entropy_stats_split=ce.cross_entropy_stats_split_kernel,
         )
 
     ks = load(_KERNEL_PACKAGE)
@@ -264,13 +268,26 @@ _MISSING = object()
 
 
 class LaunchConfig(NamedTuple):
-    strategy: str  # "rows" | "row" | "online" (see _launch_config)
-    block_n: int  # BLOCK_N: tile width (>= n_cols) or, online, the chunk length
-    rows: int  # ROWS: whole rows per tile (1 for "row" and "online")
+    strategy: str  # "rows" | "row" | "online" | "split" | "split2" (see _launch_config)
+    block_n: int  # BLOCK_N: tile width (>= n_cols), online the chunk, split the segment length
+    rows: int  # ROWS: whole rows per tile (1 for "row", "online" and the splits)
     num_warps: int
-    num_stages: int  # tiles (single pass) or chunks (online) in flight per program (1: none)
-    num_programs: int  # persistent grid: programs loop over tiles pid, pid + grid, ...
+    num_stages: int  # tiles / chunks / rows' segments in flight per program (1: none)
+    num_programs: int  # persistent grid: programs loop over tiles pid, pid + grid, ...; split:
+    # n_groups x segments, program (g, j) takes segment j of rows g, g + n_groups, ...
     group: int = 1  # online: elements per lane of the first pass's running state (16 bytes)
+    segments: int = 1  # split: segments per row, cdiv(n_cols, seg_len)
+    seg_len: int = 0  # split: columns per segment (<= block_n; 0: block_n), a multiple of 16
+
+
+def _seg_len(cfg: LaunchConfig) -> int:
+    return cfg.seg_len or cfg.block_n
+
+
+# "split": one kernel; for the ops that normalise after the row's merge (softmax forward and
+# backward, cross-entropy with a gradient) the fused, co-resident form (PHASE 0). "split2": the
+# same segments in two kernels (statistics, then normalisation; 3n for the forward).
+_SPLITS = ("split", "split2")
 
 
 # The ops _launch_config plans for: "softmax_fwd" (with a mask: "softmax_fwd_mask"),
@@ -336,7 +353,7 @@ _ONLINE_PLAN = {
 _LANE_BYTES = 16
 # The mean denominator kernel: blocks of up to 4096 targets per program (32 KB of int64), 8
 # warps; one program per block up to the SM count, so that the blocks are read in parallel.
-_DENOM_ROWS = 4096
+_DENOM_BLOCK = 4096
 # Programs per SM when nothing is known of the compiled kernel (no GPU, no sm_90 compile): the
 # warps that leave each thread 64 registers (32 of the 64 an sm_90 SM holds), 1 to 4.
 _RESIDENT_WARPS_GUESS = 32
@@ -345,6 +362,19 @@ _RESIDENT_WARPS_GUESS = 32
 # to 64 KB (8x the GPU's), the same code with up to an eighth of the loop trips.
 _INTERPRETER_PROGRAMS = 4
 _INTERPRETER_CHUNK_BYTES = 64 * 1024
+# Split rows (issue 12). A segment holds at most _SPLIT_WORDS on-chip words: 32 per thread at
+# 8 warps, the single-pass tile that compiles for sm_90 in ~100 registers with the next row's
+# segment in flight, so that 2 programs share an SM (while one waits for its row's merge, the
+# other streams). Few rows: a call with fewer rows than SMs, rows of at least _FEW_ROWS_COLS
+# elements (64 KB of bf16: below that one program moves a row in ~2-3 us, about what the merge
+# round trip through L2 costs), is cut into segments of at least _MIN_SEGMENT elements until
+# there are n_sm of them. _SEG_BLOCK: the merge's lanes (segments merged per step of its loop),
+# fixed, so that a kernel's registers (and so the co-resident grid) do not depend on the count.
+_SPLIT_WORDS = 8192
+_SPLIT_BYTES = 16 * 1024
+_FEW_ROWS_COLS = 32768
+_MIN_SEGMENT = 128
+_SEG_BLOCK = 256
 
 
 def _pow2_at_least(n: int) -> int:
@@ -355,6 +385,38 @@ def _pow2_at_most(n: int) -> int:
     return 1 << max(1, int(n)).bit_length() - 1
 
 
+def _round16(n: int) -> int:
+    return -(-int(n) // 16) * 16
+
+
+@functools.lru_cache(maxsize=4096)
+def _segmentation(n_rows: int, n_cols: int, block_n: int, n_seg_min: int, cap: int, n_sm: int,
+                  fused: bool) -> tuple[int, int, int]:  # fmt: skip
+    """(segments, seg_len, groups) of a split over programs of BLOCK_N lanes: at least
+    ``n_seg_min`` segments of a multiple of 16 columns (16-byte aligned starts), at most
+    ``block_n``, and ``groups`` rows at a time, groups x segments programs within ``cap`` when
+    ``fused`` (co-resident; groups 0: impossible), else at least one group. The segment count
+    is the smallest that keeps the most SMs busy: rows x segments programs from n_seg_min up
+    (e.g. 132 SMs, 1 program each, 32 segments give 4 groups and 128 programs; 33 give 132)."""
+    best = None
+    n_seg_min = max(1, n_seg_min)
+    for want in range(n_seg_min, n_seg_min + n_sm + 1):
+        seg_len = max(16, _round16(-(-n_cols // want)))
+        if seg_len > block_n:
+            continue
+        n_seg = -(-n_cols // seg_len)
+        groups = min(n_rows, cap // n_seg if fused else max(1, cap // n_seg))
+        busy = min(groups * n_seg, n_sm)
+        if best is None or busy > best[0]:
+            best = (busy, n_seg, seg_len, groups)
+        if busy >= n_sm:
+            break
+    if best is None:  # (block_n below 16 columns: segments of block_n)
+        n_seg = -(-n_cols // block_n)
+        return n_seg, block_n, min(n_rows, cap // n_seg if fused else max(1, cap // n_seg))
+    return best[1], best[2], best[3]
+
+
 def _launch_config(
     n_rows: int,
     n_cols: int,
@@ -362,25 +424,62 @@ def _launch_config(
     op: str,
     n_sm: int | None = None,
     usage: Callable[[LaunchConfig], dict | None] | None = None,
+    *,
+    merge_wait: bool = True,
 ) -> LaunchConfig:
-    """Strategy, tile or chunk size, warps, tiles in flight and grid for one call.
+    """Strategy, tile / chunk / segment size, warps, tiles in flight and grid for one call.
 
     ``dtype``: the data's dtype name ("float16", "bfloat16", "float32", "float64"); ``op``: see
     _SINGLE_PASS_VALUES above; ``n_sm``: the GPU's SM count, or None under the interpreter;
     ``usage(cfg)``: the compiled kernel's {"regs", "shared", "spill_bytes"} for a configuration
     (on a GPU the kernel compiled for the launch, in the static model an sm_90 compile): the
     programs per SM follow from it, and a configuration that spills is replaced by one with
-    fewer tiles / chunks in flight; None: estimates.
+    fewer tiles / chunks in flight; None: estimates. ``merge_wait``: the op writes its rows only
+    after a row reduction (softmax forward and backward, cross-entropy with a gradient); False
+    for cross-entropy without a gradient and the statistics, whose split form ends with the
+    merge (the vocabulary-parallel gradient has no row reduction at all).
 
     Strategies:
     - "rows": short rows, several whole rows per tile ([ROWS, BLOCK_N]), one pass;
     - "row": one whole row per tile, one pass (forward: 1 read + 1 write);
-    - "online": rows longer than the single-pass limit, in chunks of BLOCK_N with running
-      max / sum per lane, then a second pass (forward: 2 reads + 1 write).
+    - "split": a row cut into ``segments`` of BLOCK_N, one per program of a group, merged
+      through a small workspace (kernels/triton/common.py). With ``merge_wait`` this is the
+      fused form: the programs of a row wait for its merge (a spin on its counter) with their
+      segment in registers, so the op moves its minimum (forward 2n, backward 3n, CE + gradient
+      2n). Without ``merge_wait`` (or for the gradient) nobody waits: one kernel, n.
+
+      Why the fused form cannot deadlock. A program waits only for the other programs of its
+      own group and row, never for another group, and every program of a group walks the same
+      rows in the same order; so if every program of the grid is running at once, the last of
+      a row's programs to arrive always arrives (it is not waiting for anything but the rows
+      before, done by induction), merges and publishes, and every wait ends. The plan makes
+      "running at once" hold: the grid is at most SMs x programs per SM, the latter from the
+      compiled kernel's registers and shared memory (``usage``; 1 per SM when unknown, which
+      any kernel that launches at all fits), and a row's segments must fit it (else groups 0:
+      no fused plan). The launch then makes it a guarantee rather than an estimate: the fused
+      kernels go out as cooperative grids (_fused_launch), which the driver either makes
+      co-resident as a whole, also next to other streams' kernels, or refuses before anything
+      runs (the call then takes the two-kernel form). Under the interpreter, which runs
+      programs one after another, the fused form is never launched (the tests run it with
+      every program in a thread of its own).
+    - "split2": the same segments where the fused form cannot be made safe: under the
+      interpreter (it runs programs one after another: a wait would never end) and when a row
+      has more segments than the GPU holds programs (about 2M bf16 elements): a statistics
+      kernel, then a normalising one reading the row again (forward 3n, backward 5n / 4n (log),
+      CE + gradient 3n);
+    - "online": rows longer than the single-pass limit walked by one program in chunks with
+      running max / sum per lane, then a second pass (forward: 2 reads + 1 write); kept where
+      there are enough rows to fill the GPU and the fused split cannot be had (the same bytes
+      as "split2", no workspace, and its second pass starts with the chunks still in L2).
+
+    Rows are split when they do not fit one program, or when there are fewer rows than SMs and
+    rows have at least _FEW_ROWS_COLS elements: then the segments shrink until the rows have
+    n_sm segments between them (at least _MIN_SEGMENT elements each), so that every SM has work
+    for any row count >= 1.
     """
     n_rows, n_cols = max(int(n_rows), 1), max(int(n_cols), 1)
     if op == "cross_entropy_denom":
-        block = min(_DENOM_ROWS, _pow2_at_least(n_rows))
+        block = min(_DENOM_BLOCK, _pow2_at_least(n_rows))
         n_blocks = -(-n_rows // block)
         grid = min(n_blocks, n_sm if n_sm is not None else _INTERPRETER_PROGRAMS)
         return LaunchConfig("rows", block, block, max(1, min(8, block // 256)), 1, grid)
@@ -388,31 +487,58 @@ def _launch_config(
     itemsize = _ITEMSIZE[dtype]
     block_n = _pow2_at_least(n_cols)
     per_elem = words * _SINGLE_PASS_VALUES[op]
+    no_merge = op.startswith("cross_entropy_grad")  # segments independent
+    wait = merge_wait and not no_merge
 
-    def with_grid(cfg: LaunchConfig) -> tuple[LaunchConfig, bool]:
-        """(cfg with its grid, whether its compiled kernel spills)"""
-        n_tiles = -(-n_rows // cfg.rows)
-        if n_sm is None:
-            return cfg._replace(num_programs=min(n_tiles, _INTERPRETER_PROGRAMS)), False
+    def per_sm_of(cfg: LaunchConfig) -> tuple[int, bool, bool, int]:
+        """(programs per SM, the compiled kernel spills, its usage is known, the programs an
+        SM holds: 0 for a kernel that does not fit one at all)"""
         found = usage(cfg) if usage is not None else None
         if found is not None:
             fits = _programs_that_fit(found["regs"], found["shared"], cfg.num_warps)
         else:
             fits = _RESIDENT_WARPS_GUESS // cfg.num_warps
-        per_sm = max(1, min(_MAX_PROGRAMS_PER_SM, fits))
         spills = found is not None and (found.get("spill_bytes", 0) + found.get("stack", 0)) > 0
+        held = min(_MAX_PROGRAMS_PER_SM, fits)
+        return max(1, held), spills, found is not None, held
+
+    def with_grid(cfg: LaunchConfig) -> tuple[LaunchConfig, bool]:
+        """(cfg with its grid, whether its compiled kernel spills)"""
+        if cfg.strategy in _SPLITS:
+            if n_sm is None:
+                n_seg = cfg.segments
+                groups = max(1, _INTERPRETER_PROGRAMS // n_seg)
+                return cfg._replace(num_programs=min(n_rows, groups) * n_seg), False
+            per_sm, spills, known, held = per_sm_of(cfg)
+            # fused: every program of the grid on an SM at once (unknown usage: 1 per SM, which
+            # any kernel that launches fits; a compiled kernel no SM holds: none); 0 groups when
+            # a row's segments alone are more
+            fused = cfg.strategy == "split" and wait
+            cap = n_sm * ((held if known else 1) if fused else per_sm)
+            n_seg, seg_len, groups = _segmentation(n_rows, n_cols, cfg.block_n, cfg.segments,
+                                                   cap, n_sm, fused)  # fmt: skip
+            cfg = cfg._replace(segments=n_seg, seg_len=seg_len)
+            return cfg._replace(num_programs=groups * n_seg), spills
+        n_tiles = -(-n_rows // cfg.rows)
+        if n_sm is None:
+            return cfg._replace(num_programs=min(n_tiles, _INTERPRETER_PROGRAMS)), False
+        per_sm, spills, _known, _held = per_sm_of(cfg)
         return cfg._replace(num_programs=min(n_tiles, n_sm * per_sm)), spills
 
     def settle(cfg: LaunchConfig) -> tuple[LaunchConfig, bool]:
-        """No prefetch where a program has a single tile. Where the compiled kernel spills:
-        fewer tiles / chunks in flight (the prefetched data's registers), then more warps
-        (fewer words per thread; ptxas at times spills a few bytes rather than pass 64 or 80
-        registers), then, single pass, fewer rows per tile."""
+        """No prefetch where a program has a single tile (split: a single row). Where the
+        compiled kernel spills: fewer tiles / chunks in flight (the prefetched data's
+        registers), then more warps (fewer words per thread; ptxas at times spills a few bytes
+        rather than pass 64 or 80 registers), then, single pass, fewer rows per tile."""
         cfg, spills = with_grid(cfg)
-        one_pass = cfg.strategy != "online"
-        while cfg.num_stages > 1 and (
-            spills or (one_pass and n_rows <= cfg.rows * cfg.num_programs)
-        ):
+        one_pass = cfg.strategy in ("rows", "row")
+
+        def single_round(c: LaunchConfig) -> bool:
+            if c.strategy in _SPLITS:
+                return c.num_programs > 0 and n_rows <= c.num_programs // c.segments
+            return one_pass and n_rows <= c.rows * c.num_programs
+
+        while cfg.num_stages > 1 and (spills or single_round(cfg)):
             cfg, spills = with_grid(cfg._replace(num_stages=cfg.num_stages - 1))
         while spills and cfg.num_warps < _MAX_WARPS:
             cfg, spills = with_grid(cfg._replace(num_warps=cfg.num_warps * 2))
@@ -421,7 +547,13 @@ def _launch_config(
             cfg, spills = with_grid(cfg._replace(rows=rows, strategy="rows" if rows > 1 else "row"))
         return cfg, spills
 
-    if block_n * per_elem <= _SINGLE_PASS_WORDS:
+    def warps_for(tile_bytes: int, tile_words: int) -> int:
+        need = max(-(-tile_bytes // (32 * _THREAD_BYTES)), -(-tile_words // (32 * _THREAD_WORDS)))
+        return max(1, min(_MAX_WARPS, _pow2_at_least(need)))
+
+    fits_one = block_n * per_elem <= _SINGLE_PASS_WORDS
+    few = n_sm is not None and n_rows < n_sm and n_cols >= _FEW_ROWS_COLS
+    if fits_one and not few:
         # the fewest rows that make 16 KB of input (CE: 8192 elements), within the registers
         want = -(-_TILE_BYTES // (block_n * itemsize * _INPUTS[op]))
         if op.startswith("cross_entropy"):
@@ -434,8 +566,7 @@ def _launch_config(
                 rows //= 2
         tile_bytes = rows * block_n * itemsize * _INPUTS[op]
         tile_words = rows * block_n * per_elem
-        need = max(-(-tile_bytes // (32 * _THREAD_BYTES)), -(-tile_words // (32 * _THREAD_WORDS)))
-        num_warps = max(1, min(_MAX_WARPS, _pow2_at_least(need)))
+        num_warps = warps_for(tile_bytes, tile_words)
         stages = 2  # the next tile in flight, when the program has one (settle)
         if not usage:
             # no compile to ask: prefetch only where the next tile's raw input fits beside this
@@ -449,13 +580,55 @@ def _launch_config(
         if not spills:
             return cfg
         # (a row that spills even alone, with every fallback: the online kernel instead)
-    num_warps, chunk_bytes, stages = _ONLINE_PLAN[op]
-    if n_sm is None:  # (at least 2 chunks per row, so that the chunk loops still loop)
-        half_row = _pow2_at_most(max(1, n_cols * itemsize // 2))
-        chunk_bytes = max(chunk_bytes, min(_INTERPRETER_CHUNK_BYTES, half_row))
-    online = LaunchConfig("online", chunk_bytes // itemsize, 1, num_warps, stages, 1,
-                          _LANE_BYTES // itemsize)  # fmt: skip
-    return settle(online)[0]
+
+    def online() -> LaunchConfig:
+        num_warps, chunk_bytes, stages = _ONLINE_PLAN[op]
+        if n_sm is None:  # (at least 2 chunks per row, so that the chunk loops still loop)
+            half_row = _pow2_at_most(max(1, n_cols * itemsize // 2))
+            chunk_bytes = max(chunk_bytes, min(_INTERPRETER_CHUNK_BYTES, half_row))
+        cfg = LaunchConfig("online", chunk_bytes // itemsize, 1, num_warps, stages, 1,
+                           _LANE_BYTES // itemsize)  # fmt: skip
+        return settle(cfg)[0]
+
+    many_rows = n_sm is not None and not few
+    if not wait and many_rows and not no_merge:
+        return online()  # loss only / statistics: the online pass reads n already
+    if no_merge and many_rows:
+        return online()  # the gradient: one pass already
+
+    def split(seg_words: int, seg_bytes: int) -> LaunchConfig:
+        """The split plan with segments of at most seg_words on-chip words and seg_bytes of
+        input; few rows: shorter, until the rows have n_sm segments between them (the count
+        then fills the GPU: _segmentation). The interpreter: power-of-2 segments of up to
+        64 KB (its time goes by operations, not their width), at least 2 per row so that the
+        merge runs."""
+        if n_sm is None:
+            seg = min(_pow2_at_most(_INTERPRETER_CHUNK_BYTES // itemsize),
+                      _pow2_at_most(max(1, -(-n_cols // 2))))  # fmt: skip
+            n_seg = -(-n_cols // seg)
+        else:
+            seg_max = _pow2_at_most(min(seg_words // per_elem,
+                                        seg_bytes // (itemsize * _INPUTS[op])))  # fmt: skip
+            n_seg = max(-(-n_cols // seg_max), -(-n_sm // n_rows) if few else 1)
+            seg = _pow2_at_least(max(_round16(-(-n_cols // n_seg)), min(_MIN_SEGMENT, block_n)))
+        num_warps = warps_for(seg * itemsize * _INPUTS[op], seg * per_elem)
+        return settle(LaunchConfig("split", seg, 1, num_warps, 2, 1, 1, n_seg, seg))[0]
+
+    # Segments of _SPLIT_WORDS / _SPLIT_BYTES (8 warps at 32 words and 64 bytes per thread);
+    # when a row has more of them than the GPU holds programs (fused), the single-pass limit
+    # (16 warps, 16384 words, 64 KB: 1 program per SM, e.g. a backward row of 1M bf16 or
+    # float32 elements in 132 segments of up to 8192).
+    cfg = split(_SPLIT_WORDS, _SPLIT_BYTES)
+    if not wait or n_sm is None:
+        return cfg
+    if cfg.num_programs == 0:
+        cfg = split(_SINGLE_PASS_WORDS, 4 * _SPLIT_BYTES)
+    if cfg.num_programs > 0:
+        return cfg
+    # the fused split cannot be made safe here: online with enough rows, else two kernels
+    if many_rows:
+        return online()
+    return settle(cfg._replace(strategy="split2", num_stages=2))[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -494,18 +667,22 @@ def _compile_spec(kernel: str, dtype: str, cfg: LaunchConfig, n_cols: int, **fla
     launched with ``cfg`` on ``dtype`` rows of ``n_cols``, as a launch specialises it: pointers
     16-byte aligned (torch allocations are), row strides of n_cols elements. ``flags`` set the
     kernel's other constexprs (default: every option on, the most registers)."""
-    fn = getattr(_kernels(False), kernel)
+    split = cfg.strategy in _SPLITS
+    fn = getattr(_kernels(False), kernel + ("_split" if split and kernel in _SPLIT_KERNELS else ""))
     data, acc = _PTR[dtype], "*fp64" if dtype == "float64" else "*fp32"
     soft = bool(flags.get("SOFT", False))
     ptr = {"x_ptr": data, "dy_ptr": data, "y_ptr": data, "g_ptr": data, "mask_ptr": "*u8",
            "t_ptr": data if soft else "*i64", "w_ptr": acc, "loss_ptr": acc, "lse_ptr": acc,
-           "coef_ptr": acc, "scale_ptr": acc, "st_ptr": acc, "denom_ptr": "*fp64",
-           "part_ptr": "*fp64", "ticket_ptr": "*i32",
+           "coef_ptr": acc, "scale_ptr": acc, "shift_ptr": acc, "st_ptr": acc, "denom_ptr": "*fp64",
+           "part_ptr": "*fp64", "ticket_ptr": "*i32", "cnt_ptr": "*i32",
+           "ws_ptr": "*fp64" if kernel == "softmax_bwd" else acc,
+           "res_ptr": "*fp64" if kernel == "softmax_bwd" else acc,
            "out_ptr": "*fp64" if kernel == "cross_entropy_denom" else data}  # fmt: skip
     consts = {
         "IS_FP64": dtype == "float64", "ONLINE": cfg.strategy == "online", "ROWS": cfg.rows,
         "BLOCK_N": cfg.block_n, "NUM_STAGES": cfg.num_stages, "BLOCK_R": cfg.block_n,
-        "GROUP": cfg.group,
+        "GROUP": cfg.group, "SPLIT": split, "ROW_SHIFT": False, "SEG_BLOCK": _seg_block(cfg),
+        "PHASE": _phase(cfg, kernel, bool(flags.get("HAS_GRAD", True))),
         "IS_LOG": True, "HAS_MASK": False, "ACC_FP64": dtype in ("float32", "float64"),
         "SOFT": soft, "HAS_WEIGHT": True, "HAS_GRAD": True, "HAS_LSE": True,
         "HAS_SMOOTHING": True, "HAS_Z": True, "SOFTCAP": True, "REDUCE": 2, "DENOM": 2,
@@ -526,7 +703,11 @@ def _compile_spec(kernel: str, dtype: str, cfg: LaunchConfig, n_cols: int, **fla
             sig[name] = "i64"
         else:
             sig[name] = "i32"  # counts and row strides
-            if name.endswith("row_stride") and n_cols % 16 == 0:
+            # (a launch specialises every integer argument divisible by 16: the row strides
+            # and n_cols, which lets the masks of 16-byte vectors be uniform per vector)
+            if (name.endswith("row_stride") or name == "n_cols") and n_cols % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            if name == "seg_len":  # (a multiple of 16 by construction: _segmentation)
                 attrs[(i,)] = [["tt.divisibility", 16]]
     missing = [n for n in fn.arg_names if n not in sig]
     if missing:
@@ -539,8 +720,15 @@ _PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _PTXAS_STACK = re.compile(r"(\d+) bytes stack frame")
 
 
-@functools.cache
 def _sm90_usage(kernel: str, dtype: str, cfg: LaunchConfig, n_cols16: bool, flags: tuple) -> dict:
+    """_sm90_compiled's figures for cfg's compile (its runtime arguments set aside)."""
+    return _sm90_compiled(kernel, dtype, _compiled_as(cfg), n_cols16, flags)
+
+
+@functools.cache
+def _sm90_compiled(
+    kernel: str, dtype: str, cfg: LaunchConfig, n_cols16: bool, flags: tuple
+) -> dict:
     """{"regs", "spill_bytes", "stack", "shared", "programs_per_sm"} of ``kernel`` compiled for
     sm_90 with cfg (cached per process; Triton caches the compile on disk). ``n_cols16``: the row
     stride divides by 16 (vector loads). Needs a Triton with its NVIDIA backend; no GPU."""
@@ -658,25 +846,149 @@ def _cfg_consts(cfg: LaunchConfig) -> dict:
                 GROUP=cfg.group, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps)  # fmt: skip
 
 
+# ----------------------------------------------------------------------------------------------
+# Split rows: the kernels with a "_split" form, their phases, workspaces and row counters.
+
+_SPLIT_KERNELS = ("softmax_fwd", "softmax_bwd", "cross_entropy_fwd", "cross_entropy_stats")
+
+
+def _seg_block(cfg: LaunchConfig) -> int:
+    """SEG_BLOCK: the merge's lanes (a row's segments are merged in steps of that many)."""
+    return _SEG_BLOCK
+
+
+def _compiled_as(cfg: LaunchConfig) -> LaunchConfig:
+    """cfg without what is only a runtime argument (grid, segment count and length): the key
+    of a compile."""
+    return cfg._replace(num_programs=1, segments=1, seg_len=0)
+
+
+_FUSED_SPLIT_VAR = "SOFTMAX_KERNELS_TRITON_FUSED_SPLIT"
+
+
+def _can_spin() -> bool:
+    """Whether the fused split (programs waiting on each other) may run: not under the
+    interpreter, which runs programs one after another, nor with
+    SOFTMAX_KERNELS_TRITON_FUSED_SPLIT=0 (read at call time; every split then takes its
+    two-kernel form). Where it runs, it is launched as a cooperative grid (_fused_launch)."""
+    return not _interpret() and os.environ.get(_FUSED_SPLIT_VAR, "1") != "0"
+
+
+# Fused split plans whose cooperative launch the driver refused (a grid larger than it can keep
+# resident: the occupancy estimate was off for this GPU, or no cooperative launch at all): they
+# take the two-kernel form from then on.
+_COOPERATIVE_REFUSED: set[LaunchConfig] = set()
+
+
+class _FusedRefused(Exception):
+    """A fused split's cooperative launch was refused before anything ran; the call is made
+    again in the two-kernel form."""
+
+
+def _fused_launch(kernel, cfg: LaunchConfig, args: tuple, consts: dict) -> None:
+    """Launch a PHASE 0 (fused) split kernel as a cooperative grid
+    (CU_LAUNCH_ATTRIBUTE_COOPERATIVE): the driver either makes every program of the grid
+    resident at once, or refuses the launch ("too many blocks in cooperative launch") without
+    running anything. That is the guarantee the programs' waits on each other rest on, also
+    when kernels of other streams hold part of the GPU (they can then only delay the launch).
+    A refusal is remembered and raised as _FusedRefused; the caller repeats the call with the
+    two-kernel form, which nothing about the refused launch has changed (the counters are
+    untouched)."""
+    try:
+        kernel[(cfg.num_programs,)](*args, **consts)
+    except RuntimeError as e:
+        if "Triton Error [CUDA]" not in str(e):  # (not a launch the driver refused)
+            raise
+        _COOPERATIVE_REFUSED.add(cfg)
+        raise _FusedRefused(str(e)) from e
+
+
+def _phase(cfg: LaunchConfig, kernel: str, has_grad: bool = True) -> int:
+    """The PHASE a split kernel is compiled with for ``cfg`` (0 fused, 1 statistics)."""
+    waits = kernel in ("softmax_fwd", "softmax_bwd") or (kernel == "cross_entropy_fwd" and has_grad)
+    return 0 if (cfg.strategy == "split" and waits) else 1
+
+
+def _phases(cfg: LaunchConfig, waits: bool) -> tuple[int, ...]:
+    """The launches of a split call: (0,) fused; (1, 2) two kernels; (1,) no second pass. A
+    fused plan under the interpreter runs as its two kernels (_can_spin)."""
+    if not waits:
+        return (1,)
+    if cfg.strategy == "split" and _can_spin() and cfg not in _COOPERATIVE_REFUSED:
+        return (0,)
+    return (1, 2)
+
+
+def _split_consts(cfg: LaunchConfig, phase: int) -> dict:
+    """A split kernel's constexprs and launch options (PHASE 0: a cooperative grid; also in
+    the compile asked for its registers, so that it is the binary then launched)."""
+    coop = dict(launch_cooperative_grid=True) if phase == 0 else {}
+    return dict(PHASE=phase, BLOCK_N=cfg.block_n, SEG_BLOCK=_seg_block(cfg),
+                NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, **coop)  # fmt: skip
+
+
+def _cdtype(t):
+    """The compute dtype of a tensor's data (float64 for float64, else float32)."""
+    import torch
+
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+# One int32 counter per row for the split kernels' merges, per (device, stream) (kernels on
+# other streams may run at the same time), zeroed once when created (or grown) and left zero by
+# every split kernel (the last program of each row resets its counter).
+_ROW_COUNTERS: dict[tuple, Any] = {}
+
+
+def _row_counters(t, n_rows: int):
+    """At least n_rows zeroed int32 counters for t's device and the current stream."""
+    import torch
+
+    if t.is_cuda:
+        key = (t.device.index, torch.cuda.current_stream(t.device).cuda_stream)
+    else:
+        key = ("cpu",)
+    counters = _ROW_COUNTERS.get(key)
+    if counters is None or counters.numel() < n_rows:
+        size = max(4096, _pow2_at_least(n_rows))
+        counters = _ROW_COUNTERS[key] = torch.zeros(size, dtype=torch.int32, device=t.device)
+    return counters
+
+
+def _split_scratch(t, n_rows: int, cfg: LaunchConfig, slots: int, results: int, dtype,
+                   example: bool = False):  # fmt: skip
+    """(workspace [n_rows, slots, segments], row results [n_rows, results], row counters) of a
+    split call; ``example``: one-element stand-ins for a compile."""
+    import torch
+
+    if example:
+        one = torch.empty(1, dtype=dtype, device=t.device)
+        return one, one, torch.empty(1, dtype=torch.int32, device=t.device)
+    ws = torch.empty(n_rows * slots * cfg.segments, dtype=dtype, device=t.device)
+    res = torch.empty(n_rows * results, dtype=dtype, device=t.device)
+    return ws, res, _row_counters(t, n_rows)
+
+
 _DEVICE_USAGE: dict[tuple, dict | None] = {}
 
 
-def _usage_on_device(t, kernel, name: str, args: Callable[[], tuple], flags: dict):
-    """_launch_config's ``usage`` on a GPU: the registers and shared memory of ``kernel`` as
-    compiled for t's device with each configuration asked for (JITFunction.warmup compiles
-    without launching; the binary is loaded to read n_regs), cached per configuration. None
-    under the interpreter. A compile or load that fails leaves the estimate in place: a launch
-    plan must not fail a call (the launch itself then reports any real problem). ``args()``
-    gives example arguments (built only when a compile is needed)."""
+def _usage_on_device(t, name: str, flags: dict, spec: Callable):
+    """_launch_config's ``usage`` on a GPU: the registers and shared memory of the kernel a
+    configuration launches, as compiled for t's device (JITFunction.warmup compiles without
+    launching; the binary is loaded to read n_regs), cached per configuration. None under the
+    interpreter. A compile or load that fails leaves the estimate in place: a launch plan must
+    not fail a call (the launch itself then reports any real problem). ``spec(cfg)`` gives
+    (kernel, example arguments, constexprs), built only when a compile is needed."""
     if _n_sm(t) is None:
         return None
     key = (name, t.device.index, _dtype(t), tuple(sorted(flags.items())))
 
     def usage(cfg: LaunchConfig) -> dict | None:
-        k = (key, cfg._replace(num_programs=1))
+        k = (key, _compiled_as(cfg))
         if k not in _DEVICE_USAGE:
             try:
-                compiled = kernel.warmup(*args(), grid=(1,), **flags, **_cfg_consts(cfg))
+                kernel, args, consts = spec(cfg)
+                compiled = kernel.warmup(*args, grid=(1,), **consts)
                 compiled._init_handles()
                 _DEVICE_USAGE[k] = {"regs": int(compiled.n_regs),
                                     "shared": int(compiled.metadata.shared),
@@ -686,6 +998,42 @@ def _usage_on_device(t, kernel, name: str, args: Callable[[], tuple], flags: dic
         return _DEVICE_USAGE[k]
 
     return usage
+
+
+@contextlib.contextmanager
+def _zeroed_on_error(*counters):
+    """A launch that raises (the interpreter runs kernels on the host; a bug or an interrupt
+    stops it between programs) may leave counters non-zero: zero them then, so that the next
+    call's tickets are not off."""
+    try:
+        yield
+    except BaseException:
+        for c in counters:
+            c.zero_()
+        raise
+
+
+def _launch(cfg: LaunchConfig, spec: Callable, scratch=None, waits: bool = True) -> None:
+    """Launch a call's kernels: one, or the split phases (_phases) with their scratch."""
+    if cfg.strategy not in _SPLITS:
+        kernel, args, consts = spec(cfg)
+        kernel[(cfg.num_programs,)](*args, **consts)
+        return
+    with _zeroed_on_error(scratch[2]):
+        for phase in _phases(cfg, waits):
+            kernel, args, consts = spec(cfg, phase, scratch)
+            if phase == 0:
+                _fused_launch(kernel, cfg, args, consts)
+            else:
+                kernel[(cfg.num_programs,)](*args, **consts)
+
+
+def _launch_or_refused(cfg: LaunchConfig, spec: Callable, scratch=None) -> None:
+    """_launch; a fused split the driver refused runs again as its two kernels."""
+    try:
+        _launch(cfg, spec, scratch)
+    except _FusedRefused:
+        _launch(cfg, spec, scratch)  # (_phases: now (1, 2))
 
 
 def softmax_fwd(x, out, *, scale: float, mask, is_log: bool, config: LaunchConfig | None = None):
@@ -700,35 +1048,62 @@ def softmax_fwd(x, out, *, scale: float, mask, is_log: bool, config: LaunchConfi
         import torch
 
         mt = mt.view(torch.uint8)  # same bytes; Triton loads u8 and tests != 0
-    kernel = _kernels(_interpret()).softmax_fwd
-    args = (xt, ot, mt if mt is not None else xt, n_rows, n_cols, _row_stride(xt),
-            _row_stride(ot), _row_stride(mt) if mt is not None else 0, float(scale))  # fmt: skip
+    ks = _kernels(_interpret())
+    mk = mt if mt is not None else xt
+    strides = (n_rows, n_cols, _row_stride(xt), _row_stride(ot),
+               _row_stride(mt) if mt is not None else 0)  # fmt: skip
     flags = dict(IS_LOG=bool(is_log), HAS_MASK=mt is not None, IS_FP64=_dtype(xt) == "float64")
     op = "softmax_fwd" if mt is None else "softmax_fwd_mask"
+
+    def spec(cfg: LaunchConfig, phase: int | None = None, scratch=None):
+        if cfg.strategy in _SPLITS:
+            # workspace [n_rows, 2, segments]: (max, sum) per segment; results [n_rows, 2]
+            ws, res, cnt = scratch or _split_scratch(xt, n_rows, cfg, 2, 2, _cdtype(xt), True)
+            args = (xt, ot, mk, ws, res, cnt, *strides, cfg.segments, _seg_len(cfg), float(scale))
+            phase = _phase(cfg, "softmax_fwd") if phase is None else phase
+            return ks.softmax_fwd_split, args, dict(flags, **_split_consts(cfg, phase))
+        return ks.softmax_fwd, (xt, ot, mk, *strides, float(scale)), dict(flags, **_cfg_consts(cfg))
+
     with _launch_context(x, xt):
         cfg = config or _launch_config(n_rows, n_cols, _dtype(xt), op, _n_sm(xt),
-                                       _usage_on_device(xt, kernel, op, lambda: args,
-                                                        flags))  # fmt: skip
-        kernel[(cfg.num_programs,)](*args, **flags, **_cfg_consts(cfg))
+                                       _usage_on_device(xt, op, flags, spec))  # fmt: skip
+        scratch = None
+        if cfg.strategy in _SPLITS:
+            scratch = _split_scratch(xt, n_rows, cfg, 2, 2, _cdtype(xt))
+        _launch_or_refused(cfg, spec, scratch)
 
 
 def softmax_bwd(dy, y, out, *, scale: float, is_log: bool, config: LaunchConfig | None = None):
     """out = scale * y * (dy - sum(dy * y)) or, log, scale * (dy - exp(y) * sum(dy))."""
+    import torch
+
     dyt, yt, ot = _tensor(dy), _tensor(y), _tensor(out)
     n_rows, n_cols = yt.shape
     if n_rows == 0 or n_cols == 0:
         return
-    kernel = _kernels(_interpret()).softmax_bwd
-    args = (dyt, yt, ot, n_rows, n_cols, _row_stride(dyt), _row_stride(yt), _row_stride(ot),
-            float(scale))  # fmt: skip
+    ks = _kernels(_interpret())
+    strides = (n_rows, n_cols, _row_stride(dyt), _row_stride(yt), _row_stride(ot))
     flags = dict(IS_LOG=bool(is_log), IS_FP64=_dtype(yt) == "float64",
                  ACC_FP64=_dtype(yt) in ("float32", "float64"))  # fmt: skip
+
+    def spec(cfg: LaunchConfig, phase: int | None = None, scratch=None):
+        if cfg.strategy in _SPLITS:
+            # workspace [n_rows, segments]: float64 partial sums; results [n_rows]
+            ws, res, cnt = scratch or _split_scratch(yt, n_rows, cfg, 1, 1, torch.float64, True)
+            args = (dyt, yt, ot, ws, res, cnt, *strides, cfg.segments, _seg_len(cfg), float(scale))
+            phase = _phase(cfg, "softmax_bwd") if phase is None else phase
+            return ks.softmax_bwd_split, args, dict(flags, **_split_consts(cfg, phase))
+        return (ks.softmax_bwd, (dyt, yt, ot, *strides, float(scale)),
+                dict(flags, **_cfg_consts(cfg)))  # fmt: skip
+
     with _launch_context(y, yt):
-        cfg = config or _launch_config(
-            n_rows, n_cols, _dtype(yt), "softmax_bwd", _n_sm(yt),
-            _usage_on_device(yt, kernel, "softmax_bwd", lambda: args, flags),
-        )  # fmt: skip
-        kernel[(cfg.num_programs,)](*args, **flags, **_cfg_consts(cfg))
+        cfg = config or _launch_config(n_rows, n_cols, _dtype(yt), "softmax_bwd", _n_sm(yt),
+                                       _usage_on_device(yt, "softmax_bwd", flags,
+                                                        spec))  # fmt: skip
+        scratch = None
+        if cfg.strategy in _SPLITS:
+            scratch = _split_scratch(yt, n_rows, cfg, 1, 1, torch.float64)
+        _launch_or_refused(cfg, spec, scratch)
 
 
 # Cross-entropy. reduction and "mean" denominator codes of cross_entropy_fwd_kernel (REDUCE,
@@ -755,18 +1130,6 @@ def _ticket_counter(t):
     if counter is None:
         counter = _TICKETS[key] = torch.zeros(1, dtype=torch.int32, device=t.device)
     return counter
-
-
-@contextlib.contextmanager
-def _tickets_reset_on_error(counter):
-    """A launch that raises (the interpreter runs kernels on the host; a bug or an interrupt
-    stops it between programs) may leave the counter non-zero: zero it then, so that the next
-    call's last-program test is not off."""
-    try:
-        yield
-    except BaseException:
-        counter.zero_()
-        raise
 
 
 def _int64_or_never(v: int) -> int:
@@ -801,9 +1164,13 @@ def cross_entropy_fwd(
     """Loss (per row, or reduced to 0-d), log-sum-exp and gradient in one pass; see dispatch.
     At most 2 launches: with reduction "mean", a gradient, class targets and no ``denom``,
     cross_entropy_denom_kernel first computes the denominator the gradient is scaled by; every
-    other case is one launch of cross_entropy_fwd_kernel, which also reduces the loss. Besides
-    the launches only allocations (torch.empty) are issued. ``config`` overrides
-    :func:`_launch_config` for the main kernel (tests use it to reach every strategy)."""
+    other case is one launch of cross_entropy_fwd_kernel, which also reduces the loss. Split
+    rows (_launch_config): one launch of cross_entropy_fwd_split_kernel (loss only, or fused
+    with the gradient; the denominator kernel first as above), or, two kernels, the split
+    statistics kernel (loss, lse, the denominator and the rows' lse and coefficient) then
+    cross_entropy_grad_kernel for the gradient. Besides the launches only allocations
+    (torch.empty) are issued. ``config`` overrides :func:`_launch_config` for the main kernel
+    (tests use it to reach every strategy)."""
     import torch
 
     xt, tt, lt, gt = _tensor(logits), _tensor(target), _tensor(loss), _tensor(grad)
@@ -831,56 +1198,100 @@ def cross_entropy_fwd(
         SOFT=bool(soft), HAS_WEIGHT=wt is not None, HAS_GRAD=gt is not None,
         HAS_LSE=et is not None, HAS_SMOOTHING=float(label_smoothing) != 0.0,
         HAS_Z=float(z_loss) != 0.0, SOFTCAP=has_cap, IS_FP64=_dtype(xt) == "float64",
-        REDUCE=red, DENOM=dmode,
+        REDUCE=red,
     )  # fmt: skip
+    waits = gt is not None
+    cdt = _cdtype(xt)
+    dummy = dict(w=wt if wt is not None else xt, g=gt if gt is not None else xt,
+                 e=et if et is not None else lt)  # fmt: skip
+    scalars = (ignore_index, float(label_smoothing), float(z_loss), cap, float(grad_scale))
+    sizes = (n_rows, n_cols, _row_stride(xt), _row_stride(tt) if soft else 1,
+             _row_stride(gt) if gt is not None else n_cols)  # fmt: skip
 
-    def args(scratch, part, tickets):
-        # float64 scratch: [denominator, counted rows] (from the denominator kernel), then
-        # this kernel's partials [3, grid]
-        return (
-            xt, tt, wt if wt is not None else xt, lt, gt if gt is not None else xt,
-            et if et is not None else lt,
-            scratch if dmode == _DENOM_KERNEL else (dt if dt is not None else lt),
-            part if part is not None else lt, tickets,
-            n_rows, n_cols, _row_stride(xt), _row_stride(tt) if soft else 1,
-            _row_stride(gt) if gt is not None else n_cols,
-            ignore_index, float(label_smoothing), float(z_loss), cap, float(grad_scale),
-        )  # fmt: skip
+    def split_dmode(cfg: LaunchConfig) -> int:
+        # two kernels (or no gradient): the denominator is summed in the statistics kernel
+        if dmode == _DENOM_KERNEL and _phases(cfg, waits) != (0,):
+            return _DENOM_IN_PASS
+        return dmode
+
+    def spec(cfg: LaunchConfig, phase: int | None = None, scratch=None, dscratch=None,
+             part=None, tickets=None):  # fmt: skip
+        dm = split_dmode(cfg) if cfg.strategy in _SPLITS else dmode
+        dsrc = dscratch if dm == _DENOM_KERNEL else (dt if dt is not None else lt)
+        if tickets is None:  # (a compile: example scratch)
+            tickets = torch.empty(2, dtype=torch.int32, device=xt.device)
+            part = dscratch = torch.empty(2, dtype=torch.float64, device=xt.device)
+            dsrc = dscratch if dm == _DENOM_KERNEL else dsrc
+        consts = dict(flags, DENOM=dm)
+        if cfg.strategy in _SPLITS:
+            # workspace [n_rows, 7, segments] (the segments' partials), results [3, n_rows]
+            # (the rows' shift, log s and a, for the gradient)
+            ws, res, cnt = scratch or _split_scratch(xt, n_rows, cfg, 7, 3, cdt, True)
+            args = (xt, tt, dummy["w"], lt, dummy["g"], dummy["e"], dsrc, ws, res, part, cnt,
+                    tickets, *sizes, cfg.segments, _seg_len(cfg), *scalars)  # fmt: skip
+            phase = _phase(cfg, "cross_entropy_fwd", waits) if phase is None else phase
+            return ks.cross_entropy_fwd_split, args, dict(consts, **_split_consts(cfg, phase))
+        args = (xt, tt, dummy["w"], lt, dummy["g"], dummy["e"], dsrc, part, tickets, *sizes,
+                *scalars)  # fmt: skip
+        return ks.cross_entropy_fwd, args, dict(consts, **_cfg_consts(cfg))
 
     with _launch_context(logits, xt):
         tickets = _ticket_counter(xt)
         n_sm = _n_sm(xt)
-
-        def example_args():
-            s64 = torch.empty(2, dtype=torch.float64, device=xt.device)
-            return args(s64, s64, tickets)
-
         op = "cross_entropy_soft" if soft else "cross_entropy"
         cfg = config or _launch_config(
             n_rows, n_cols, _dtype(xt), op, n_sm,
-            _usage_on_device(xt, ks.cross_entropy_fwd, op, example_args, flags),
+            _usage_on_device(xt, op, dict(flags, DENOM=dmode), spec), merge_wait=waits,
         )  # fmt: skip
-        scratch = part = dcfg = None
-        if red:
-            # float64 scratch: [denominator, counted rows], the denominator kernel's partials
-            # [2, its grid], this kernel's partials [3, grid]
-            n_den = 0
-            if dmode == _DENOM_KERNEL:
+
+        def run() -> None:
+            split = cfg.strategy in _SPLITS
+            dm = split_dmode(cfg) if split else dmode
+            # float64 scratch: [denominator, counted rows] and the denominator kernel's partials
+            # [2, its grid] (DENOM_KERNEL); then this kernel's partials: [3, grid] (per program),
+            # split [3, n_rows] (per row) and the gradient's scale
+            n_den, dcfg = 0, None
+            if dm == _DENOM_KERNEL:
                 dcfg = _launch_config(n_rows, 1, "int64", "cross_entropy_denom", n_sm)
-                n_den = dcfg.num_programs
-            scratch = torch.empty(2 + 2 * n_den + 3 * cfg.num_programs, dtype=torch.float64,
-                                  device=xt.device)  # fmt: skip
-            part = scratch[2 + 2 * n_den :]
-        with _tickets_reset_on_error(tickets):
-            if dcfg is not None:
-                ks.cross_entropy_denom[(dcfg.num_programs,)](
-                    tt, wt if wt is not None else xt, scratch, scratch[2:], tickets,
-                    n_rows, n_cols, ignore_index,
-                    HAS_WEIGHT=wt is not None, BLOCK_R=dcfg.block_n, num_warps=dcfg.num_warps,
-                )  # fmt: skip
-            ks.cross_entropy_fwd[(cfg.num_programs,)](
-                *args(scratch, part, tickets), **flags, **_cfg_consts(cfg)
-            )
+                n_den = 2 + 2 * dcfg.num_programs
+            n_part = (3 * n_rows + 1) if split else (3 * cfg.num_programs if red else 0)
+            scratch64 = torch.empty(max(1, n_den + n_part), dtype=torch.float64, device=xt.device)
+            dscratch = scratch64[:n_den] if n_den else None
+            part = scratch64[n_den:] if n_part else lt
+            seg_scratch = _split_scratch(xt, n_rows, cfg, 7, 3, cdt) if split else None
+            counters = (tickets,) + ((seg_scratch[2],) if split else ())
+            with _zeroed_on_error(*counters):
+                if dcfg is not None:
+                    ks.cross_entropy_denom[(dcfg.num_programs,)](
+                        tt, dummy["w"], dscratch, dscratch[2:], tickets, n_rows, n_cols,
+                        ignore_index, HAS_WEIGHT=wt is not None, BLOCK_R=dcfg.block_n,
+                        num_warps=dcfg.num_warps,
+                    )  # fmt: skip
+                phases = _phases(cfg, waits) if split else (None,)
+                kernel, args, consts = spec(cfg, phases[0], seg_scratch, dscratch, part, tickets)
+                if phases == (0,):
+                    _fused_launch(kernel, cfg, args, consts)
+                else:
+                    kernel[(cfg.num_programs,)](*args, **consts)
+                if phases == (1, 2):
+                    # the gradient from the rows' lse and a, scaled by part[3 n_rows]
+                    res = seg_scratch[1]  # [3, n_rows]: shift, log s, a
+                    ks.cross_entropy_grad[(cfg.num_programs,)](
+                        xt, tt, dummy["w"], gt, res[n_rows : 2 * n_rows], res[2 * n_rows :],
+                        part[3 * n_rows :], res[:n_rows], *sizes, cfg.segments, _seg_len(cfg),
+                        ignore_index, 0, 1.0 - float(label_smoothing),
+                        float(label_smoothing) / n_cols, cap, float(grad_scale),
+                        SOFT=bool(soft), HAS_WEIGHT=wt is not None,
+                        HAS_SMOOTHING=flags["HAS_SMOOTHING"], SOFTCAP=has_cap,
+                        IS_FP64=flags["IS_FP64"], INPLACE=_same_memory(xt, gt), ONLINE=False,
+                        SPLIT=True, ROW_SHIFT=True, ROWS=1, BLOCK_N=cfg.block_n, GROUP=1,
+                        NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
+                    )  # fmt: skip
+
+        try:
+            run()
+        except _FusedRefused:  # (the driver refused the cooperative grid: two kernels)
+            run()
 
 
 def cross_entropy_stats(
@@ -903,20 +1314,33 @@ def cross_entropy_stats(
     if n_rows == 0 or n_cols == 0:
         return
     has_cap, cap = _softcap_arg(softcap)
-    kernel = _kernels(_interpret()).cross_entropy_stats
-    args = (xt, tt, wt if wt is not None else xt, st, n_rows, n_cols, _row_stride(xt),
-            _row_stride(tt) if soft else 1, _row_stride(st), _int64_or_never(ignore_index),
-            int(vocab_start), cap)  # fmt: skip
+    ks = _kernels(_interpret())
+    head = (xt, tt, wt if wt is not None else xt, st)
+    sizes = (n_rows, n_cols, _row_stride(xt), _row_stride(tt) if soft else 1, _row_stride(st))
+    tail = (_int64_or_never(ignore_index), int(vocab_start), cap)
     flags = dict(SOFT=bool(soft), HAS_WEIGHT=wt is not None,
                  HAS_SMOOTHING=float(label_smoothing) != 0.0, SOFTCAP=has_cap,
                  IS_FP64=_dtype(xt) == "float64")  # fmt: skip
     op = "cross_entropy_soft" if soft else "cross_entropy"
+
+    def spec(cfg: LaunchConfig, phase: int | None = None, scratch=None):
+        if cfg.strategy in _SPLITS:
+            ws, _res, cnt = scratch or _split_scratch(xt, n_rows, cfg, 7, 1, _cdtype(xt), True)
+            args = (*head, ws, cnt, *sizes, cfg.segments, _seg_len(cfg), *tail)
+            consts = dict(flags, **_split_consts(cfg, 1))
+            del consts["PHASE"]
+            return ks.cross_entropy_stats_split, args, consts
+        return ks.cross_entropy_stats, (*head, *sizes, *tail), dict(flags, **_cfg_consts(cfg))
+
     with _launch_context(logits, xt):
         cfg = config or _launch_config(
             n_rows, n_cols, _dtype(xt), op, _n_sm(xt),
-            _usage_on_device(xt, kernel, "stats_" + op, lambda: args, flags),
+            _usage_on_device(xt, "stats_" + op, flags, spec), merge_wait=False,
         )  # fmt: skip
-        kernel[(cfg.num_programs,)](*args, **flags, **_cfg_consts(cfg))
+        scratch = None
+        if cfg.strategy in _SPLITS:
+            scratch = _split_scratch(xt, n_rows, cfg, 7, 1, _cdtype(xt))
+        _launch(cfg, spec, scratch, waits=False)
 
 
 def _same_memory(a, b) -> bool:
@@ -951,20 +1375,24 @@ def cross_entropy_grad(
         return
     has_cap, cap = _softcap_arg(softcap)
     kernel = _kernels(_interpret()).cross_entropy_grad
-    args = (xt, tt, wt if wt is not None else xt, gt, lt, ct, rt, n_rows, n_cols,
-            _row_stride(xt), _row_stride(tt) if soft else 1, _row_stride(gt),
-            _int64_or_never(ignore_index), int(vocab_start), float(keep), float(eps_c), cap,
-            float(grad_scale))  # fmt: skip
     flags = dict(SOFT=bool(soft), HAS_WEIGHT=wt is not None, HAS_SMOOTHING=float(eps_c) != 0.0,
                  SOFTCAP=has_cap, IS_FP64=_dtype(xt) == "float64",
                  INPLACE=_same_memory(xt, gt))  # fmt: skip
+
+    def spec(cfg: LaunchConfig, phase: int | None = None, scratch=None):
+        args = (xt, tt, wt if wt is not None else xt, gt, lt, ct, rt, lt, n_rows, n_cols,
+                _row_stride(xt), _row_stride(tt) if soft else 1, _row_stride(gt), cfg.segments,
+                _seg_len(cfg), _int64_or_never(ignore_index), int(vocab_start), float(keep),
+                float(eps_c), cap, float(grad_scale))  # fmt: skip
+        return kernel, args, dict(flags, SPLIT=cfg.strategy in _SPLITS, ROW_SHIFT=False,
+                                  **_cfg_consts(cfg))  # fmt: skip
+
     op = "cross_entropy_grad_soft" if soft else "cross_entropy_grad"
     with _launch_context(logits, xt):
-        cfg = config or _launch_config(
-            n_rows, n_cols, _dtype(xt), op, _n_sm(xt),
-            _usage_on_device(xt, kernel, op, lambda: args, flags),
-        )  # fmt: skip
-        kernel[(cfg.num_programs,)](*args, **flags, **_cfg_consts(cfg))
+        cfg = config or _launch_config(n_rows, n_cols, _dtype(xt), op, _n_sm(xt),
+                                       _usage_on_device(xt, op, flags, spec))  # fmt: skip
+        kernel_, args, consts = spec(cfg)
+        kernel_[(cfg.num_programs,)](*args, **consts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1005,19 +1433,25 @@ def static_model(
     pass starts with the chunks read last, which may still be in L2); the minimum is the
     benchmark's (bench/grids.py TRAFFIC): forward 2, backward 3, CE forward 1, CE forward +
     gradient 2 times elements x itemsize (soft targets add their read). Per-row traffic (class
-    targets, per-row losses, the denominator kernel's read of the targets) is counted in the
-    moved bytes only.
+    targets, per-row losses, the denominator kernel's read of the targets, and for split rows
+    the workspace: partials written once and read twice by the merge, the merged values read by
+    every segment's program, the row counter's atomics, every segment's read of the target) is
+    counted in the moved bytes only. ``sms_used``: SMs with at least one program.
     """
     dtype = _SHORT_DTYPES.get(dtype_name, dtype_name)
     itemsize = _ITEMSIZE[dtype]
+    csize = 8 if dtype == "float64" else 4  # compute dtype
     elems = int(n_rows) * int(n_cols) * itemsize  # bytes of one (n_rows, n_cols) array
     per_row = 0
+    merge_wait = True
     if op in _SOFTMAX_MODEL:
         kernel, flags = _SOFTMAX_MODEL[op]
         plan_op = kernel
-        launches = 1
+        # split: (slots per segment, merged values per row, their bytes)
+        ws_slots, ws_results, ws_size = (2, 2, csize) if kernel == "softmax_fwd" else (1, 1, 8)
     elif op in ("ce_fwd", "ce_fwd_grad", "cross_entropy"):
         with_grad = {"ce_fwd": False, "ce_fwd_grad": True}.get(op, with_grad)
+        merge_wait = with_grad
         red = _REDUCE[reduction]
         if red != _REDUCE["mean"]:
             dmode = _DENOM_NONE
@@ -1030,29 +1464,49 @@ def static_model(
         flags = dict(SOFT=soft, HAS_WEIGHT=False, HAS_GRAD=with_grad, HAS_LSE=False,
                      HAS_SMOOTHING=False, HAS_Z=False, SOFTCAP=False, REDUCE=red,
                      DENOM=dmode)  # fmt: skip
-        launches = 2 if dmode == _DENOM_KERNEL else 1
-        per_row = (0 if soft else 8 * launches) + (4 if red == 0 else 0)
+        # (m, s and, class targets, z_t per segment; shift, log s, a per row with a gradient)
+        ws_slots, ws_results, ws_size = 2 + (not soft), 3 if with_grad else 0, csize
     else:
         raise ValueError(f"unknown op {op!r}")
     flags = dict(flags, IS_FP64=dtype == "float64")
-    key = tuple(sorted(flags.items()))
     n16 = int(n_cols) % 16 == 0
 
     def usage(cfg: LaunchConfig) -> dict:
-        return _sm90_usage(kernel, dtype, cfg, n16, key)
+        fl = dict(flags)
+        if kernel == "cross_entropy_fwd" and cfg.strategy in _SPLITS and fl["DENOM"] == 2:
+            if _phase(cfg, kernel, with_grad) != 0:
+                fl["DENOM"] = 3  # two kernels: the denominator is summed in the first
+        return _sm90_usage(kernel, dtype, cfg, n16, tuple(sorted(fl.items())))
 
-    cfg = _launch_config(n_rows, n_cols, dtype, plan_op, sm_count, usage)
+    cfg = _launch_config(n_rows, n_cols, dtype, plan_op, sm_count, usage, merge_wait=merge_wait)
     used = usage(cfg)
-    online = cfg.strategy == "online"
+    online, split = cfg.strategy == "online", cfg.strategy in _SPLITS
+    # the reads of a second pass: online, or the second kernel of "split2"
+    again = online or (cfg.strategy == "split2" and merge_wait)
     if kernel == "softmax_fwd":
-        moved, minimum = (3 if online else 2) * elems, 2 * elems
+        moved, minimum = (3 if again else 2) * elems, 2 * elems
+        launches = 2 if again and split else 1
     elif kernel == "softmax_bwd":
-        first = 1 if flags["IS_LOG"] else 2  # the online first pass reads dy (and y)
-        moved, minimum = (3 + first if online else 3) * elems, 3 * elems
+        first = 1 if flags["IS_LOG"] else 2  # the first pass reads dy (and y)
+        moved, minimum = (3 + first if again else 3) * elems, 3 * elems
+        launches = 2 if again and split else 1
     else:
-        reads = (1 + soft) * (2 if (online and with_grad) else 1)
-        moved = (reads + with_grad) * elems + per_row * int(n_rows)
+        reads = (1 + soft) * (2 if (again and with_grad) else 1)
+        if split and flags["DENOM"] == _DENOM_KERNEL and cfg.strategy == "split2":
+            flags["DENOM"] = _DENOM_IN_PASS  # two kernels: no denominator kernel
+        launches = 2 if (flags["DENOM"] == _DENOM_KERNEL or (split and again)) else 1
+        per_row = (0 if soft else 8 * (launches if not split else 1)) + (4 if red == 0 else 0)
+        if split:
+            per_row += (0 if soft else 8 * cfg.segments) + (24 if red else 0)
+        moved = (reads + with_grad) * elems
         minimum = (1 + soft + with_grad) * elems
+    if split:
+        n_seg = cfg.segments
+        waits = merge_wait and cfg.strategy == "split"
+        per_row += ws_slots * n_seg * ws_size * 3  # written, read by the merge's two loops
+        per_row += ws_results * ws_size * (1 + (n_seg if merge_wait else 0))
+        per_row += 4 * (n_seg + 1 + (2 * n_seg if waits else 0))  # the counter's atomics
+    moved += per_row * int(n_rows)
     per_sm = max(1, min(_MAX_PROGRAMS_PER_SM, used["programs_per_sm"]))
     return {
         "op": op,
@@ -1062,10 +1516,14 @@ def static_model(
         "strategy": cfg.strategy,
         "block_n": cfg.block_n,
         "rows_per_tile": cfg.rows,
+        "segments": cfg.segments,
         "num_warps": cfg.num_warps,
         "in_flight": cfg.num_stages,
         "programs": cfg.num_programs,
         "programs_per_sm": min(per_sm, -(-cfg.num_programs // int(sm_count))),
+        # what an SM holds of the compiled kernel: a fused split's grid is at most sm_count x it
+        "programs_per_sm_resident": per_sm,
+        "sms_used": min(cfg.num_programs, int(sm_count)),
         "launches": launches,
         "bytes": int(moved),
         "min_bytes": int(minimum),
