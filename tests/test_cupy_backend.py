@@ -46,7 +46,7 @@ LOSS_DTYPE = {"float16": "float32", "bfloat16": "float32", "float32": "float32",
               "float64": "float64"}  # fmt: skip
 H100_SMEM = 232448  # sharedMemPerBlockOptin of H100/H200 (227 KiB)
 
-WARP_ROWS, BLOCK_SMEM, ONLINE = cb.WARP_ROWS, cb.BLOCK_SMEM, cb.ONLINE
+WARP_ROWS, BLOCK_SMEM, ONLINE, SPLIT = cb.WARP_ROWS, cb.BLOCK_SMEM, cb.ONLINE, cb.SPLIT
 
 
 def _vec(dtype):
@@ -155,8 +155,10 @@ def test_plan_block_to_online_threshold(dtype, op, soft):
     per_col = cb.smem_bytes_per_col(op, size, soft)
     assert p.smem == p.rows_per_block * (-(-nb // _vec(dtype)) + 1) * _vec(dtype) * per_col
     assert nb > 14000  # H100: at least 14K columns in shared memory (float64 backward: 16 B each)
-    assert cb.plan_launch(op, dtype, nb + 1, smem_limit=H100_SMEM, soft=soft).strategy == ONLINE
-    assert cb.plan_launch(op, dtype, 2**20, smem_limit=H100_SMEM, soft=soft).strategy == ONLINE
+    # beyond (b): rows are split over blocks (d) (cross-entropy: with a gradient, the default)
+    beyond = SPLIT
+    assert cb.plan_launch(op, dtype, nb + 1, smem_limit=H100_SMEM, soft=soft).strategy == beyond
+    assert cb.plan_launch(op, dtype, 2**20, smem_limit=H100_SMEM, soft=soft).strategy == beyond
     # without opting in (48 KiB) (b) stops much earlier
     assert _block_max(op, dtype, cb.DEFAULT_SMEM_LIMIT, soft) < nb
 
@@ -180,14 +182,16 @@ def test_plan_invariants_and_names(dtype):
         for op in cb.OPS:
             for soft in (False, True) if op.startswith("cross_entropy") else (False,):
                 for vec_ok, shifted in ((True, False), (True, True), (False, False)):
-                    for grad, cap in ((True, False), (False, False), (True, True)):
+                    for grad, cap in ((True, False), (False, False), (True, True), (False, True)):
                         opts = dict(vec_ok=vec_ok, shifted=shifted, soft=soft, with_grad=grad,
                                     softcap=cap)  # fmt: skip
                         p = cb.plan_launch(op, dtype, n, smem_limit=H100_SMEM, **opts)
-                        for flag in (soft, not soft):
-                            name = cb.kernel_name(op, dtype, flag, p)
-                            assert name in names, name
-                            seen.add(name)
+                        q = cb.plan_launch(op, dtype, n, smem_limit=H100_SMEM, n_rows=1, **opts)
+                        for plan in (p, q):
+                            for flag in (soft, not soft):
+                                got = cb.plan_kernel_names(op, dtype, flag, plan)
+                                assert set(got) <= names, got
+                                seen.update(got)
                         if p.strategy == WARP_ROWS:
                             assert p.threads == 128 and p.lanes * p.rows_per_block == 128
                             vec = _vec(dtype)
@@ -196,6 +200,15 @@ def test_plan_invariants_and_names(dtype):
                         else:
                             assert p.threads == 256
                             assert p.rows_per_block == 1 or p.strategy == BLOCK_SMEM
+                        if q.strategy == SPLIT:  # the segments cover the row, none is wasted
+                            vec = _vec(dtype)
+                            span = -(-(n + (vec - 1 if vec_ok and shifted else 0)) // vec)
+                            assert q.segments * q.seg_packs >= span
+                            assert (q.segments - 1) * q.seg_packs < span
+    # (c) of the softmax ops: the plan without the long-row split (SPLIT_LONG_ROWS = False)
+    for op in ("softmax_fwd", "softmax_bwd"):
+        for flag in (False, True):
+            seen.add(cb.kernel_name(op, dtype, flag, cb.LaunchPlan(ONLINE, 1, 1, 0, 0, 1, True)))
     # every instance compiled is reachable (none of the module is dead weight)
     for flag in (False, True):
         for op in ("softmax_fwd", "softmax_bwd", "cross_entropy_fwd"):
@@ -245,8 +258,19 @@ def test_static_model(tmp_path, monkeypatch):
     assert m["strategy"] == "warp_rows" and m["launches"] == 1 and m["bytes_ratio"] == 1.0
     assert m["registers"] is None and m["instructions_per_element"] is None
     assert m["blocks_per_sm"] == 16 and m["fill"] == 1.0  # 128 threads: threads bound it
-    m = cb.static_model("softmax_fwd", "float32", 8, 1 << 20)  # (c): x read twice
-    assert m["strategy"] == "online" and m["bytes_ratio"] == 1.5 and m["sms_used"] == 8
+    m = cb.static_model("softmax_fwd", "float32", 8, 1 << 20)  # (d): x read twice, every SM
+    assert m["strategy"] == "split" and m["launches"] == 2 and m["sms_used"] == 132
+    assert 1.5 <= m["bytes_ratio"] <= 1.51 and m["segments"] * 8 >= 2 * 132
+    m = cb.static_model("softmax_bwd", "bfloat16", 1, 65536)  # few rows: split, every SM
+    assert m["strategy"] == "split" and m["sms_used"] == 132
+    # cross-entropy: split with a gradient beyond (b) and for few rows, 2 launches with "mean"
+    m = cb.static_model("cross_entropy_fwd", "bfloat16", 8, 262144)
+    assert m["strategy"] == "split" and m["launches"] == 2 and m["sms_used"] == 132
+    assert 1.5 <= m["bytes_ratio"] <= 1.51
+    m = cb.static_model("cross_entropy_fwd", "bfloat16", 8, 262144, with_grad=False)
+    assert m["strategy"] == "split" and m["launches"] == 2 and m["bytes_ratio"] <= 1.01
+    m = cb.static_model("cross_entropy_fwd", "bfloat16", 4096, 256000, with_grad=False)
+    assert m["strategy"] == "online" and m["launches"] == 1 and m["bytes_ratio"] <= 1.01
     m = cb.static_model("softmax_bwd", "bfloat16", 4096, 4096)
     assert m["strategy"] == "block_smem" and m["bytes_ratio"] == 1.0 and m["row_threads"] == 128
     # cross-entropy: 2 launches only for a "mean" with a gradient of class targets
@@ -460,7 +484,7 @@ def _strategies(op, dtype, lengths, soft=False, with_grad=True):
 @pytest.mark.parametrize(("kind", "dtype"), KIND_DTYPES)
 def test_forward_every_strategy(kind, dtype, rng):
     lengths = _lengths(dtype, "softmax_fwd")
-    assert _strategies("softmax_fwd", dtype, lengths) == {WARP_ROWS, BLOCK_SMEM, ONLINE}
+    assert _strategies("softmax_fwd", dtype, lengths) == {WARP_ROWS, BLOCK_SMEM, SPLIT}
     for n in lengths:
         x = _dev(rng.standard_normal((_n_rows(n), n)) * 4, kind, dtype)
         xr = to_numpy64(x)
@@ -474,7 +498,7 @@ def test_forward_every_strategy(kind, dtype, rng):
 @pytest.mark.parametrize(("kind", "dtype"), KIND_DTYPES)
 def test_backward_every_strategy(kind, dtype, rng):
     lengths = _lengths(dtype, "softmax_bwd")
-    assert _strategies("softmax_bwd", dtype, lengths) == {WARP_ROWS, BLOCK_SMEM, ONLINE}
+    assert _strategies("softmax_bwd", dtype, lengths) == {WARP_ROWS, BLOCK_SMEM, SPLIT}
     for n in lengths:
         shape = (_n_rows(n), n)
         x64 = rng.standard_normal(shape) * 3
@@ -744,6 +768,34 @@ def test_more_than_2_31_elements():
 
 
 @gpu_test
+def test_split_rows_of_2_24_past_2_31_elements():
+    """The split (d) with 64-bit offsets: 130 rows of 2**24 float16 elements (2.2e9 elements,
+    4.4 GB in and out, fewer rows than SMs): softmax and cross-entropy with its gradient on the
+    rows past element 2**31, against the reference; the "sum" over every row."""
+    import cupy
+
+    n = 2**24
+    rows = 2**31 // n + 2
+    x = cupy.empty((rows, n), cupy.float16)
+    x[...] = (cupy.arange(n, dtype=cupy.float32) % 101 / 17).astype(cupy.float16)
+    x[-1, 12345] = 9.0
+    plan = cb.plan_launch("softmax_fwd", "float16", n, n_rows=rows, smem_limit=cb._smem_limit(x),
+                          sm_count=cb._sm_count(x))  # fmt: skip
+    assert plan.strategy == SPLIT and plan.segments >= 2
+    y = sk.softmax(x, backend="cupy")
+    tail = slice(rows - 2, rows)
+    assert_close(y[tail], ref_softmax(to_numpy64(x[tail]), -1), "float16", "split past 2**31")
+    del y
+    t = cupy.full(rows, 7, cupy.int64)
+    t[-1] = 12345
+    loss, g = sk.cross_entropy_with_grad(x, t, reduction="sum", backend="cupy")
+    l0, _ = ref_cross_entropy(to_numpy64(x[:1]), np.array([7]), reduction="sum")
+    l1, g1 = ref_cross_entropy(to_numpy64(x[-1:]), np.array([12345]), reduction="sum")
+    assert_close(loss, (rows - 1) * l0 + l1, "float32", "split CE sum past 2**31")
+    assert_close(g[-1:], g1, "float16", "split CE grad past 2**31")
+
+
+@gpu_test
 def test_deterministic(rng):
     """Bitwise the same run to run, for every strategy."""
     for n in (10, 700, 5000, 2**18):
@@ -978,6 +1030,12 @@ _LL = ["long long"]
 EMU_SIGS = {
     "softmax_fwd": ["const T*", "T*", "const unsigned char*"] + _LL * 6 + ["A", "int", "int"],
     "softmax_bwd": ["const T*", "const T*", "T*"] + _LL * 6 + ["A", "int", "int"],
+    "softmax_fwd_split": ["const T*", "T*", "const unsigned char*", "double*"] + _LL * 7
+    + ["A", "int", "int"],
+    "softmax_bwd_split": ["const T*", "const T*", "T*", "double*"] + _LL * 7 + ["A", "int", "int"],
+    "cross_entropy_split": ["const T*", "const void*", "T*", "A*", "A*", "A*", "const A*",
+                            "const A*", "double*"] + _LL * 9 + ["int"] + ["A"] * 6
+    + ["double*"] + _LL * 2,
     "cross_entropy_fwd": ["const T*", "const void*", "T*", "A*", "A*", "A*", "const A*",
                           "const A*", "double*"] + _LL * 9 + ["int"] + ["A"] * 6,
     "cross_entropy_grad": ["const T*", "const void*", "T*"] + ["const A*"] * 4 + _LL * 7
@@ -1081,11 +1139,19 @@ class Emu:
     # last to finish being block 0): fewer OS threads to start.
     MAX_THREADS = 64
     MAX_GRID = 2
+    SMS = 2  # the emulated device's SMs (the few-rows split fills them)
 
     def __init__(self, lib):
         self.lib = lib
         self.launched: list[tuple[str, cb.LaunchPlan]] = []
         self.ws = np.zeros(cb.WS_DOUBLES, np.float64)  # the (device, stream) workspace
+        self.split_ws: list[np.ndarray] = []  # split workspaces handed out (kept alive)
+
+    def split_workspace(self, x, n_doubles):
+        # NaN-filled: a slot phase 1 read without phase 0 writing it would show
+        ws = np.full(n_doubles, np.nan)
+        self.split_ws.append(ws)
+        return ws.ctypes.data
 
     @staticmethod
     def dtype_name(a):
@@ -1159,6 +1225,8 @@ def emu(emu_lib, monkeypatch):
     monkeypatch.setattr(cb, "_smem_limit", lambda x: Emu.SMEM)
     monkeypatch.setattr(cb, "_launch", e.launch)
     monkeypatch.setattr(cb, "_workspace", lambda x: e.ws.ctypes.data)
+    monkeypatch.setattr(cb, "_split_workspace", e.split_workspace)
+    monkeypatch.setattr(cb, "_sm_count", lambda x: Emu.SMS)
     return e
 
 
@@ -1202,7 +1270,7 @@ def test_emulated_softmax_every_strategy(emu, dtype, rng):
         big = emu.make(rng.standard_normal((4, n + 3)) * 3, dtype)
         _emu_fwd(emu, dtype, big[:, 1 : n + 1])  # x misaligned, out not: scalar path
         _emu_fwd(emu, dtype, big.copy()[:, 1 : n + 1], inplace=True)  # same shift: vectors
-    assert emu.strategies == {WARP_ROWS, BLOCK_SMEM, ONLINE}
+    assert emu.strategies == {WARP_ROWS, BLOCK_SMEM, SPLIT}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -1216,7 +1284,7 @@ def test_emulated_backward_every_strategy(emu, dtype, rng):
             cb.softmax_bwd(dy, y, out, scale=1.5, is_log=is_log)
             ref = ref_softmax_backward(emu.f64(dy, dtype), emu.f64(y, dtype), -1, 1.5, is_log)
             assert_close(emu.f64(out, dtype), ref, dtype, f"{dtype} bwd n={n} log={is_log}")
-    assert emu.strategies == {WARP_ROWS, BLOCK_SMEM, ONLINE}
+    assert emu.strategies == {WARP_ROWS, BLOCK_SMEM, SPLIT}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -1239,7 +1307,7 @@ def test_emulated_backward_cancelling_sums(emu, dtype, rng, monkeypatch):
             ref = ref_softmax_backward(emu.f64(dy, dtype), emu.f64(y, dtype), -1, 1.0, is_log)
             what = f"{dtype} n={n} log={is_log} {emu.launched[-1][0]}"
             assert_close(emu.f64(out, dtype), ref, dtype, what)
-    assert emu.strategies == {WARP_ROWS, BLOCK_SMEM, ONLINE}
+    assert emu.strategies == {WARP_ROWS, BLOCK_SMEM, SPLIT}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -1267,7 +1335,261 @@ def test_emulated_masked_entries_in_nan_rows(emu, dtype, rng):
                 ref[nan_row] = np.where(mask[nan_row], np.nan, fill)
                 what = f"{dtype} n={n} log={is_log} {emu.launched[-1][0]}"
                 assert_close(emu.f64(out, dtype), ref, dtype, what)
-    assert emu.strategies == {WARP_ROWS, BLOCK_SMEM, ONLINE}
+    assert emu.strategies == {WARP_ROWS, BLOCK_SMEM, SPLIT}
+
+
+# -- the split strategy (d) in the emulation ---------------------------------------------------
+# The few-rows rule forced at small sizes (SPLIT_FEW_ROWS_MIN_COLS and SPLIT_MIN_SEG_PACKS
+# lowered, the emulated device given `sms` SMs): 2 x sms blocks' worth of segments over the call's
+# rows, down to 1 pack per segment, so a row of a few hundred elements crosses several segment
+# boundaries. Segment boundaries are pack boundaries of the row: on a shifted row (odd length,
+# or a view off a 16-byte boundary) they fall inside a 16-byte pack of column space. Rows
+# longer than the emulated (b) capacity (Emu.SMEM) split without any override.
+
+
+def _force_split(monkeypatch, sms, min_seg_packs=1):
+    monkeypatch.setattr(cb, "SPLIT_FEW_ROWS_MIN_COLS", 1)
+    monkeypatch.setattr(cb, "SPLIT_MIN_SEG_PACKS", min_seg_packs)
+    monkeypatch.setattr(Emu, "SMS", sms)
+
+
+def _last_split(emu):
+    name, plan = emu.launched[-1]
+    assert plan.strategy == SPLIT and "_split_kernel<" in name and name.endswith(", 1>"), name
+    assert emu.launched[-2][0].endswith(", 0>")  # phase 0 first, on the same stream
+    return plan
+
+
+def _split_lengths(dtype):
+    vec = _vec(dtype)
+    cap = cb.split_capacity_packs("softmax_fwd", cb.CTYPES[dtype][1], Emu.SMEM) * vec
+    # odd lengths; 7 packs + 3 (its last segment 3 elements); past (b)'s emulated capacity
+    return (3, 7 * vec + 3, 333, cap + 17)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emulated_split_forward(emu, dtype, rng, monkeypatch):
+    """Every forward option on the split path: softmax / log_softmax, scale, per-row masks (a
+    fully masked row, a row whose first segment is fully masked), a broadcast mask, a mask
+    1 byte off, x misaligned (scalar path), in place on a shifted view (vector path)."""
+    for n in _split_lengths(dtype):
+        _force_split(monkeypatch, sms=3 if n < 1000 else 1)  # 2 x 3 blocks over 3 rows
+        x = emu.make(rng.standard_normal((3, n)) * 3, dtype)
+        _emu_fwd(emu, dtype, x)
+        plan = _last_split(emu)
+        assert plan.segments >= 2 or n < 8, (n, plan)
+        rows = rng.random((3, n)) < 0.5
+        rows[:, -1] = True
+        rows[1] = False  # nothing kept: 0 / -inf
+        rows[2, : max(1, n // 2)] = False  # the first segment(s) fully masked
+        _emu_fwd(emu, dtype, x, 1.25, rows)
+        _emu_fwd(emu, dtype, x, -0.5, np.broadcast_to(rows[0], (3, n)))  # row stride 0
+        odd = np.concatenate([np.zeros((3, 1), bool), rows], axis=1)[:, 1:]
+        _emu_fwd(emu, dtype, x, 1.0, odd)
+        big = emu.make(rng.standard_normal((3, n + 3)) * 3, dtype)
+        _emu_fwd(emu, dtype, big[:, 1 : n + 1])  # x misaligned, out not: scalar path
+        _emu_fwd(emu, dtype, big.copy()[:, 1 : n + 1], inplace=True)  # same shift: vectors
+        _last_split(emu)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emulated_split_special_values(emu, dtype, rng, monkeypatch):
+    """A NaN in one segment only makes its whole row NaN (the other rows untouched); -inf
+    everywhere but one element gives a one-hot row; a row of -inf gives NaN; with a mask, a
+    NaN in a fully masked segment takes no part and masked entries stay 0 / -inf in a NaN
+    row."""
+    _force_split(monkeypatch, sms=4)
+    n = 30 * _vec(dtype) + 5
+    x64 = rng.standard_normal((4, n))
+    x64[0, n // 2] = np.nan
+    x64[1] = -np.inf
+    x64[1, n - 2] = 0.5
+    x64[2] = -np.inf
+    x = emu.make(x64, dtype)
+    xr = emu.f64(x, dtype)
+    for is_log in (False, True):
+        out = np.empty(x.shape, x.dtype)
+        cb.softmax_fwd(x, out, scale=1.0, mask=None, is_log=is_log)
+        assert _last_split(emu).segments >= 2
+        ref = ref_softmax(xr, -1, is_log=is_log)
+        assert np.isnan(ref[0]).all() and np.isnan(ref[2]).all()
+        assert_close(emu.f64(out, dtype), ref, dtype, f"{dtype} split special log={is_log}")
+    keep = np.ones((4, n), bool)
+    keep[3, : n // 3] = False
+    x64[3, 5] = np.nan  # masked: no part
+    keep[0, :7] = False  # row 0 keeps its NaN: NaN row, masked entries still 0 / -inf
+    x = emu.make(x64, dtype)
+    xr = emu.f64(x, dtype)
+    for is_log in (False, True):
+        out = np.empty(x.shape, x.dtype)
+        cb.softmax_fwd(x, out, scale=1.0, mask=keep, is_log=is_log)
+        fill = -np.inf if is_log else 0.0
+        ref = np.where(keep, ref_softmax(np.where(keep, xr, 0.0), -1, where=keep, is_log=is_log),
+                       fill)  # fmt: skip
+        ref[0] = np.where(keep[0], np.nan, fill)
+        assert_close(emu.f64(out, dtype), ref, dtype, f"{dtype} split masked NaN log={is_log}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emulated_split_backward(emu, dtype, rng, monkeypatch):
+    """softmax and log_softmax backward on the split path: odd lengths, in step and misaligned
+    operands, the output over dy; sums that nearly cancel (a zero-mean dy, one dominant class)."""
+    for n in _split_lengths(dtype):
+        _force_split(monkeypatch, sms=3 if n < 1000 else 1)
+        x64 = rng.standard_normal((3, n)) * 3
+        x64[:, 0] = 12.0
+        dy64 = rng.standard_normal((3, n))
+        dy64 -= dy64.mean(axis=1, keepdims=True)
+        dy = emu.make(dy64, dtype)
+        for is_log in (False, True):
+            y = emu.make(ref_softmax(x64, -1, is_log=is_log), dtype)
+            ref = ref_softmax_backward(emu.f64(dy, dtype), emu.f64(y, dtype), -1, 1.5, is_log)
+            out = np.empty_like(y)
+            cb.softmax_bwd(dy, y, out, scale=1.5, is_log=is_log)
+            _last_split(emu)
+            what = f"{dtype} split bwd n={n} log={is_log}"
+            assert_close(emu.f64(out, dtype), ref, dtype, what)
+            d2 = dy.copy()
+            cb.softmax_bwd(d2, y, d2, scale=1.5, is_log=is_log)  # dx over dy
+            assert_close(emu.f64(d2, dtype), ref, dtype, what + " in place")
+            big = emu.make(np.zeros((3, n + 2)), dtype)
+            big[:, 1 : n + 1] = y
+            ym = big[:, 1 : n + 1]  # y misaligned: scalar path
+            ref_m = ref_softmax_backward(emu.f64(dy, dtype), emu.f64(ym, dtype), -1, 1.5, is_log)
+            cb.softmax_bwd(dy, ym, out, scale=1.5, is_log=is_log)
+            assert_close(emu.f64(out, dtype), ref_m, dtype, what + " misaligned")
+
+
+def test_emulated_split_deterministic_and_segmentation(emu, rng, monkeypatch):
+    """Two runs are bitwise equal; results hold whatever the segmentation (1 pack per segment,
+    a last segment of one pack, an empty last segment on unshifted rows of a shifted call)."""
+    x = rng.standard_normal((2, 997)).astype(np.float32) * 4
+    dy = rng.standard_normal((2, 997)).astype(np.float32)
+    for sms in (2, 5, 250):
+        _force_split(monkeypatch, sms=sms)
+        runs = []
+        for _ in range(2):
+            y = np.empty_like(x)
+            cb.softmax_fwd(x, y, scale=1.0, mask=None, is_log=False)
+            dx = np.empty_like(x)
+            cb.softmax_bwd(dy, y, dx, scale=1.0, is_log=False)
+            runs.append((y.tobytes(), dx.tobytes()))
+        plan = _last_split(emu)
+        assert runs[0] == runs[1], sms
+        assert_close(y, ref_softmax(x.astype(float), -1), "float32", f"sms={sms}")
+        ref = ref_softmax_backward(dy.astype(float), y.astype(float), -1, 1.0, False)
+        assert_close(dx, ref, "float32", f"bwd sms={sms} {plan}")
+    assert plan.seg_packs == 1 and plan.segments == 250  # 997 + 3: 250 packs, one each
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["index", "probs"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emulated_split_cross_entropy(emu, dtype, soft, rng, monkeypatch):
+    """Every cross-entropy option on the split path (forced: 6 rows on 9 emulated SMs, 3 segments
+    per row): weight + smoothing + z-loss + lse per row; loss-only "mean" (phase 1 reads no
+    logits); in-place "mean" with int32 targets (the denominator summed by phase 0: 2 launches);
+    softcap with lse (the GENERAL instances); bad targets with "sum"; every target ignored;
+    reductions "none", "sum", "mean" with the caller's denominator."""
+    _force_split(monkeypatch, sms=9)
+    for n in (7 * _vec(dtype) + 3, 333):
+        opts = [dict(lse=True), dict(weighted=False, eps=0.0, z=0.0, gs=1.0, with_grad=False,
+                                     reduction="mean"),
+                dict(eps=0.1, z=0.0, gs=2.0, inplace=True, reduction="mean", tdtype="int32"),
+                dict(eps=0.05, z=1e-3, softcap=4.0, reduction="mean", lse=True,
+                     weighted=not soft),
+                dict(reduction="sum", eps=0.0, z=0.0),
+                dict(reduction="mean", denom=3.5)]  # fmt: skip
+        if not soft:
+            opts += [dict(eps=0.3, z=0.0, gs=1.0, bad=True, ignore_index=0, reduction="sum",
+                          weighted=False),
+                     dict(all_ignored=True, reduction="mean"),
+                     dict(all_ignored=True, reduction="none", lse=True)]  # fmt: skip
+        for o in opts:
+            launches = _emu_ce(emu, rng, dtype, n, soft, **o)
+            assert len(launches) == 2 and all("_split_kernel<" in nm for nm in launches), o
+            assert emu.launched[-1][1].segments == 3, o
+    names = {nm for nm, _ in emu.launched}
+    assert any(nm.endswith("true>") for nm in names) and any(nm.endswith("false>") for nm in names)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_emulated_split_cross_entropy_special_values(emu, dtype, rng, monkeypatch):
+    """On the split path: a NaN logit in one segment only makes that row's loss and gradient NaN
+    (the other rows exact); logits of -inf everywhere but the target give loss 0 and a zero
+    gradient; two runs bitwise equal (the "mean" loss and the gradient)."""
+    _force_split(monkeypatch, sms=6)
+    n = 40 * _vec(dtype) + 1
+    x64 = rng.standard_normal((4, n)) * 2
+    t = rng.integers(0, n, 4)
+    x64[0, n // 2] = np.nan
+    x64[1] = -np.inf
+    x64[1, t[1]] = 1.5
+    x = emu.make(x64, dtype)
+    xr = emu.f64(x, dtype)
+    ref_loss, ref_grad = ref_cross_entropy(xr, t, reduction="none")
+    assert np.isnan(ref_loss[0]) and ref_loss[1] == 0
+    loss = emu.empty(4, "float32")
+    grad = emu.empty(x.shape, dtype)
+    kw = dict(soft=False, weight=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+              softcap=None, grad_scale=1.0, denom=None)  # fmt: skip
+    cb.cross_entropy_fwd(x, t, loss=loss, grad=grad, lse=None, reduction="none", **kw)
+    assert emu.launched[-1][1].strategy == SPLIT and emu.launched[-1][1].segments >= 2
+    assert_close(loss, ref_loss, "float32", f"{dtype} split CE special loss")
+    assert_close(emu.f64(grad, dtype), ref_grad, dtype, f"{dtype} split CE special grad")
+    x64[0, n // 2] = 0.0
+    x = emu.make(x64, dtype)
+    runs = []
+    for _ in range(2):
+        m = emu.empty((), "float32")
+        g = emu.empty(x.shape, dtype)
+        cb.cross_entropy_fwd(x, t, loss=m, grad=g, lse=None, reduction="mean", **kw)
+        runs.append((m.tobytes(), g.tobytes()))
+    assert runs[0] == runs[1]
+    ref_m, _ = ref_cross_entropy(emu.f64(x, dtype), t, reduction="mean")
+    assert_close(m, ref_m, "float32", f"{dtype} split CE mean")
+
+
+def test_emulated_online_softmax_without_long_row_split(emu, rng, monkeypatch):
+    """SPLIT_LONG_ROWS = False: rows beyond (b) go to (c) again when there are rows for every
+    SM (the GPU comparison's other plan); few rows still split."""
+    monkeypatch.setattr(cb, "SPLIT_LONG_ROWS", False)
+    for dtype in ("bfloat16", "float64"):
+        n = max(_block_max(op, dtype, Emu.SMEM) for op in ("softmax_fwd", "softmax_bwd")) + 7
+        x64 = rng.standard_normal((3, n)) * 3
+        x = emu.make(x64, dtype)
+        _emu_fwd(emu, dtype, x)
+        assert emu.launched[-1][1].strategy == ONLINE
+        dy = emu.make(rng.standard_normal((3, n)), dtype)
+        y = emu.make(ref_softmax(x64, -1), dtype)
+        out = np.empty_like(y)
+        cb.softmax_bwd(dy, y, out, scale=1.0, is_log=False)
+        assert emu.launched[-1][1].strategy == ONLINE
+        ref = ref_softmax_backward(emu.f64(dy, dtype), emu.f64(y, dtype), -1, 1.0, False)
+        assert_close(emu.f64(out, dtype), ref, dtype, f"{dtype} online bwd")
+        monkeypatch.setattr(cb, "SPLIT_FEW_ROWS_MIN_COLS", 1)
+        _emu_fwd(emu, dtype, x[:1])  # 1 row on 2 SMs: split
+        monkeypatch.setattr(cb, "SPLIT_FEW_ROWS_MIN_COLS", 32768)
+        assert emu.launched[-1][1].strategy == SPLIT
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_plan_split_fills_every_sm(dtype):
+    """Issue 12 item 3: from 64K elements per row, any row count >= 1 gives every SM a block;
+    rows beyond (b) are cut into segments that fit one block's shared memory."""
+    cap = cb.split_capacity_packs("softmax_fwd", cb.CTYPES[dtype][1], H100_SMEM)
+    for op in ("softmax_fwd", "softmax_bwd"):
+        for n in (65536, 70001, 262144, 2**20 + 3, 2**24):
+            for rows in (1, 2, 3, 8, 64, 128, 131, 1000):
+                p = cb.plan_launch(op, dtype, n, smem_limit=H100_SMEM, n_rows=rows,
+                                   shifted=n % 8 != 0)  # fmt: skip
+                assert p.strategy == SPLIT, (op, n, rows)
+                assert rows * p.segments >= 132, (op, n, rows, p)
+                assert p.seg_packs <= cap or rows * p.segments < 2 * 132
+        # many rows that fit (b): not split
+        assert cb.plan_launch(op, dtype, 4096, smem_limit=H100_SMEM, n_rows=32768).strategy == (
+            BLOCK_SMEM
+        )
+        assert cb.plan_launch(op, dtype, 65536, smem_limit=H100_SMEM, n_rows=4096).segments >= 2
 
 
 # -- cross-entropy in the emulation ------------------------------------------------------------
@@ -1344,9 +1666,11 @@ def _emu_ce(emu, rng, dtype, n, soft, *, rows=6, weighted=True, eps=0.2, z=1e-2,
     launches = [nm for nm, _ in emu.launched[n0:]]
     what = (f"{dtype} C={n} soft={soft} eps={eps} z={z} w={weighted} cap={softcap} "
             f"{reduction} {tdtype} {launches}")  # fmt: skip
-    # at most 2 launches, and 2 only for the denominator a "mean" gradient needs first
+    # at most 2 launches: 2 for the denominator a "mean" gradient needs first, or for the split
+    # (d) (its phase 0 sums that denominator too)
     needs_denom = reduction == "mean" and with_grad and not soft and denom is None
-    assert len(launches) == 1 + needs_denom, what
+    split = any("_split_kernel<" in nm for nm in launches)
+    assert len(launches) == (2 if split else 1 + needs_denom), what
     assert emu.counter() == 0, what + ": the ticket counter must be reset"
     good = [i for i in range(rows) if i not in bad_rows]
     loss = emu.host(loss)
@@ -1391,7 +1715,8 @@ def _ce_every_strategy(emu, dtype, soft, rng, lengths):
         if not soft:
             _emu_ce(emu, rng, dtype, n, soft, eps=0.3, z=0.0, gs=1.0, bad=True,
                     ignore_index=0, reduction="sum", weighted=False)  # fmt: skip
-    assert emu.strategies == {WARP_ROWS, BLOCK_SMEM, ONLINE}
+    # beyond (b): with a gradient the split (d), the loss alone (c)
+    assert emu.strategies == {WARP_ROWS, BLOCK_SMEM, ONLINE, SPLIT}
     names = {nm for nm, _ in emu.launched}
     assert any(nm.endswith("true>") for nm in names) and any(nm.endswith("false>") for nm in names)
 
@@ -1445,7 +1770,10 @@ def test_cross_entropy_launches_per_call_every_option(monkeypatch, rng):
     monkeypatch.setattr(cb, "_workspace", lambda x: 4096)
     monkeypatch.setattr(cb, "_ptr", lambda a: a.ctypes.data)
     monkeypatch.setattr(cb, "_smem_limit", lambda x: H100_SMEM)
-    for n, soft in itertools.product((64, 1000, 5000, 70000), (False, True)):
+    monkeypatch.setattr(cb, "_sm_count", lambda x: 132)
+    monkeypatch.setattr(cb, "_split_workspace", lambda x, n: 8192)
+    # 70000 x 3 rows: the split (d), few rows; 300000: beyond (b) with a gradient too
+    for n, soft in itertools.product((64, 1000, 5000, 70000, 300000), (False, True)):
         x = np.zeros((3, n), np.float32)
         t = np.zeros((3, n), np.float32) if soft else np.zeros(3, np.int64)
         for w, eps, z, cap, red, grad, den in itertools.product(
@@ -1458,6 +1786,10 @@ def test_cross_entropy_launches_per_call_every_option(monkeypatch, rng):
                                  lse=np.empty(3, np.float32), soft=soft, weight=w,
                                  ignore_index=-100, label_smoothing=eps, z_loss=z, softcap=cap,
                                  grad_scale=1.0, reduction=red, denom=den)  # fmt: skip
+            if n >= 70000:  # split: phase 0 (with the "mean" denominator), phase 1
+                assert [nm.split("<")[0] for nm in launched] == ["cross_entropy_split_kernel"] * 2
+                assert launched[0].split(", ")[2] == "0" and launched[1].split(", ")[2] == "1"
+                continue
             denom_first = red == "mean" and grad and not soft and den is None
             assert len(launched) == 1 + denom_first <= 2, (n, soft, red, grad, launched)
             assert launched[0].startswith("cross_entropy_denom") == denom_first
@@ -1608,7 +1940,7 @@ def test_emulated_many_rows_and_a_long_row(emu, rng):
     _emu_fwd(emu, "float32", x)
     x = rng.standard_normal((1, 2**20)).astype(np.float32) * 5
     _emu_fwd(emu, "float32", x)
-    assert emu.launched[-1][1].strategy == ONLINE
+    assert emu.launched[-1][1].strategy == SPLIT
 
 
 # -- the same cross-entropy checks on the GPU, through the backend's functions ------------------

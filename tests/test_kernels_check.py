@@ -183,3 +183,12 @@ def test_bounds_per_kernel():
     assert check.batch_packs("softmax_bwd_kernel<__nv_bfloat16, 2, 1, 1, true>", 32) == 2
     assert check.batch_packs("softmax_fwd_kernel<float, true, 2, 1, 1, true>", 32) == 8
     assert check.batch_packs("cross_entropy_fwd_kernel<double, false, 2, 1, 1, true>", 32) == 4
+    # the split kernels (strategy (d)): FAST only for softmax, cross-entropy's GENERAL reported
+    assert check.bound_for("softmax_fwd_split_kernel<float, true, 1>") == 20.0
+    assert check.bound_for("softmax_bwd_split_kernel<__half, 0>") == 20.0
+    assert check.bound_for("cross_entropy_split_kernel<__half, true, 0, true>") == 30.0
+    assert check.bound_for("cross_entropy_split_kernel<float, false, 1, false>") is None
+    assert check.bound_for("softmax_fwd_split_kernel<double, false, 0>") is None
+    assert check.batch_packs("softmax_bwd_split_kernel<__nv_bfloat16, 0>", 32) == 2
+    assert check.batch_packs("softmax_fwd_split_kernel<__nv_bfloat16, true, 1>", 32) == 4
+    assert check.batch_packs("cross_entropy_split_kernel<float, true, 1, true>", 32) == 4

@@ -38,6 +38,9 @@ smoothing, z-loss, weights, lse), of the statistics mode (``sk:stats``) and the 
 the "options" figure ``sk:opt`` too. A kernel's figure is the sum over its hot loops of count /
 (P x VEC), VEC the elements per pack (4 float32, 8 half types, 2 float64): what one element
 costs in issue slots, every pass included, an upper bound for rows that fill the loop's packs.
+The split strategy's two kernels (``*_split_kernel<..., 0...>`` the segments' statistics,
+``<..., 1...>`` the merge and the normalising pass) are counted and bounded each on its own;
+``cupy_backend.static_model`` adds their figures for a split call.
 
 It prints a table (kernel, arch, registers, shared memory, stack frame, spills, local memory,
 instructions per element: loss-only / with gradient for cross-entropy) and exits non-zero when
@@ -386,7 +389,9 @@ def batch_packs(kernel: str, batch_elems: int) -> int:
     args = _template_args(kernel)
     size = {"float": 4, "double": 8, "__half": 2, "__nv_bfloat16": 2}[args[0]]
     nb = min(batch_elems // _vec(args[0]), 32 // size)
-    two = op == "softmax_bwd" or (op.startswith("cross_entropy") and args[1] == "true")
+    two = op in ("softmax_bwd", "softmax_bwd_split") or (
+        op.startswith("cross_entropy") and args[1] == "true"
+    )
     return nb // 2 if two else nb
 
 
@@ -598,7 +603,10 @@ def bound_for(kernel: str) -> float | None:
         return None
     fast = {"cross_entropy_fwd": args[-1] if len(args) > 5 else "true",
             "cross_entropy_grad": args[-1], "softmax_fwd": args[-1] if len(args) > 5 else "true",
-            "softmax_bwd": args[-1] if len(args) > 4 else "true"}[op]  # fmt: skip
+            "softmax_bwd": args[-1] if len(args) > 4 else "true",
+            # the split kernels (strategy (d)) have no GENERAL instance
+            "softmax_fwd_split": "true", "softmax_bwd_split": "true",
+            "cross_entropy_split": args[-1]}[op]  # fmt: skip
     if fast != "true" or args[0] == "double":
         return None
     bound = BOUND

@@ -8,14 +8,19 @@
 // intrinsics live in one block below; tests/test_cupy_backend.py compiles the same sources on
 // the CPU with SK_HOST_EMULATION defined and supplies them there.
 //
-// The three row strategies (template argument STRATEGY; chosen on the host by
-// softmax_kernels.backends.cupy_backend.plan_launch):
+// The row strategies (template argument STRATEGY, or their own kernels for (d); chosen on the
+// host by softmax_kernels.backends.cupy_backend.plan_launch):
 //   WARP_ROWS  (a)  LANES lanes of a warp per row; the row lives in registers.
 //   BLOCK_SMEM (b)  a group of G threads per row (G = 32..256 of a 256-thread block, so a block
 //                   holds 256 / G rows); the row lives in dynamic shared memory.
 //   ONLINE     (c)  a 256-thread block per row; pass 1 folds the row into an online (max, sum),
 //                   pass 2 reads it again to write the result.
-// (a) and (b) read each input element once and write each output element once; (c) reads twice.
+//   SPLIT      (d)  a row cut into segments (SegPacks below), a 256-thread block per (row,
+//                   segment), two launches: (c)'s pass 1 over the segment into a workspace of
+//                   partials, then a merge of the row's partials in a fixed order and (c)'s
+//                   pass 2 over the segment (the *_split_kernel kernels).
+// (a) and (b) read each input element once and write each output element once; (c) and (d) read
+// twice (cross-entropy without a gradient: once).
 //
 // Hot loops: every loop that walks a row's elements carries a `// sk:hot packs=P` marker on its
 // `for` line, P being the 16-byte packs one thread handles per iteration; kernels/cuda/check.py
@@ -478,14 +483,43 @@ struct Packs {
     __device__ __forceinline__ I c0(I k) const { return k * VEC - shift; }
 };
 
+// One segment of a row's packs (the split strategy (d): a row cut into segments handled by
+// different blocks): the row's packs [k0, k1) seen as packs 0 .. np - 1 of their own, with the
+// same members as Packs, so the pack loops above walk a segment as they walk a row. Segment
+// boundaries are pack boundaries of the row (k * VEC - shift in columns: inside a 16-byte pack
+// of column space when the row is shifted, never inside a pack of memory), so each pack belongs
+// to one segment, and only the row's own partial packs (its first, its last) are partial here:
+// segment pack 0 when the segment holds row pack 0 and that is partial (lo = 1), segment pack
+// hi when it holds the row's partial last pack.
+template <int VEC, typename I>
+struct SegPacks {
+    I np;       // packs of the segment (0: an empty segment past the row's end)
+    I lo, hi;   // full packs: lo <= k < hi (none on the scalar path)
+    int shift;
+    I base;     // the segment's first pack in the row
+    __device__ __forceinline__ SegPacks(const Packs<VEC, I>& pk, I k0, I k1, bool vec_ok)
+        : shift(pk.shift), base(k0) {
+        if (k1 > pk.np) k1 = pk.np;
+        np = k1 > k0 ? k1 - k0 : I(0);
+        lo = hi = 0;
+        if (vec_ok && np > 0) {
+            lo = k0 < pk.lo ? pk.lo - k0 : I(0);
+            const I h = (pk.hi < k1 ? pk.hi : k1) - k0;
+            hi = h < lo ? lo : h;
+        }
+    }
+    __device__ __forceinline__ I c0(I k) const { return (k + base) * VEC - shift; }
+};
+
 // Who walks a row: thread t of nt (a (b) row group, or a whole (c) block).
 struct Walker {
     int t, nt;
 };
 
 // The first full pack of thread t (pack 0 is partial, and thread 0's, when lo = 1).
-template <int VEC, typename I>
-__device__ __forceinline__ I first_full(const Packs<VEC, I>& p, Walker w) {
+template <typename PK>
+__device__ __forceinline__ auto first_full(const PK& p, Walker w) -> decltype(p.hi) {
+    typedef decltype(p.hi) I;
     return I(w.t) < p.lo ? I(w.t) + I(w.nt) : I(w.t);
 }
 
@@ -494,9 +528,9 @@ __device__ __forceinline__ I first_full(const Packs<VEC, I>& p, Walker w) {
 // in this loop as in the others, so a thread finds its own packs in shared memory. Whole
 // batches run in the hot loop; the fewer than NB full packs left to a thread at the end of its
 // row go one at a time (at most NB - 1 packs per thread and row: cold for the count).
-template <int NB, int VEC, typename I, typename L, typename U>
-__device__ __forceinline__ void for_full_packs(const Packs<VEC, I>& p, Walker w, L&& load,
-                                               U&& use) {
+template <int NB, typename PK, typename L, typename U>
+__device__ __forceinline__ void for_full_packs(const PK& p, Walker w, L&& load, U&& use) {
+    typedef decltype(p.hi) I;
     const I nt = w.nt;
     I kb = first_full(p, w);
 #pragma unroll 1
@@ -515,9 +549,10 @@ __device__ __forceinline__ void for_full_packs(const Packs<VEC, I>& p, Walker w,
 
 // for_full_packs for strategy (b), whose first batch was loaded ahead by prefetch_batch (while
 // the group reduced the previous row).
-template <int NB, int VEC, typename I, typename L, typename U>
-__device__ __forceinline__ void for_full_packs_prefetched(const Packs<VEC, I>& p, Walker w,
-                                                          L&& load, U&& use) {
+template <int NB, typename PK, typename L, typename U>
+__device__ __forceinline__ void for_full_packs_prefetched(const PK& p, Walker w, L&& load,
+                                                          U&& use) {
+    typedef decltype(p.hi) I;
     const I nt = w.nt;
     I kb = first_full(p, w);
     if (kb + (NB - 1) * nt < p.hi) {  // the prefetched batch
@@ -541,8 +576,9 @@ __device__ __forceinline__ void for_full_packs_prefetched(const Packs<VEC, I>& p
 
 // The first batch of a row's full packs (what for_full_packs_prefetched's first batch uses),
 // when this thread has a whole one.
-template <int NB, int VEC, typename I, typename L>
-__device__ __forceinline__ void prefetch_batch(const Packs<VEC, I>& p, Walker w, L&& load) {
+template <int NB, typename PK, typename L>
+__device__ __forceinline__ void prefetch_batch(const PK& p, Walker w, L&& load) {
+    typedef decltype(p.hi) I;
     const I nt = w.nt;
     const I kb = first_full(p, w);
     if (kb + (NB - 1) * nt < p.hi) {
@@ -554,9 +590,10 @@ __device__ __forceinline__ void prefetch_batch(const Packs<VEC, I>& p, Walker w,
 // f(k) for this thread's partial packs: every pack on the scalar path, else at most the row's
 // first (k = 0) and last (k = hi). Cold for the instruction count: at most two per row on the
 // vector path (the scalar path, for operands whose rows are not in step, is the slow fallback).
-template <int VEC, typename I, typename F>
-__device__ __forceinline__ void for_partial_packs(const Packs<VEC, I>& p, bool vec_ok, Walker w,
+template <typename PK, typename F>
+__device__ __forceinline__ void for_partial_packs(const PK& p, bool vec_ok, Walker w,
                                                   F&& f) {  // sk:cold {
+    typedef decltype(p.hi) I;
     const I nt = w.nt, t = w.t;
     if (!vec_ok) {
 #pragma unroll 1

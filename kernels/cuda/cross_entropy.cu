@@ -230,10 +230,11 @@ __device__ __forceinline__ RowOut<acc_t<T>> row_epilogue(const CeParams<T>& P, i
 
 // A class row that is not read (ignored, or a bad target, and no lse wanted): loss 0 / NaN
 // (statistics: a neutral row [0, 1, 0, ...], never used), its gradient row 0 / NaN.
-template <int VEC, typename T, typename I>
+template <int VEC, typename T, typename PK>
 __device__ __forceinline__ void skipped_row(const CeParams<T>& P, idx_t row, const RowTarget& rt,
-                                            const Packs<VEC, I>& pk, Walker w, bool leader,
+                                            const PK& pk, Walker w, bool leader,
                                             double (&racc)[3]) {
+    typedef decltype(pk.hi) I;
     typedef acc_t<T> A;
     const A fill = rt.counted ? quiet_nan<A>() : A(0);
     if (leader) {
@@ -683,12 +684,132 @@ struct OnlineCe {
     }
 };
 
+// Pass 1 of (c), and of the split's statistics kernel, over the packs of pk (a row, or a
+// segment of one: Packs or SegPacks): this thread's running statistics st (reads C, + C soft
+// targets), a batch of NB full packs at a time, the running maximum checked once per batch.
+template <bool SOFT, bool GENERAL, typename T, typename PK>
+__device__ __forceinline__ void ce_online_fold(const CeParams<T>& P, const T* x, const T* q,
+                                               const PK& pk, Walker w, OnlineCe<acc_t<T>>& st) {
+    typedef acc_t<T> A;
+    constexpr int VEC = Vec<T>::value;
+    constexpr int NB = batch_packs<T>(SOFT);
+    const int n = int(P.n_cols);
+    Pack<T, VEC> rx[NB], rq[SOFT ? NB : 1];
+    auto fold = [&](int nb, const int (&ks)[NB]) {
+        A v[NB][VEC], qv[SOFT ? NB : 1][VEC];
+        A pm = neg_inf<A>();
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+            if (b < nb) {
+                raw_to_acc<VEC>(rx[b], v[b]);
+                if (SOFT) raw_to_acc<VEC>(rq[SOFT ? b : 0], qv[SOFT ? b : 0]);
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) {
+                    v[b][i] = cap<GENERAL>(P, v[b][i]);
+                    pm = sk_max(pm, v[b][i]);
+                }
+            }
+        }
+        if (pm > st.m) {  // the running maximum grows (rarely, after the first packs)
+            st.shift_to(pm);
+            st.m = pm;
+        }
+        A bs = A(0);
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+            if (b < nb) {
+                st.template add<SOFT, true, VEC>(P, pk.c0(ks[b]), n, v[b], qv[SOFT ? b : 0],
+                                                 bs);
+            }
+        }
+        st.rs.s += bs;
+    };
+    auto load_full = [&](int b, int k) {
+        rx[b] = load_pack<VEC>(x + pk.c0(k));
+        if (SOFT) rq[SOFT ? b : 0] = load_pack<VEC>(q + pk.c0(k));
+    };
+    int kb = first_full(pk, w);
+#pragma unroll 1
+    for (; kb + (NB - 1) * w.nt < pk.hi; kb += NB * w.nt) {  // sk:hot packs=NB
+        int ks[NB];
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+            ks[b] = kb + b * w.nt;
+            load_full(b, ks[b]);
+        }
+        fold(NB, ks);
+    }
+#pragma unroll 1
+    for (; kb < pk.hi; kb += w.nt) {  // sk:cold { fewer than NB full packs left
+        int ks[NB] = {kb};
+        load_full(0, kb);
+        fold(1, ks);
+    }  // sk:cold }
+    for_partial_packs(pk, P.vec_ok, w, [&](int k) {
+        Pack<T, VEC> x_raw, q_raw;
+        load_raw<VEC>(x, pk.c0(k), n, false, x_raw);
+        if (SOFT) load_raw<VEC>(q, pk.c0(k), n, false, q_raw);
+        const int c0 = pk.c0(k);
+        A v[VEC], qv[VEC];
+        raw_to_acc<VEC>(x_raw, v);
+        if (SOFT) raw_to_acc<VEC>(q_raw, qv);
+        A pm = neg_inf<A>();
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+            v[i] = cap<GENERAL>(P, v[i]);
+            if (in_row(c0 + i, n)) pm = sk_max(pm, v[i]);
+        }
+        if (pm > st.m) {
+            st.shift_to(pm);
+            st.m = pm;
+        }
+        st.template add<SOFT, false, VEC>(P, c0, n, v, qv, st.rs.s);
+    });
+}
+
+// Pass 2 of (c), and of the split's normalising kernel, over the packs of pk (gradient only): the
+// gradient of every element but the target's (written after by its pack's thread).
+template <bool SOFT, bool GENERAL, typename T, typename PK>
+__device__ __forceinline__ void ce_online_grad(const CeParams<T>& P, const T* x, const T* q, T* g,
+                                               const PK& pk, Walker w,
+                                               const RowOut<acc_t<T>>& o, acc_t<T> mr) {
+    typedef acc_t<T> A;
+    constexpr int VEC = Vec<T>::value;
+    constexpr int NB = batch_packs<T>(SOFT);
+    const int n = int(P.n_cols);
+    Pack<T, VEC> rx[NB], rq[SOFT ? NB : 1];
+    // pass 2: gradient (reads C again, + C soft targets, writes C); in-place safe: the same
+    // thread reads then writes each element
+    for_full_packs<NB>(  // sk:grad {
+        pk, w,
+        [&](int b, int k) {
+            rx[b] = load_pack<VEC>(x + pk.c0(k));
+            if (SOFT) rq[SOFT ? b : 0] = load_pack<VEC>(q + pk.c0(k));
+        },
+        [&](int b, int k) {
+            A v[VEC], qv[VEC];
+            raw_to_acc<VEC>(rx[b], v);
+            if (SOFT) raw_to_acc<VEC>(rq[SOFT ? b : 0], qv);
+            grad_pack<SOFT, GENERAL, true, VEC>(P, o, mr, pk.c0(k), n, v, qv);
+            store_full<VEC>(g + pk.c0(k), v);
+        });  // sk:grad }
+    for_partial_packs(pk, P.vec_ok, w, [&](int k) {
+        Pack<T, VEC> x_raw, q_raw;
+        load_raw<VEC>(x, pk.c0(k), n, false, x_raw);
+        if (SOFT) load_raw<VEC>(q, pk.c0(k), n, false, q_raw);
+        A v[VEC], qv[VEC];
+        raw_to_acc<VEC>(x_raw, v);
+        if (SOFT) raw_to_acc<VEC>(q_raw, qv);
+        grad_pack<SOFT, GENERAL, false, VEC>(P, o, mr, pk.c0(k), n, v, qv);
+        store_acc<VEC>(g, pk.c0(k), n, false, v);
+    });
+}
+
 template <typename T, bool SOFT, bool FAST>
 __device__ __forceinline__ void ce_online(const CeParams<T>& P, double (&racc)[3]) {
     typedef acc_t<T> A;
     constexpr bool GENERAL = !FAST;
     constexpr int VEC = Vec<T>::value;
-    constexpr int NB = batch_packs<T>(SOFT);
     __shared__ A red[5 * MAX_WARPS];
     const Group gr = whole_block();
     const Walker w = gr.walker();
@@ -706,79 +827,7 @@ __device__ __forceinline__ void ce_online(const CeParams<T>& P, double (&racc)[3
         const A z_t = (!SOFT && rt.owned) ? cap<GENERAL>(P, to_acc(x[rt.t])) : A(0);
         OnlineCe<A> st;
         st.init();
-        Pack<T, VEC> rx[NB], rq[SOFT ? NB : 1];
-        // pass 1 (reads C, + C soft targets): a batch of NB full packs at a time, the running
-        // maximum checked once per batch
-        auto fold = [&](int nb, const int (&ks)[NB]) {
-            A v[NB][VEC], qv[SOFT ? NB : 1][VEC];
-            A pm = neg_inf<A>();
-#pragma unroll
-            for (int b = 0; b < NB; ++b) {
-                if (b < nb) {
-                    raw_to_acc<VEC>(rx[b], v[b]);
-                    if (SOFT) raw_to_acc<VEC>(rq[SOFT ? b : 0], qv[SOFT ? b : 0]);
-#pragma unroll
-                    for (int i = 0; i < VEC; ++i) {
-                        v[b][i] = cap<GENERAL>(P, v[b][i]);
-                        pm = sk_max(pm, v[b][i]);
-                    }
-                }
-            }
-            if (pm > st.m) {  // the running maximum grows (rarely, after the first packs)
-                st.shift_to(pm);
-                st.m = pm;
-            }
-            A bs = A(0);
-#pragma unroll
-            for (int b = 0; b < NB; ++b) {
-                if (b < nb) {
-                    st.template add<SOFT, true, VEC>(P, pk.c0(ks[b]), n, v[b], qv[SOFT ? b : 0],
-                                                     bs);
-                }
-            }
-            st.rs.s += bs;
-        };
-        auto load_full = [&](int b, int k) {
-            rx[b] = load_pack<VEC>(x + pk.c0(k));
-            if (SOFT) rq[SOFT ? b : 0] = load_pack<VEC>(q + pk.c0(k));
-        };
-        int kb = first_full(pk, w);
-#pragma unroll 1
-        for (; kb + (NB - 1) * w.nt < pk.hi; kb += NB * w.nt) {  // sk:hot packs=NB
-            int ks[NB];
-#pragma unroll
-            for (int b = 0; b < NB; ++b) {
-                ks[b] = kb + b * w.nt;
-                load_full(b, ks[b]);
-            }
-            fold(NB, ks);
-        }
-#pragma unroll 1
-        for (; kb < pk.hi; kb += w.nt) {  // sk:cold { fewer than NB full packs left
-            int ks[NB] = {kb};
-            load_full(0, kb);
-            fold(1, ks);
-        }  // sk:cold }
-        for_partial_packs(pk, P.vec_ok, w, [&](int k) {
-            Pack<T, VEC> x_raw, q_raw;
-            load_raw<VEC>(x, pk.c0(k), n, false, x_raw);
-            if (SOFT) load_raw<VEC>(q, pk.c0(k), n, false, q_raw);
-            const int c0 = pk.c0(k);
-            A v[VEC], qv[VEC];
-            raw_to_acc<VEC>(x_raw, v);
-            if (SOFT) raw_to_acc<VEC>(q_raw, qv);
-            A pm = neg_inf<A>();
-#pragma unroll
-            for (int i = 0; i < VEC; ++i) {
-                v[i] = cap<GENERAL>(P, v[i]);
-                if (in_row(c0 + i, n)) pm = sk_max(pm, v[i]);
-            }
-            if (pm > st.m) {
-                st.shift_to(pm);
-                st.m = pm;
-            }
-            st.template add<SOFT, false, VEC>(P, c0, n, v, qv, st.rs.s);
-        });
+        ce_online_fold<SOFT, GENERAL>(P, x, q, pk, w, st);
         // merge: every thread shifts its sums to the block maximum, then one fixed-order sum
         const A m = group_max_all(gr, st.m, red);
         const A mr = row_ref(m);
@@ -794,31 +843,7 @@ __device__ __forceinline__ void ce_online(const CeParams<T>& P, double (&racc)[3
             skipped_row<VEC>(P, row, RowTarget{0, rt.counted, false}, pk, w, false, racc);
             continue;
         }  // sk:cold }
-        // pass 2: gradient (reads C again, + C soft targets, writes C); in-place safe: the same
-        // thread reads then writes each element
-        for_full_packs<NB>(  // sk:grad {
-            pk, w,
-            [&](int b, int k) {
-                rx[b] = load_pack<VEC>(x + pk.c0(k));
-                if (SOFT) rq[SOFT ? b : 0] = load_pack<VEC>(q + pk.c0(k));
-            },
-            [&](int b, int k) {
-                A v[VEC], qv[VEC];
-                raw_to_acc<VEC>(rx[b], v);
-                if (SOFT) raw_to_acc<VEC>(rq[SOFT ? b : 0], qv);
-                grad_pack<SOFT, GENERAL, true, VEC>(P, o, mr, pk.c0(k), n, v, qv);
-                store_full<VEC>(g + pk.c0(k), v);
-            });  // sk:grad }
-        for_partial_packs(pk, P.vec_ok, w, [&](int k) {
-            Pack<T, VEC> x_raw, q_raw;
-            load_raw<VEC>(x, pk.c0(k), n, false, x_raw);
-            if (SOFT) load_raw<VEC>(q, pk.c0(k), n, false, q_raw);
-            A v[VEC], qv[VEC];
-            raw_to_acc<VEC>(x_raw, v);
-            if (SOFT) raw_to_acc<VEC>(q_raw, qv);
-            grad_pack<SOFT, GENERAL, false, VEC>(P, o, mr, pk.c0(k), n, v, qv);
-            store_acc<VEC>(g, pk.c0(k), n, false, v);
-        });
+        ce_online_grad<SOFT, GENERAL>(P, x, q, g, pk, w, o, mr);
         if (!SOFT) {
             const int kt = int((rt.t + pk.shift) / VEC);
             if (kt % w.nt == w.t) g[rt.t] = Convert<T>::from(o.g_t);
@@ -836,6 +861,118 @@ struct CeWorkspace {
     __device__ __forceinline__ double* partials() const { return base + 8; }
 };
 
+// ---------------------------------------------------------------------------------------------
+// (d) SPLIT: a row cut into n_segs segments of seg_packs packs, one 256-thread block per
+// (row, segment) item (grid-stride over n_rows x n_segs, 64-bit), in two launches:
+//   phase 0 (statistics): pass 1 over the segment (reads C, + C soft targets); the block's
+//     merged statistics into the split workspace, 8 doubles per item: [M_j, s_j, S_j, W_j,
+//     Q1_j, Q2_j, z_t, 0], the sums relative to row_ref(M_j) (OnlineCe's), z_t (capped) from
+//     the segment holding the target (read here: in place, phase 1 overwrites it). With
+//     "mean" and a gradient it also sums the denominator (the denom kernel's work: the w_t of
+//     the counted rows, by each row's segment-0 block) into the reduction workspace, so the
+//     call stays at 2 launches.
+//   phase 1 (normalise): every block of a row merges that row's partials in a fixed order
+//     (thread j takes segments j, j + 256, ..., each moved to the row reference by OnlineCe's
+//     shift_to: every shift term has its sum's sign, nothing cancels; then the block's fixed
+//     tree), so all of a row's blocks get the same bits; the row epilogue (loss, lse or
+//     statistics, the reduction's accumulators) by the segment-0 block's thread 0; the
+//     gradient of its segment (reads C again, + C soft targets, writes C), the target entry by
+//     the thread holding its pack. The reduction of "sum" / "mean" as the other strategies'.
+// Traffic: loss only C (+ the partials; phase 1 reads no logits), with a gradient 2C read + C
+// written (as (c)), every SM busy whatever the row count.
+template <typename T, bool SOFT, bool FAST, int PHASE>
+__device__ __forceinline__ void ce_split(const CeParams<T>& P, double (&racc)[3], double* wsp,
+                                         idx_t n_segs, int seg_packs, bool denom_here) {
+    typedef acc_t<T> A;
+    constexpr bool GENERAL = !FAST;
+    constexpr int VEC = Vec<T>::value;
+    constexpr int NP = 8;  // doubles per item
+    __shared__ A red[5 * MAX_WARPS];
+    const Group gr = whole_block();
+    const Walker w = gr.walker();
+    const int n = int(P.n_cols);
+    const idx_t items = P.n_rows * n_segs;
+    for (idx_t item = blockIdx.x; item < items; item += gridDim.x) {
+        const idx_t row = item / n_segs;
+        const int seg = int(item - row * n_segs);
+        const int k0 = seg * seg_packs;
+        const T* x = P.x + row * P.row_stride;
+        const Packs<VEC, int> pk(n, row_shift(x, P.vec_ok), P.vec_ok);
+        const SegPacks<VEC, int> sp(pk, k0, k0 + seg_packs, P.vec_ok);
+        const RowTarget rt = row_target<SOFT>(P, row);
+        const bool read = row_read<SOFT>(P, rt);
+        const T* q = static_cast<const T*>(P.target) + (SOFT ? row * P.target_row_stride : 0);
+        const int kt = int((rt.t + pk.shift) / VEC);  // the target's pack (class targets)
+        const bool t_here = !SOFT && rt.owned && kt >= k0 && kt < k0 + seg_packs;
+        if constexpr (PHASE == 0) {
+            if (denom_here && seg == 0 && threadIdx.x == 0 && rt.counted) {
+                racc[0] += SOFT ? 1.0 : (rt.owned ? double(weight_at(P.weight, rt.t))
+                                                  : double(quiet_nan<A>()));
+                racc[1] += 1.0;
+            }
+            if (!read) continue;  // (phase 1 reads no partials of such a row)
+            OnlineCe<A> st;
+            st.init();
+            ce_online_fold<SOFT, GENERAL>(P, x, q, sp, w, st);
+            const A m = group_max_all(gr, st.m, red);
+            const A mr = row_ref(m);
+            st.shift_to(mr);
+            A sums[5] = {st.rs.s, st.rs.S, st.rs.W, st.rs.Q1, st.rs.Q2};
+            group_sum_n<5>(gr, sums, red);
+            if (threadIdx.x == 0) {
+                double* p = wsp + item * NP;
+                p[0] = double(m);
+#pragma unroll
+                for (int k = 0; k < 5; ++k) p[1 + k] = double(sums[k]);
+                p[6] = t_here ? double(cap<GENERAL>(P, to_acc(x[rt.t]))) : 0.0;
+                p[7] = 0.0;
+            }
+        } else {
+            const bool leader = seg == 0 && threadIdx.x == 0;
+            if (!read) {  // sk:cold {
+                skipped_row<VEC>(P, row, rt, sp, w, leader, racc);
+                continue;
+            }  // sk:cold }
+            const double* p = wsp + row * n_segs * NP;  // the row's partials, segment 0 first
+            A mj = neg_inf<A>();
+            for (idx_t j = w.t; j < n_segs; j += w.nt) mj = sk_max(mj, A(p[j * NP]));
+            const A m = group_max_all(gr, mj, red);
+            const A mr = row_ref(m);
+            A sums[5] = {A(0), A(0), A(0), A(0), A(0)};
+            for (idx_t j = w.t; j < n_segs; j += w.nt) {
+                OnlineCe<A> st;
+                st.m = A(p[j * NP]);
+                st.r = row_ref(st.m);
+                st.rs.s = A(p[j * NP + 1]);
+                st.rs.S = A(p[j * NP + 2]);
+                st.rs.W = A(p[j * NP + 3]);
+                st.rs.Q1 = A(p[j * NP + 4]);
+                st.rs.Q2 = A(p[j * NP + 5]);
+                st.shift_to(mr);
+                sums[0] += st.rs.s;
+                sums[1] += st.rs.S;
+                sums[2] += st.rs.W;
+                sums[3] += st.rs.Q1;
+                sums[4] += st.rs.Q2;
+            }
+            group_sum_n<5>(gr, sums, red);
+            RowSums<A> rs;
+            rs.s = sums[0], rs.S = sums[1], rs.W = sums[2], rs.Q1 = sums[3], rs.Q2 = sums[4];
+            const A z_t = (!SOFT && rt.owned) ? A(p[idx_t(kt / seg_packs) * NP + 6]) : A(0);
+            const RowOut<A> o =
+                row_epilogue<SOFT, GENERAL>(P, row, rt, m, mr, rs, z_t, leader, racc);
+            if (P.grad == nullptr || P.stats_mode) continue;
+            T* g = P.grad + row * P.grad_row_stride;
+            if (!SOFT && !rt.owned) {  // sk:cold {
+                skipped_row<VEC>(P, row, RowTarget{0, rt.counted, false}, sp, w, false, racc);
+                continue;
+            }  // sk:cold }
+            ce_online_grad<SOFT, GENERAL>(P, x, q, g, sp, w, o, mr);
+            if (t_here && (kt - k0) % w.nt == w.t) g[rt.t] = Convert<T>::from(o.g_t);
+        }
+    }
+}
+
 }  // namespace sk
 
 // ---------------------------------------------------------------------------------------------
@@ -851,20 +988,25 @@ struct CeWorkspace {
 // registers; at 128, ptxas recomputes the option flags and pointers every row).
 #define SK_CE_MIN_BLOCKS(STRATEGY, SOFT) ((STRATEGY) == SK_WARP_ROWS ? 2 : SK_MIN_BLOCKS(STRATEGY))
 
-template <typename T, bool SOFT, int STRATEGY, int LANES, int PACKS, bool FAST>
-__global__ void SK_LAUNCH_BOUNDS_MIN(STRATEGY, SK_CE_MIN_BLOCKS(STRATEGY, SOFT))
-    cross_entropy_fwd_kernel(const T* x_ptr, const void* target_ptr, T* grad_ptr,
-                             sk::acc_t<T>* loss_ptr, sk::acc_t<T>* lse_ptr,
-                             sk::acc_t<T>* stats_ptr, const sk::acc_t<T>* weight_ptr,
-                             const sk::acc_t<T>* denom_ptr, double* ws, long long n_rows,
-                             long long n_cols, long long row_stride, long long target_row_stride,
-                             long long grad_row_stride, long long ignore_index,
-                             long long vocab_start, long long row_threads, long long n_stats,
-                             int flags, sk::acc_t<T> keep, sk::acc_t<T> eps_c,
-                             sk::acc_t<T> z_loss, sk::acc_t<T> softcap,
-                             sk::acc_t<T> inv_softcap, sk::acc_t<T> grad_scale) {
-    typedef sk::acc_t<T> A;
-    sk::CeParams<T> P;
+// The kernel parameters of cross_entropy_fwd_kernel (and, followed by the split's own, of
+// cross_entropy_split_kernel).
+#define SK_CE_FWD_PARAMS                                                                        \
+    const T *x_ptr, const void *target_ptr, T *grad_ptr, sk::acc_t<T> *loss_ptr,               \
+        sk::acc_t<T> *lse_ptr, sk::acc_t<T> *stats_ptr, const sk::acc_t<T> *weight_ptr,         \
+        const sk::acc_t<T> *denom_ptr, double *ws, long long n_rows, long long n_cols,          \
+        long long row_stride, long long target_row_stride, long long grad_row_stride,           \
+        long long ignore_index, long long vocab_start, long long row_threads, long long n_stats, \
+        int flags, sk::acc_t<T> keep, sk::acc_t<T> eps_c, sk::acc_t<T> z_loss,                   \
+        sk::acc_t<T> softcap, sk::acc_t<T> inv_softcap, sk::acc_t<T> grad_scale
+
+namespace sk {
+
+// The per-call arguments decoded once (row_scale: grad_scale / denom for "mean" with a
+// gradient, the denominator read on the device, never synchronised).
+template <typename T>
+__device__ __forceinline__ CeParams<T> ce_decode(SK_CE_FWD_PARAMS) {
+    typedef acc_t<T> A;
+    CeParams<T> P;
     P.x = x_ptr;
     P.target = target_ptr;
     P.grad = grad_ptr;
@@ -895,24 +1037,26 @@ __global__ void SK_LAUNCH_BOUNDS_MIN(STRATEGY, SK_CE_MIN_BLOCKS(STRATEGY, SOFT))
     P.z = z_loss;
     P.softcap = softcap;
     P.inv_softcap = inv_softcap;
-    const sk::CeWorkspace W{ws};
-    // grad_scale / denom for "mean" with a gradient, read on the device (never synchronised)
+    const CeWorkspace W{ws};
     A row_scale = grad_scale;
     if (grad_ptr != nullptr && P.mean) {
-        if (flags & SK_CE_DENOM_ARG) row_scale = grad_scale * sk::sk_rcp(denom_ptr[0]);
-        if (flags & SK_CE_DENOM_WS) row_scale = A(double(grad_scale) * sk::sk_rcp(W.denom()));
+        if (flags & SK_CE_DENOM_ARG) row_scale = grad_scale * sk_rcp(denom_ptr[0]);
+        if (flags & SK_CE_DENOM_WS) row_scale = A(double(grad_scale) * sk_rcp(W.denom()));
     }
     P.row_scale = row_scale;
-    double racc[3] = {0.0, 0.0, 0.0};  // loss, w_t, counted rows of this thread's rows
-    if constexpr (STRATEGY == SK_WARP_ROWS) {
-        sk::ce_warp<T, SOFT, LANES, PACKS, FAST>(P, racc);
-    } else if constexpr (STRATEGY == SK_BLOCK_SMEM) {
-        sk::ce_block<T, SOFT, FAST>(P, racc);
-    } else {
-        sk::ce_online<T, SOFT, FAST>(P, racc);
-    }
+    return P;
+}
+
+// The reduction's end ("sum", "mean"): every block's racc = {loss, w_t, count} summed in block
+// order by the last block, which writes loss[0].
+template <typename T>
+__device__ __forceinline__ void ce_finish(const CeParams<T>& P, int flags, double* ws,
+                                          const acc_t<T>* denom_ptr, acc_t<T>* loss_ptr,
+                                          double (&racc)[3]) {
+    typedef acc_t<T> A;
     if (!P.reduce || P.stats_mode) return;
-    sk::grid_sum_and_finish<3>(racc, W.counter(), W.partials(), [&](const double (&tot)[3]) {
+    const CeWorkspace W{ws};
+    grid_sum_and_finish<3>(racc, W.counter(), W.partials(), [&](const double (&tot)[3]) {
         double out = tot[0];
         if (P.mean) {
             double d;
@@ -927,11 +1071,61 @@ __global__ void SK_LAUNCH_BOUNDS_MIN(STRATEGY, SK_CE_MIN_BLOCKS(STRATEGY, SOFT))
                 d = tot[1];
                 nothing = tot[2] == 0.0;
             }
-            out = nothing ? 0.0 : out * sk::sk_rcp(d);
+            out = nothing ? 0.0 : out * sk_rcp(d);
         }
         loss_ptr[0] = A(out);
     });
 }
+
+}  // namespace sk
+
+template <typename T, bool SOFT, int STRATEGY, int LANES, int PACKS, bool FAST>
+__global__ void SK_LAUNCH_BOUNDS_MIN(STRATEGY, SK_CE_MIN_BLOCKS(STRATEGY, SOFT))
+    cross_entropy_fwd_kernel(SK_CE_FWD_PARAMS) {
+    const sk::CeParams<T> P =
+        sk::ce_decode<T>(x_ptr, target_ptr, grad_ptr, loss_ptr, lse_ptr, stats_ptr, weight_ptr,
+                         denom_ptr, ws, n_rows, n_cols, row_stride, target_row_stride,
+                         grad_row_stride, ignore_index, vocab_start, row_threads, n_stats, flags,
+                         keep, eps_c, z_loss, softcap, inv_softcap, grad_scale);
+    double racc[3] = {0.0, 0.0, 0.0};  // loss, w_t, counted rows of this thread's rows
+    if constexpr (STRATEGY == SK_WARP_ROWS) {
+        sk::ce_warp<T, SOFT, LANES, PACKS, FAST>(P, racc);
+    } else if constexpr (STRATEGY == SK_BLOCK_SMEM) {
+        sk::ce_block<T, SOFT, FAST>(P, racc);
+    } else {
+        sk::ce_online<T, SOFT, FAST>(P, racc);
+    }
+    sk::ce_finish(P, flags, ws, denom_ptr, loss_ptr, racc);
+}
+
+// (d) SPLIT, two launches per call (ce_split): PHASE 0 the segments' statistics into wsp
+// (n_rows x n_segs x 8 doubles) and, with SK_CE_DENOM_WS, the "mean" denominator into ws (no
+// denominator kernel); PHASE 1 the merge, the row epilogue, the gradient, the reduction.
+template <typename T, bool SOFT, int PHASE, bool FAST>
+__global__ void SK_LAUNCH_BOUNDS(SK_ONLINE)
+    cross_entropy_split_kernel(SK_CE_FWD_PARAMS, double* wsp, long long n_segs,
+                               long long seg_packs) {
+    const sk::CeParams<T> P =
+        sk::ce_decode<T>(x_ptr, target_ptr, grad_ptr, loss_ptr, lse_ptr, stats_ptr, weight_ptr,
+                         denom_ptr, ws, n_rows, n_cols, row_stride, target_row_stride,
+                         grad_row_stride, ignore_index, vocab_start, row_threads, n_stats, flags,
+                         keep, eps_c, z_loss, softcap, inv_softcap, grad_scale);
+    const bool denom_here = (flags & SK_CE_DENOM_WS) != 0;
+    double racc[3] = {0.0, 0.0, 0.0};
+    sk::ce_split<T, SOFT, FAST, PHASE>(P, racc, wsp, n_segs, int(seg_packs), denom_here);
+    if constexpr (PHASE == 0) {
+        if (!denom_here) return;
+        double v[2] = {racc[0], racc[1]};
+        const sk::CeWorkspace W{ws};
+        sk::grid_sum_and_finish<2>(v, W.counter(), W.partials(), [&](const double (&tot)[2]) {
+            W.denom() = tot[0];
+            W.count() = tot[1];
+        });
+    } else {
+        sk::ce_finish(P, flags, ws, denom_ptr, loss_ptr, racc);
+    }
+}
+
 
 // The denominator of reduction "mean" for class targets, when a gradient must be scaled by it:
 // the summed w_t of the counted rows (their count without a weight; a bad target adds NaN) and

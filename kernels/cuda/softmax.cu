@@ -464,12 +464,170 @@ __device__ __forceinline__ void softmax_bwd_block(const BwdParams<T>& P) {
 // thread, a running maximum m and s = sum(exp(v - m)), rescaled only when a pack raises m (a
 // branch taken a few times per row); the block merges them by moving every thread's s to the
 // row maximum. Pass 2 reads the row again (the same thread reads then writes each element).
+// (d) SPLIT runs the same two passes over one segment of a row per block (a pack view PK:
+// Packs for a whole row, SegPacks for a segment), with the merge of the segments' partial
+// (max, sum) between them (in a workspace, across two launches).
+
+// Pass 1 over the packs of pk (reads them once): this thread's running maximum m, the reference
+// ref its sum is relative to, s = sum(exp(v - ref)), and the mask bits it saw.
+template <typename T, typename PK>
+__device__ __forceinline__ void fwd_online_fold(const FwdParams<T>& P, const T* x,
+                                                const unsigned char* mk, const PK& pk, Walker w,
+                                                acc_t<T>& m, acc_t<T>& ref, acc_t<T>& s,
+                                                unsigned& any) {
+    typedef acc_t<T> A;
+    constexpr int VEC = Vec<T>::value;
+    constexpr int NB = batch_packs<T>(false);
+    const int n = P.n_cols;
+    const bool has_mask = P.mask != nullptr;
+    // v = scale * x of a pack, -inf where masked; returns the mask bits
+    auto values = [&](int k, const Pack<T, VEC>& raw, A (&v)[VEC]) {
+        raw_to_acc<VEC>(raw, v);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) v[i] *= P.scale;
+        unsigned keep = ~0u;
+        if (has_mask) {  // sk:opt {
+            keep = load_keep<VEC, false>(mk, pk.c0(k), n, P.mask_vec);
+            any |= keep;
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) {
+                if (!((keep >> i) & 1u)) v[i] = neg_inf<A>();
+            }
+        }  // sk:opt }
+        return keep;
+    };
+    // a batch of NB full packs at a time, the running maximum checked once per batch
+    Pack<T, VEC> raw[NB];
+    auto fold = [&](int nb, const int (&ks)[NB]) {
+        A v[NB][VEC];
+        A pm = neg_inf<A>();
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+            if (b < nb) {
+                values(ks[b], raw[b], v[b]);
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) pm = sk_max(pm, v[b][i]);
+            }
+        }
+        if (pm > m) {  // the running maximum grows: rescale s (0 while m = -inf)
+            if (m != neg_inf<A>()) s *= exp_shifted(ref - pm);
+            m = ref = pm;
+        }
+        // the batch's sum first, then into the row's: a thread's error grows with its
+        // batches, not its elements (a 2**20 row gives a thread 4096 of them)
+        A bs = A(0);
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+            if (b < nb) {
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) bs += exp_shifted(v[b][i] - ref);
+            }
+        }
+        s += bs;
+    };
+    int kb = first_full(pk, w);
+#pragma unroll 1
+    for (; kb + (NB - 1) * w.nt < pk.hi; kb += NB * w.nt) {  // sk:hot packs=NB
+        int ks[NB];
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+            ks[b] = kb + b * w.nt;
+            raw[b] = load_pack<VEC>(x + pk.c0(ks[b]));
+        }
+        fold(NB, ks);
+    }
+#pragma unroll 1
+    for (; kb < pk.hi; kb += w.nt) {  // sk:cold { fewer than NB full packs left
+        int ks[NB] = {kb};
+        raw[0] = load_pack<VEC>(x + pk.c0(kb));
+        fold(1, ks);
+    }  // sk:cold }
+    for_partial_packs(pk, P.vec_ok, w, [&](int k) {
+        Pack<T, VEC> r;
+        load_raw<VEC>(x, pk.c0(k), n, false, r);
+        const int c0 = pk.c0(k);
+        A v[VEC];
+        values(k, r, v);
+        A pm = neg_inf<A>();
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+            if (in_row(c0 + i, n)) pm = sk_max(pm, v[i]);
+        }
+        if (pm > m) {
+            if (m != neg_inf<A>()) s *= exp_shifted(ref - pm);
+            m = ref = pm;
+        }
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+            const A e = exp_shifted(v[i] - ref);
+            if (in_row(c0 + i, n)) s += e;
+        }
+    });
+}
+
+// Pass 2 over the packs of pk (reads them again, writes them): y from the row's reference mr,
+// r = 1 / s (softmax) or off = mr + log s (log_softmax); masked entries 0 / -inf, every entry
+// when the row keeps nothing (empty).
+template <typename T, bool IS_LOG, typename PK>
+__device__ __forceinline__ void fwd_online_write(const FwdParams<T>& P, const T* x, T* y,
+                                                 const unsigned char* mk, const PK& pk, Walker w,
+                                                 acc_t<T> mr, acc_t<T> r, acc_t<T> off,
+                                                 bool empty) {
+    typedef acc_t<T> A;
+    constexpr int VEC = Vec<T>::value;
+    constexpr int NB = batch_packs<T>(false);
+    const int n = P.n_cols;
+    const bool has_mask = P.mask != nullptr;
+    // scale * x - mr in one FMA (the product exact, one rounding: as accurate as the two
+    // steps); masked entries get their fill afterwards
+    auto result = [&](int k, const Pack<T, VEC>& raw, A (&v)[VEC]) {
+        raw_to_acc<VEC>(raw, v);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+            v[i] = IS_LOG ? fma_acc(v[i], P.scale, -off)
+                          : exp_shifted(fma_acc(v[i], P.scale, -mr)) * r;
+        }
+        if (has_mask) {  // sk:opt { masked: 0 / -inf, also in a NaN row
+            const unsigned keep = load_keep<VEC, false>(mk, pk.c0(k), n, P.mask_vec);
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) {
+                if (empty || !((keep >> i) & 1u)) v[i] = empty_fill<A>(IS_LOG);
+            }
+        }  // sk:opt }
+    };
+    Pack<T, VEC> raw[NB];
+    for_full_packs<NB>(
+        pk, w, [&](int b, int k) { raw[b] = load_pack<VEC>(x + pk.c0(k)); },
+        [&](int b, int k) {
+            A v[VEC];
+            result(k, raw[b], v);
+            store_full<VEC>(y + pk.c0(k), v);
+        });
+    for_partial_packs(pk, P.vec_ok, w, [&](int k) {
+        Pack<T, VEC> rr;
+        load_raw<VEC>(x, pk.c0(k), n, false, rr);
+        A v[VEC];
+        result(k, rr, v);
+        store_acc<VEC>(y, pk.c0(k), n, false, v);
+    });
+}
+
+// The block's merge of every thread's (m, ref, s): the maximum M, mr = row_ref(M), and the sum
+// relative to mr, in a fixed tree (bitwise the same run to run).
+template <typename A>
+__device__ __forceinline__ void merge_online(const Group& gr, A m, A ref, A s, A* red, A& M,
+                                             A& mr, A& ss) {
+    M = group_max_all(gr, m, red);
+    mr = row_ref(M);
+    A t[1] = {m != neg_inf<A>() ? s * exp_shifted(ref - mr) : A(0)};
+    group_sum_n<1>(gr, t, red);
+    ss = t[0];
+}
 
 template <typename T, bool IS_LOG>
 __device__ __forceinline__ void softmax_fwd_online(const FwdParams<T>& P) {
     typedef acc_t<T> A;
     constexpr int VEC = Vec<T>::value;
-    constexpr int NB = batch_packs<T>(false);
     __shared__ A red[MAX_WARPS];
     __shared__ unsigned redu[MAX_WARPS];
     const Group gr = whole_block();
@@ -482,141 +640,119 @@ __device__ __forceinline__ void softmax_fwd_online(const FwdParams<T>& P) {
         const Packs<VEC, int> pk(n, row_shift(x, P.vec_ok), P.vec_ok);
         A m = neg_inf<A>(), ref = A(0), s = A(0);
         unsigned any = 0;
-        // v = scale * x of a pack, -inf where masked; returns the mask bits
-        auto values = [&](int k, const Pack<T, VEC>& raw, A (&v)[VEC]) {
-            raw_to_acc<VEC>(raw, v);
-#pragma unroll
-            for (int i = 0; i < VEC; ++i) v[i] *= P.scale;
-            unsigned keep = ~0u;
-            if (has_mask) {  // sk:opt {
-                keep = load_keep<VEC, false>(mk, pk.c0(k), n, P.mask_vec);
-                any |= keep;
-#pragma unroll
-                for (int i = 0; i < VEC; ++i) {
-                    if (!((keep >> i) & 1u)) v[i] = neg_inf<A>();
-                }
-            }  // sk:opt }
-            return keep;
-        };
-        // pass 1 (reads n): a batch of NB full packs at a time, the running maximum checked once
-        // per batch
-        Pack<T, VEC> raw[NB];
-        auto fold = [&](int nb, const int (&ks)[NB]) {
-            A v[NB][VEC];
-            A pm = neg_inf<A>();
-#pragma unroll
-            for (int b = 0; b < NB; ++b) {
-                if (b < nb) {
-                    values(ks[b], raw[b], v[b]);
-#pragma unroll
-                    for (int i = 0; i < VEC; ++i) pm = sk_max(pm, v[b][i]);
-                }
-            }
-            if (pm > m) {  // the running maximum grows: rescale s (0 while m = -inf)
-                if (m != neg_inf<A>()) s *= exp_shifted(ref - pm);
-                m = ref = pm;
-            }
-            // the batch's sum first, then into the row's: a thread's error grows with its
-            // batches, not its elements (a 2**20 row gives a thread 4096 of them)
-            A bs = A(0);
-#pragma unroll
-            for (int b = 0; b < NB; ++b) {
-                if (b < nb) {
-#pragma unroll
-                    for (int i = 0; i < VEC; ++i) bs += exp_shifted(v[b][i] - ref);
-                }
-            }
-            s += bs;
-        };
-        int kb = first_full(pk, w);
-#pragma unroll 1
-        for (; kb + (NB - 1) * w.nt < pk.hi; kb += NB * w.nt) {  // sk:hot packs=NB
-            int ks[NB];
-#pragma unroll
-            for (int b = 0; b < NB; ++b) {
-                ks[b] = kb + b * w.nt;
-                raw[b] = load_pack<VEC>(x + pk.c0(ks[b]));
-            }
-            fold(NB, ks);
-        }
-#pragma unroll 1
-        for (; kb < pk.hi; kb += w.nt) {  // sk:cold { fewer than NB full packs left
-            int ks[NB] = {kb};
-            raw[0] = load_pack<VEC>(x + pk.c0(kb));
-            fold(1, ks);
-        }  // sk:cold }
-        for_partial_packs(pk, P.vec_ok, w, [&](int k) {
-            Pack<T, VEC> r;
-            load_raw<VEC>(x, pk.c0(k), n, false, r);
-            const int c0 = pk.c0(k);
-            A v[VEC];
-            values(k, r, v);
-            A pm = neg_inf<A>();
-#pragma unroll
-            for (int i = 0; i < VEC; ++i) {
-                if (in_row(c0 + i, n)) pm = sk_max(pm, v[i]);
-            }
-            if (pm > m) {
-                if (m != neg_inf<A>()) s *= exp_shifted(ref - pm);
-                m = ref = pm;
-            }
-#pragma unroll
-            for (int i = 0; i < VEC; ++i) {
-                const A e = exp_shifted(v[i] - ref);
-                if (in_row(c0 + i, n)) s += e;
-            }
-        });
-        const A M = group_max_all(gr, m, red);
-        const A mr = row_ref(M);
-        A ss[1] = {m != neg_inf<A>() ? s * exp_shifted(ref - mr) : A(0)};
-        group_sum_n<1>(gr, ss, red);
+        fwd_online_fold(P, x, mk, pk, w, m, ref, s, any);  // pass 1 (reads n)
+        A M, mr, ss;
+        merge_online(gr, m, ref, s, red, M, mr, ss);
         if (has_mask) any = group_or_all(gr, any, redu);  // sk:opt
         const bool empty = has_mask && any == 0;
-        const A lse = IS_LOG ? sk_log(ss[0]) : A(0);
-        const A r = IS_LOG ? A(0) : sk_rcp(ss[0]);
+        const A lse = IS_LOG ? sk_log(ss) : A(0);
+        const A r = IS_LOG ? A(0) : sk_rcp(ss);
         T* y = P.y + row * P.y_row_stride;
-        // pass 2 (reads n again, writes n)
-        const A off = mr + lse;  // log_softmax: y = v - (mr + log s)
-        // scale * x - mr in one FMA (the product exact, one rounding: as accurate as the two
-        // steps); masked entries get their fill afterwards
-        auto result = [&](int k, const Pack<T, VEC>& raw, A (&v)[VEC]) {
-            raw_to_acc<VEC>(raw, v);
-#pragma unroll
-            for (int i = 0; i < VEC; ++i) {
-                v[i] = IS_LOG ? fma_acc(v[i], P.scale, -off)
-                              : exp_shifted(fma_acc(v[i], P.scale, -mr)) * r;
-            }
-            if (has_mask) {  // sk:opt { masked: 0 / -inf, also in a NaN row
-                const unsigned keep = load_keep<VEC, false>(mk, pk.c0(k), n, P.mask_vec);
-#pragma unroll
-                for (int i = 0; i < VEC; ++i) {
-                    if (empty || !((keep >> i) & 1u)) v[i] = empty_fill<A>(IS_LOG);
-                }
-            }  // sk:opt }
-        };
-        for_full_packs<NB>(
-            pk, w, [&](int b, int k) { raw[b] = load_pack<VEC>(x + pk.c0(k)); },
-            [&](int b, int k) {
-                A v[VEC];
-                result(k, raw[b], v);
-                store_full<VEC>(y + pk.c0(k), v);
-            });
-        for_partial_packs(pk, P.vec_ok, w, [&](int k) {
-            Pack<T, VEC> rr;
-            load_raw<VEC>(x, pk.c0(k), n, false, rr);
-            A v[VEC];
-            result(k, rr, v);
-            store_acc<VEC>(y, pk.c0(k), n, false, v);
-        });
+        // pass 2 (reads n again, writes n); log_softmax: y = v - (mr + log s)
+        fwd_online_write<T, IS_LOG>(P, x, y, mk, pk, w, mr, r, mr + lse, empty);
     }
 }
 
-template <typename T>
-__device__ __forceinline__ void softmax_bwd_online(const BwdParams<T>& P) {
+// Pass 1 of the backward over the packs of pk: this thread's dot(dy, y) (log_softmax: sum(dy))
+// in sum_t (reads 2 x n; log_softmax: n, dy only).
+template <typename T, typename PK>
+__device__ __forceinline__ sum_t<T> bwd_online_dot(const BwdParams<T>& P, const T* dyr,
+                                                   const T* yr, const PK& pk, Walker w) {
     typedef acc_t<T> A;
     typedef sum_t<T> S;
     constexpr int VEC = Vec<T>::value;
     constexpr int NB = batch_packs<T>(true);  // two operands, the same bytes in flight
+    const int n = P.n_cols;
+    S dot = S(0);
+    Pack<T, VEC> rd[NB], ry[NB];
+    if (P.is_log) {  // sk:log {
+        auto acc_log = [&](const Pack<T, VEC>& d_raw) {
+            A d[VEC];
+            raw_to_acc<VEC>(d_raw, d);
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) dot += S(d[i]);
+        };
+        for_full_packs<NB>(
+            pk, w, [&](int b, int k) { rd[b] = load_pack<VEC>(dyr + pk.c0(k)); },
+            [&](int b, int k) { acc_log(rd[b]); });
+        for_partial_packs(pk, P.vec_ok, w, [&](int k) {
+            Pack<T, VEC> d_raw;
+            load_raw<VEC>(dyr, pk.c0(k), n, false, d_raw);
+            acc_log(d_raw);
+        });
+    } else {  // sk:log } sk:prob {
+        auto acc_dot = [&](const Pack<T, VEC>& d_raw, const Pack<T, VEC>& y_raw) {
+            A d[VEC], yv[VEC];
+            raw_to_acc<VEC>(d_raw, d);
+            raw_to_acc<VEC>(y_raw, yv);
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) dot += S(d[i] * yv[i]);
+        };
+        for_full_packs<NB>(
+            pk, w,
+            [&](int b, int k) {
+                rd[b] = load_pack<VEC>(dyr + pk.c0(k));
+                ry[b] = load_pack<VEC>(yr + pk.c0(k));
+            },
+            [&](int b, int k) { acc_dot(rd[b], ry[b]); });
+        for_partial_packs(pk, P.vec_ok, w, [&](int k) {
+            Pack<T, VEC> d_raw, y_raw;
+            load_raw<VEC>(dyr, pk.c0(k), n, false, d_raw);
+            load_raw<VEC>(yr, pk.c0(k), n, false, y_raw);
+            acc_dot(d_raw, y_raw);
+        });
+    }  // sk:prob }
+    return dot;
+}
+
+// Pass 2 of the backward over the packs of pk (reads 2 x n again, writes n), from the row's
+// dsum = dot(dy, y) (log_softmax: sum(dy)).
+template <typename T, typename PK>
+__device__ __forceinline__ void bwd_online_write(const BwdParams<T>& P, const T* dyr, const T* yr,
+                                                 T* dx, const PK& pk, Walker w, acc_t<T> dsum) {
+    typedef acc_t<T> A;
+    constexpr int VEC = Vec<T>::value;
+    constexpr int NB = batch_packs<T>(true);
+    const int n = P.n_cols;
+    const A ds = dsum * P.scale;
+    auto result = [&](const Pack<T, VEC>& d_raw, const Pack<T, VEC>& y_raw, A (&d)[VEC]) {
+        A yv[VEC];
+        raw_to_acc<VEC>(d_raw, d);
+        raw_to_acc<VEC>(y_raw, yv);
+        if (P.is_log) {  // sk:log {
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) d[i] = d[i] * P.scale - exp_shifted(yv[i]) * ds;
+        } else {  // sk:log } sk:prob {
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) d[i] = (d[i] - dsum) * yv[i] * P.scale;
+        }  // sk:prob }
+    };
+    Pack<T, VEC> rd[NB], ry[NB];
+    for_full_packs<NB>(
+        pk, w,
+        [&](int b, int k) {
+            rd[b] = load_pack<VEC>(dyr + pk.c0(k));
+            ry[b] = load_pack<VEC>(yr + pk.c0(k));
+        },
+        [&](int b, int k) {
+            A d[VEC];
+            result(rd[b], ry[b], d);
+            store_full<VEC>(dx + pk.c0(k), d);
+        });
+    for_partial_packs(pk, P.vec_ok, w, [&](int k) {
+        Pack<T, VEC> d_raw, y_raw;
+        load_raw<VEC>(dyr, pk.c0(k), n, false, d_raw);
+        load_raw<VEC>(yr, pk.c0(k), n, false, y_raw);
+        A d[VEC];
+        result(d_raw, y_raw, d);
+        store_acc<VEC>(dx, pk.c0(k), n, false, d);
+    });
+}
+
+template <typename T>
+__device__ __forceinline__ void softmax_bwd_online(const BwdParams<T>& P) {
+    typedef sum_t<T> S;
+    constexpr int VEC = Vec<T>::value;
     __shared__ S red[MAX_WARPS];
     const Group gr = whole_block();
     const Walker w = gr.walker();
@@ -625,82 +761,123 @@ __device__ __forceinline__ void softmax_bwd_online(const BwdParams<T>& P) {
         const T* dyr = P.dy + row * P.dy_row_stride;
         const T* yr = P.y + row * P.y_row_stride;
         const Packs<VEC, int> pk(n, row_shift(dyr, P.vec_ok), P.vec_ok);
-        S dot[1] = {S(0)};
-        Pack<T, VEC> rd[NB], ry[NB];
-        // pass 1 (reads 2 x n; log_softmax: n, dy only)
-        if (P.is_log) {  // sk:log {
-            auto acc_log = [&](const Pack<T, VEC>& d_raw) {
-                A d[VEC];
-                raw_to_acc<VEC>(d_raw, d);
-#pragma unroll
-                for (int i = 0; i < VEC; ++i) dot[0] += S(d[i]);
-            };
-            for_full_packs<NB>(
-                pk, w, [&](int b, int k) { rd[b] = load_pack<VEC>(dyr + pk.c0(k)); },
-                [&](int b, int k) { acc_log(rd[b]); });
-            for_partial_packs(pk, P.vec_ok, w, [&](int k) {
-                Pack<T, VEC> d_raw;
-                load_raw<VEC>(dyr, pk.c0(k), n, false, d_raw);
-                acc_log(d_raw);
-            });
-        } else {  // sk:log } sk:prob {
-            auto acc_dot = [&](const Pack<T, VEC>& d_raw, const Pack<T, VEC>& y_raw) {
-                A d[VEC], yv[VEC];
-                raw_to_acc<VEC>(d_raw, d);
-                raw_to_acc<VEC>(y_raw, yv);
-#pragma unroll
-                for (int i = 0; i < VEC; ++i) dot[0] += S(d[i] * yv[i]);
-            };
-            for_full_packs<NB>(
-                pk, w,
-                [&](int b, int k) {
-                    rd[b] = load_pack<VEC>(dyr + pk.c0(k));
-                    ry[b] = load_pack<VEC>(yr + pk.c0(k));
-                },
-                [&](int b, int k) { acc_dot(rd[b], ry[b]); });
-            for_partial_packs(pk, P.vec_ok, w, [&](int k) {
-                Pack<T, VEC> d_raw, y_raw;
-                load_raw<VEC>(dyr, pk.c0(k), n, false, d_raw);
-                load_raw<VEC>(yr, pk.c0(k), n, false, y_raw);
-                acc_dot(d_raw, y_raw);
-            });
-        }  // sk:prob }
+        S dot[1] = {bwd_online_dot(P, dyr, yr, pk, w)};  // pass 1
         group_sum_n<1>(gr, dot, red);
-        const A dsum = A(dot[0]);
-        const A ds = dsum * P.scale;
-        // pass 2 (reads 2 x n again, writes n)
         T* dx = P.dx + row * P.dx_row_stride;
-        auto result = [&](const Pack<T, VEC>& d_raw, const Pack<T, VEC>& y_raw, A (&d)[VEC]) {
-            A yv[VEC];
-            raw_to_acc<VEC>(d_raw, d);
-            raw_to_acc<VEC>(y_raw, yv);
-            if (P.is_log) {  // sk:log {
-#pragma unroll
-                for (int i = 0; i < VEC; ++i) d[i] = d[i] * P.scale - exp_shifted(yv[i]) * ds;
-            } else {  // sk:log } sk:prob {
-#pragma unroll
-                for (int i = 0; i < VEC; ++i) d[i] = (d[i] - dsum) * yv[i] * P.scale;
-            }  // sk:prob }
-        };
-        for_full_packs<NB>(
-            pk, w,
-            [&](int b, int k) {
-                rd[b] = load_pack<VEC>(dyr + pk.c0(k));
-                ry[b] = load_pack<VEC>(yr + pk.c0(k));
-            },
-            [&](int b, int k) {
-                A d[VEC];
-                result(rd[b], ry[b], d);
-                store_full<VEC>(dx + pk.c0(k), d);
-            });
-        for_partial_packs(pk, P.vec_ok, w, [&](int k) {
-            Pack<T, VEC> d_raw, y_raw;
-            load_raw<VEC>(dyr, pk.c0(k), n, false, d_raw);
-            load_raw<VEC>(yr, pk.c0(k), n, false, y_raw);
-            A d[VEC];
-            result(d_raw, y_raw, d);
-            store_acc<VEC>(dx, pk.c0(k), n, false, d);
-        });
+        bwd_online_write(P, dyr, yr, dx, pk, w, acc_t<T>(dot[0]));  // pass 2
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// (d) SPLIT: a row cut into n_segs segments of seg_packs packs, one 256-thread block per
+// (row, segment) item (grid-stride over n_rows x n_segs items, 64-bit), in two launches with no
+// host synchronisation between them:
+//   phase 0 (statistics): pass 1 over the segment; the block's partials into the workspace
+//     (double slots, per item): forward [M_j, s_j relative to row_ref(M_j), mask bits seen],
+//     backward [dot_j] (log_softmax: the segment's sum(dy)), in sum_t as (c) accumulates it.
+//   phase 1 (normalise): every block of a row merges that row's partials in a fixed order
+//     (thread j of the block takes segments j, j + 256, ..., then the block's fixed tree), so
+//     all of a row's blocks get the same bits and two runs are bitwise equal; then pass 2 over
+//     its segment. Forward: M = max M_j, s = sum s_j exp(M_j - row_ref(M)) (a segment of -inf
+//     or fully masked has M_j = -inf and adds s_j * 0: 0, or NaN when a NaN sits there).
+// Traffic: forward reads n twice and writes n (3n, as (c), but every SM busy for any row count);
+// backward reads 2n twice (log_softmax: n then 2n) and writes n; the workspace adds 24 (8)
+// bytes per segment written and read once per block of the row.
+
+template <typename T>
+__device__ __forceinline__ void split_item(idx_t item, idx_t n_segs, int seg_packs, idx_t& row,
+                                           int& k0) {
+    row = item / n_segs;
+    k0 = int(item - row * n_segs) * seg_packs;
+}
+
+template <typename T, bool IS_LOG, int PHASE>
+__device__ __forceinline__ void softmax_fwd_split(const FwdParams<T>& P, double* ws, idx_t n_segs,
+                                                  int seg_packs) {
+    typedef acc_t<T> A;
+    constexpr int VEC = Vec<T>::value;
+    __shared__ A red[MAX_WARPS];
+    __shared__ unsigned redu[MAX_WARPS];
+    const Group gr = whole_block();
+    const Walker w = gr.walker();
+    const int n = P.n_cols;
+    const bool has_mask = P.mask != nullptr;
+    const idx_t items = P.n_rows * n_segs;
+    for (idx_t item = blockIdx.x; item < items; item += gridDim.x) {
+        idx_t row;
+        int k0;
+        split_item<T>(item, n_segs, seg_packs, row, k0);
+        const T* x = P.x + row * P.row_stride;
+        const unsigned char* mk = P.mask + (has_mask ? row * P.mask_row_stride : 0);
+        const Packs<VEC, int> pk(n, row_shift(x, P.vec_ok), P.vec_ok);
+        const SegPacks<VEC, int> sp(pk, k0, k0 + seg_packs, P.vec_ok);
+        if constexpr (PHASE == 0) {
+            A m = neg_inf<A>(), ref = A(0), s = A(0);
+            unsigned any = 0;
+            fwd_online_fold(P, x, mk, sp, w, m, ref, s, any);
+            A M, mr, ss;
+            merge_online(gr, m, ref, s, red, M, mr, ss);
+            if (has_mask) any = group_or_all(gr, any, redu);  // sk:opt
+            if (threadIdx.x == 0) {
+                double* p = ws + item * 3;
+                p[0] = double(M);
+                p[1] = double(ss);
+                p[2] = any != 0 ? 1.0 : 0.0;
+            }
+        } else {
+            const double* p = ws + row * n_segs * 3;  // the row's partials, segment 0 first
+            A mj = neg_inf<A>();
+            for (idx_t j = w.t; j < n_segs; j += w.nt) mj = sk_max(mj, A(p[j * 3]));
+            const A M = group_max_all(gr, mj, red);
+            const A mr = row_ref(M);
+            A s[1] = {A(0)};
+            unsigned any = 0;
+            for (idx_t j = w.t; j < n_segs; j += w.nt) {
+                const A Mj = A(p[j * 3]), sj = A(p[j * 3 + 1]);
+                s[0] += Mj == neg_inf<A>() ? sj * A(0) : sj * exp_shifted(Mj - mr);
+                any |= p[j * 3 + 2] != 0.0 ? 1u : 0u;
+            }
+            group_sum_n<1>(gr, s, red);
+            if (has_mask) any = group_or_all(gr, any, redu);  // sk:opt
+            const bool empty = has_mask && any == 0;
+            const A lse = IS_LOG ? sk_log(s[0]) : A(0);
+            const A r = IS_LOG ? A(0) : sk_rcp(s[0]);
+            T* y = P.y + row * P.y_row_stride;
+            fwd_online_write<T, IS_LOG>(P, x, y, mk, sp, w, mr, r, mr + lse, empty);
+        }
+    }
+}
+
+template <typename T, int PHASE>
+__device__ __forceinline__ void softmax_bwd_split(const BwdParams<T>& P, double* ws, idx_t n_segs,
+                                                  int seg_packs) {
+    typedef sum_t<T> S;
+    constexpr int VEC = Vec<T>::value;
+    __shared__ S red[MAX_WARPS];
+    const Group gr = whole_block();
+    const Walker w = gr.walker();
+    const int n = P.n_cols;
+    const idx_t items = P.n_rows * n_segs;
+    for (idx_t item = blockIdx.x; item < items; item += gridDim.x) {
+        idx_t row;
+        int k0;
+        split_item<T>(item, n_segs, seg_packs, row, k0);
+        const T* dyr = P.dy + row * P.dy_row_stride;
+        const T* yr = P.y + row * P.y_row_stride;
+        const Packs<VEC, int> pk(n, row_shift(dyr, P.vec_ok), P.vec_ok);
+        const SegPacks<VEC, int> sp(pk, k0, k0 + seg_packs, P.vec_ok);
+        if constexpr (PHASE == 0) {
+            S dot[1] = {bwd_online_dot(P, dyr, yr, sp, w)};
+            group_sum_n<1>(gr, dot, red);
+            if (threadIdx.x == 0) ws[item] = double(dot[0]);
+        } else {
+            const double* p = ws + row * n_segs;
+            S dot[1] = {S(0)};
+            for (idx_t j = w.t; j < n_segs; j += w.nt) dot[0] += S(p[j]);
+            group_sum_n<1>(gr, dot, red);
+            T* dx = P.dx + row * P.dx_row_stride;
+            bwd_online_write(P, dyr, yr, dx, sp, w, acc_t<T>(dot[0]));
+        }
     }
 }
 
@@ -769,4 +946,54 @@ __global__ void SK_LAUNCH_BOUNDS_MIN(STRATEGY, STRATEGY == SK_WARP_ROWS && !FAST
     } else {
         sk::softmax_bwd_online<T>(P);
     }
+}
+
+// (d) SPLIT, two launches per call: PHASE 0 writes each (row, segment)'s partials into ws, PHASE
+// 1 merges a row's partials and writes its segment (see softmax_fwd_split). n_segs segments of
+// seg_packs 16-byte packs per row (the host's plan; segments past a row's end are empty). ws:
+// n_rows x n_segs x 3 doubles (forward) or x 1 (backward), written by phase 0 before phase 1
+// reads it (the launches are ordered on the stream). The forward's phase 0 does not depend on
+// IS_LOG (the host launches its IS_LOG = false instance).
+template <typename T, bool IS_LOG, int PHASE>
+__global__ void SK_LAUNCH_BOUNDS(SK_ONLINE)
+    softmax_fwd_split_kernel(const T* x_ptr, T* y_ptr, const unsigned char* mask_ptr, double* ws,
+                             long long n_rows, long long n_cols, long long row_stride,
+                             long long y_row_stride, long long mask_row_stride, long long n_segs,
+                             long long seg_packs, sk::acc_t<T> scale, int vec_ok, int mask_vec) {
+    sk::FwdParams<T> P;
+    P.x = x_ptr;
+    P.y = y_ptr;
+    P.mask = mask_ptr;
+    P.n_rows = n_rows;
+    P.n_cols = int(n_cols);
+    P.row_stride = row_stride;
+    P.y_row_stride = y_row_stride;
+    P.mask_row_stride = mask_row_stride;
+    P.row_threads = int(blockDim.x);
+    P.scale = scale;
+    P.vec_ok = vec_ok != 0;
+    P.mask_vec = mask_vec != 0;
+    sk::softmax_fwd_split<T, IS_LOG, PHASE>(P, ws, n_segs, int(seg_packs));
+}
+
+template <typename T, int PHASE>
+__global__ void SK_LAUNCH_BOUNDS(SK_ONLINE)
+    softmax_bwd_split_kernel(const T* dy_ptr, const T* y_ptr, T* dx_ptr, double* ws,
+                             long long n_rows, long long n_cols, long long dy_row_stride,
+                             long long y_row_stride, long long dx_row_stride, long long n_segs,
+                             long long seg_packs, sk::acc_t<T> scale, int is_log, int vec_ok) {
+    sk::BwdParams<T> P;
+    P.dy = dy_ptr;
+    P.y = y_ptr;
+    P.dx = dx_ptr;
+    P.n_rows = n_rows;
+    P.n_cols = int(n_cols);
+    P.dy_row_stride = dy_row_stride;
+    P.y_row_stride = y_row_stride;
+    P.dx_row_stride = dx_row_stride;
+    P.row_threads = int(blockDim.x);
+    P.scale = scale;
+    P.is_log = is_log != 0;
+    P.vec_ok = vec_ok != 0;
+    sk::softmax_bwd_split<T, PHASE>(P, ws, n_segs, int(seg_packs));
 }

@@ -9,7 +9,9 @@ One module per (device, dtype) holds every kernel instance the launch planner ca
 compiled on first use and cached (CuPy also caches the binary on disk, so later processes skip
 NVRTC). ``plan_launch`` -- pure Python, testable without a GPU -- chooses the strategy for a
 row length: (a) a warp or part of one per row with the row in registers, (b) a group of 32..256
-threads per row with the row in shared memory, (c) a block per row with a two-pass online loop.
+threads per row with the row in shared memory, (c) a block per row with a two-pass online loop,
+(d) a row split into segments over several blocks (two launches through a small workspace of
+per-segment partials, merged in a fixed order): rows beyond (b), and few rows (every SM busy).
 
 Cross-entropy (dispatch.py's interface: cross_entropy_fwd with its reductions, lse and
 softcap; cross_entropy_stats and cross_entropy_grad for the vocabulary-parallel loss) does the
@@ -40,7 +42,14 @@ NAME = "cupy"
 # Kernel instances and the launch planner (pure Python: no CuPy, no GPU needed).
 
 WARP_ROWS, BLOCK_SMEM, ONLINE = 0, 1, 2  # SK_WARP_ROWS, SK_BLOCK_SMEM, SK_ONLINE in common.cuh
-STRATEGY_NAMES = {WARP_ROWS: "warp_rows", BLOCK_SMEM: "block_smem", ONLINE: "online"}
+# (d) a row cut into segments handled by different blocks (softmax_*_split_kernel, two launches)
+SPLIT = 3
+STRATEGY_NAMES = {
+    WARP_ROWS: "warp_rows",
+    BLOCK_SMEM: "block_smem",
+    ONLINE: "online",
+    SPLIT: "split",
+}
 
 # Ops the planner knows. cross_entropy_fwd also serves cross_entropy_stats (the same kernel in
 # its statistics mode); cross_entropy_grad is the vocabulary-parallel gradient;
@@ -79,6 +88,27 @@ MIN_PACKS_PER_THREAD = 4
 # cross-entropy's row costs more (target, loss, the target's gradient entry): 32 (float64: 16).
 WARP_MIN_ELEMS = 16
 CE_WARP_ELEMS = 32
+# The split strategy (d) of the softmax ops (issue 12). A row that does not fit one block's
+# shared memory (strategy (b)'s capacity) is cut into segments of at most that capacity; rows of
+# at least SPLIT_FEW_ROWS_MIN_COLS elements whose plan leaves SMs idle (fewer blocks than SMs)
+# are cut until there are SPLIT_BLOCKS_PER_SM blocks per SM (the 256-thread blocks of (c)/(d)
+# are resident 2 per SM at their 128-register budget), with segments of at least
+# SPLIT_MIN_SEG_PACKS packs (a warp's worth: 256 bf16 / 128 float32 elements) so that every SM
+# has work for any row count >= 1 from 64K elements per row (1 x 65536 bf16: 256 segments).
+# Tests lower these to force the split on small arrays.
+SPLIT_FEW_ROWS_MIN_COLS = 32768
+SPLIT_BLOCKS_PER_SM = 2
+SPLIT_MIN_SEG_PACKS = 32
+# Rows beyond (b) are split whatever the row count (issue 12: no single block walks a whole long
+# row). False gives them (c) again when there are rows enough for every SM (the previous plan):
+# the switch for the GPU comparison of the two 3n plans, (c)'s second read of a row following
+# its first within the block (an L2 hit while the rows in flight fit the L2) against the split's
+# second read one launch later.
+SPLIT_LONG_ROWS = True
+# Partials per segment in the workspace (doubles): forward [max, sum, mask bits], backward [dot].
+# Cross-entropy: [max, the 5 row sums, the target logit, 0].
+SPLIT_WS_PER_SEG = {"softmax_fwd": 3, "softmax_bwd": 1, "cross_entropy_fwd": 8}
+DEFAULT_SM_COUNT = 132  # H100 / H200 SXM: the planner's default without a device
 
 
 def vec_width(itemsize: int) -> int:
@@ -151,6 +181,8 @@ class LaunchPlan:
     rows_per_block: int  # rows one block handles at a time
     fast: bool = False  # the FAST instance (see kernel_name)
     row_threads: int = 0  # (b): threads per row (a group of the block); 0 otherwise
+    segments: int = 0  # (d): segments per row; 0 otherwise
+    seg_packs: int = 0  # (d): 16-byte packs per segment (the last ones may be short or empty)
 
     @property
     def strategy_name(self) -> str:
@@ -192,6 +224,8 @@ def plan_launch(
     with_grad: bool = True,
     whole_packs: bool | None = None,
     softcap: bool = False,
+    n_rows: int | None = None,
+    sm_count: int = DEFAULT_SM_COUNT,
 ) -> LaunchPlan:
     """Choose the strategy and block shape for rows of n_cols elements; the one place where the
     launch thresholds live.
@@ -202,9 +236,36 @@ def plan_launch(
     the pack, a mask in step); None: derived from vec_ok, shifted and n_cols.
     smem_limit: the device's opt-in shared memory per block (``sharedMemPerBlockOptin``: 227 KiB
     on H100/H200, 163 KiB on A100). soft / with_grad / softcap: cross-entropy's target kind,
-    whether the gradient is written, whether a softcap applies."""
+    whether the gradient is written, whether a softcap applies. n_rows / sm_count: the call's
+    rows and the device's SMs, for the softmax ops' few-rows split (None: no such split).
+
+    The softmax ops split a row over several blocks (strategy (d), SPLIT: two launches, a
+    statistics kernel writing each segment's partials to a small workspace, then a kernel that
+    merges a row's partials in a fixed order and normalises its segment: 3n bytes for the
+    forward, 5n for the backward, 4n for log_softmax's) when the row does not fit strategy (b)'s
+    shared memory, and when the rows are too few to give every SM a block (see the SPLIT_*
+    constants). Cross-entropy (cross_entropy_fwd, every option and mode) splits the same way
+    with a gradient (3n, as (c)), and without one for few rows only ((c) reads each logit once
+    already; the split's phase 1 reads only the partials); its split stays within 2 launches for
+    every option: phase 0 also sums the "mean" denominator that the denominator kernel sums
+    otherwise, and phase 1 ends with the grid reduction. cross_entropy_grad (the
+    vocabulary-parallel gradient, elementwise given the statistics) keeps a block per row."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}")
+    plan = _plan_row(op, dtype_name, n_cols, vec_ok, shifted, smem_limit, soft, with_grad,
+                     whole_packs, softcap, n_rows, sm_count)  # fmt: skip
+    if n_rows is not None and few_rows(op, plan, n_rows, n_cols, sm_count, with_grad):
+        itemsize = CTYPES[dtype_name][1]
+        vec = vec_width(itemsize)
+        n_packs = -(-(n_cols + (vec - 1 if vec_ok and shifted else 0)) // vec)
+        fast = not (op.startswith("cross_entropy") and softcap)
+        plan = _split_plan(op, itemsize, n_packs, smem_limit, n_rows, sm_count, fast, soft)
+    return plan
+
+
+def _plan_row(op, dtype_name, n_cols, vec_ok, shifted, smem_limit, soft, with_grad, whole_packs,
+              softcap, n_rows, sm_count) -> LaunchPlan:  # fmt: skip
+    """plan_launch without the few-rows split: the plan for the row length."""
     itemsize = CTYPES[dtype_name][1]
     vec = vec_width(itemsize)
     if whole_packs is None:
@@ -248,8 +309,53 @@ def plan_launch(
         return LaunchPlan(
             BLOCK_SMEM, 1, 1, BLOCK_THREADS, rows * row_bytes, rows, fast, BLOCK_THREADS // rows
         )
-    # (c) beyond: the online (max, sum) pass then the write pass read the row twice.
+    # (d) rows beyond (b) are split over blocks (the same 3n / 5n bytes as (c), every SM busy
+    # whatever the row count); (c) without the split: the online (max, sum) pass then the write
+    # pass read the row twice.
+    if SPLIT_LONG_ROWS:
+        return _split_plan(op, itemsize, n_packs, smem_limit, n_rows, sm_count, fast, soft)
     return LaunchPlan(ONLINE, 1, 1, BLOCK_THREADS, 0, 1, fast)
+
+
+def split_capacity_packs(op: str, itemsize: int, smem_limit: int, soft: bool = False) -> int:
+    """Packs of a row one block holds on chip (strategy (b)'s shared memory for this op, less the
+    reduction scratch): the longest segment of the split."""
+    vec = vec_width(itemsize)
+    per_col = smem_bytes_per_col(op, itemsize, soft)
+    return max(1, (smem_limit - STATIC_SMEM_RESERVE) // per_col // vec - 1)
+
+
+def _split_plan(op, itemsize, n_packs, smem_limit, n_rows, sm_count, fast, soft) -> LaunchPlan:
+    """Strategy (d)'s segments: at most split_capacity_packs each (a segment could then stay on
+    chip), and enough of them for SPLIT_BLOCKS_PER_SM blocks per SM when the rows are few, each of
+    at least SPLIT_MIN_SEG_PACKS packs (a shorter row: one segment)."""
+    cap = split_capacity_packs(op, itemsize, smem_limit, soft)
+    segs = -(-n_packs // cap)
+    if n_rows is not None and n_rows > 0:
+        segs = max(segs, -(-(SPLIT_BLOCKS_PER_SM * sm_count) // n_rows))
+    seg_packs = max(-(-n_packs // segs), min(SPLIT_MIN_SEG_PACKS, n_packs), 1)
+    segs = -(-n_packs // seg_packs)
+    return LaunchPlan(SPLIT, 1, 1, BLOCK_THREADS, 0, 1, fast, 0, segs, seg_packs)
+
+
+# Bytes of the split over those of a plan that reads each row once ((a), (b)): the forward 3n /
+# 2n, the backward 5n / 3n, cross-entropy with a gradient 3n / 2n; without one both read once.
+SPLIT_BYTES_FACTOR = {"softmax_fwd": 1.5, "softmax_bwd": 5 / 3, "cross_entropy_fwd": 1.5}
+
+
+def few_rows(op: str, plan: LaunchPlan, n_rows: int, n_cols: int, sm_count: int,
+             with_grad: bool = True) -> bool:  # fmt: skip
+    """Whether a softmax or cross-entropy plan leaves SMs idle with rows long enough to split
+    instead: rows of at least SPLIT_FEW_ROWS_MIN_COLS, and fewer blocks than SMs -- fewer than
+    sm_count / SPLIT_BYTES_FACTOR when the plan reads each row once and the split twice (the
+    model: a call with few blocks is bound by its busy SMs, time ~ bytes / SMs used; e.g. 128
+    rows of 65536 with a gradient stay in (b) at 1.0x on 128 SMs rather than 1.5x on 132)."""
+    if op not in SPLIT_WS_PER_SEG or plan.strategy == SPLIT:
+        return False
+    blocks = -(-n_rows // max(1, plan.rows_per_block))
+    once = plan.strategy in (WARP_ROWS, BLOCK_SMEM) and (op != "cross_entropy_fwd" or with_grad)
+    limit = sm_count / SPLIT_BYTES_FACTOR[op] if once else sm_count
+    return n_cols >= SPLIT_FEW_ROWS_MIN_COLS and blocks < limit
 
 
 # The bool template flag of each op's kernel: IS_LOG (softmax_fwd_kernel), SOFT
@@ -273,6 +379,33 @@ def kernel_name(op: str, dtype_name: str, flag: bool, plan: LaunchPlan) -> str:
         args += [str(plan.strategy), str(plan.lanes), str(plan.packs)]
     args.append("true" if plan.fast else "false")
     return f"{op}_kernel<{', '.join(args)}>"
+
+
+def split_kernel_name(op: str, dtype_name: str, flag: bool, phase: int, fast: bool = True) -> str:
+    """The name expression of a split (d) kernel: phase 0 writes the segments' partials, phase 1
+    merges them and normalises, e.g. ``softmax_fwd_split_kernel<float, true, 1>`` or
+    ``cross_entropy_split_kernel<float, false, 0, true>``. flag: IS_LOG (softmax_fwd; its phase
+    0 is shared by both), SOFT (cross-entropy), ignored for softmax_bwd; fast: cross-entropy's
+    FAST (no softcap)."""
+    args = [CTYPES[dtype_name][0]]
+    if op == "softmax_fwd":
+        args += ["true" if flag and phase == 1 else "false", str(phase)]
+    elif op == "softmax_bwd":
+        args.append(str(phase))
+    elif op == "cross_entropy_fwd":
+        args += ["true" if flag else "false", str(phase), "true" if fast else "false"]
+        return f"cross_entropy_split_kernel<{', '.join(args)}>"
+    else:
+        raise ValueError(f"no split kernels for {op!r}")
+    return f"{op}_split_kernel<{', '.join(args)}>"
+
+
+def plan_kernel_names(op: str, dtype_name: str, flag: bool, plan: LaunchPlan) -> list[str]:
+    """The kernels one call of this plan launches, in order (the "mean" denominator kernel of
+    the unsplit cross-entropy aside)."""
+    if plan.strategy == SPLIT:
+        return [split_kernel_name(op, dtype_name, flag, ph, plan.fast) for ph in (0, 1)]
+    return [kernel_name(op, dtype_name, flag, plan)]
 
 
 def denom_kernel_name(dtype_name: str) -> str:
@@ -300,6 +433,14 @@ def all_kernel_names(dtype_name: str) -> list[str]:
                 for fast in fasts:
                     plan = LaunchPlan(strategy, lanes, packs, 0, 0, 1, fast)
                     names.append(kernel_name(op, dtype_name, flag, plan))
+    names.append(split_kernel_name("softmax_fwd", dtype_name, False, 0))
+    for flag in (False, True):
+        names.append(split_kernel_name("softmax_fwd", dtype_name, flag, 1))
+    names += [split_kernel_name("softmax_bwd", dtype_name, False, ph) for ph in (0, 1)]
+    for soft in (False, True):
+        for fast in (True, False):
+            names += [split_kernel_name("cross_entropy_fwd", dtype_name, soft, ph, fast)
+                      for ph in (0, 1)]  # fmt: skip
     names.append(denom_kernel_name(dtype_name))
     return names
 
@@ -586,6 +727,11 @@ def _smem_limit(x) -> int:
     return _device_info(_device_of(x)).smem_optin
 
 
+def _sm_count(x) -> int:
+    """The SMs of x's device (the few-rows split fills them)."""
+    return _device_info(_device_of(x)).sm_count
+
+
 def _stream_for(x, dev: int):
     """The stream to launch on: torch's current stream for torch tensors, None (CuPy's current
     stream) for CuPy arrays."""
@@ -656,6 +802,48 @@ def _workspace(x) -> int:
     return int(ws.data.ptr)
 
 
+# The split strategy's partials (SPLIT_WS_PER_SEG doubles per segment), one buffer per (device,
+# stream), grown when a call needs more. It needs no zeroing: phase 0 writes every slot phase 1
+# reads. Allocated under that stream (CuPy's pool orders a freed buffer's reuse on the stream it
+# was allocated on), and a grown one replaces it only after the launches queued on that stream.
+_split_workspaces: dict[tuple[int, int], Any] = {}
+
+
+def _split_workspace(x, n_doubles: int) -> int:
+    """The device address of a split workspace of at least n_doubles float64 for x's device and
+    current stream."""
+    cupy = _cupy()
+    dev = _device_of(x)
+    key = (dev, _stream_ptr(x, dev))
+    ws = _split_workspaces.get(key)
+    if ws is None or ws.size < n_doubles:
+        stream = _stream_for(x, dev)
+        with cupy.cuda.Device(dev):
+            if stream is not None:
+                with stream:
+                    ws = cupy.empty(max(n_doubles, 4096), dtype=cupy.float64)
+            else:
+                ws = cupy.empty(max(n_doubles, 4096), dtype=cupy.float64)
+        if len(_split_workspaces) > 64:
+            _split_workspaces.clear()
+        _split_workspaces[key] = ws
+    return int(ws.data.ptr)
+
+
+def _launch_split(op: str, x, dn: str, flag: bool, plan: LaunchPlan, n_rows: int, ptrs: tuple,
+                  tail: tuple) -> None:  # fmt: skip
+    """The two launches of a split plan: phase 0 (the segments' partials into the workspace),
+    then phase 1 (merge and normalise), over n_rows x plan.segments (row, segment) items. ptrs:
+    the kernel's pointer arguments before the workspace; tail: those after seg_packs."""
+    items = n_rows * plan.segments
+    ws = _split_workspace(x, items * SPLIT_WS_PER_SEG[op])
+    mid = ptrs[3:]  # n_rows, n_cols and the row strides
+    for phase in (0, 1):
+        args = ptrs[:3] + (np.uint64(ws),) + mid + (
+            np.int64(plan.segments), np.int64(plan.seg_packs)) + tail  # fmt: skip
+        _launch(split_kernel_name(op, dn, flag, phase), x, plan, items, args)
+
+
 def _acc(dtype_name: str):
     return np.float64 if dtype_name == "float64" else np.float32
 
@@ -687,8 +875,16 @@ def softmax_fwd(x, out, *, scale: float, mask, is_log: bool) -> None:
     whole = vec_ok and not shifted and n_cols % vec == 0 and (mr is None or mask_vec)
     plan = plan_launch(
         "softmax_fwd", dn, n_cols, vec_ok=vec_ok, shifted=shifted, smem_limit=_smem_limit(x),
-        whole_packs=whole,
+        whole_packs=whole, n_rows=n_rows, sm_count=_sm_count(x),
     )  # fmt: skip
+    if plan.strategy == SPLIT:
+        mptr, mstride = (mr.ptr, mr.row_stride) if mr is not None else (0, 0)
+        ptrs = (np.uint64(xr.ptr), np.uint64(yr.ptr), np.uint64(mptr), np.int64(n_rows),
+                np.int64(n_cols), np.int64(xr.row_stride), np.int64(yr.row_stride),
+                np.int64(mstride))  # fmt: skip
+        tail = (_acc(dn)(scale), np.int32(vec_ok), np.int32(mask_vec))
+        _launch_split("softmax_fwd", x, dn, is_log, plan, n_rows, ptrs, tail)
+        return
     args = (
         np.uint64(xr.ptr),
         np.uint64(yr.ptr),
@@ -718,8 +914,16 @@ def softmax_bwd(dy, y, out, *, scale: float, is_log: bool) -> None:
     dr, yr, orr = _rows(dy), _rows(y), _rows(out)
     vec_ok, shifted, _ = vector_flags([dr, yr, orr])
     plan = plan_launch(
-        "softmax_bwd", dn, n_cols, vec_ok=vec_ok, shifted=shifted, smem_limit=_smem_limit(y)
-    )
+        "softmax_bwd", dn, n_cols, vec_ok=vec_ok, shifted=shifted, smem_limit=_smem_limit(y),
+        n_rows=n_rows, sm_count=_sm_count(y),
+    )  # fmt: skip
+    if plan.strategy == SPLIT:
+        ptrs = (np.uint64(dr.ptr), np.uint64(yr.ptr), np.uint64(orr.ptr), np.int64(n_rows),
+                np.int64(n_cols), np.int64(dr.row_stride), np.int64(yr.row_stride),
+                np.int64(orr.row_stride))  # fmt: skip
+        tail = (_acc(dn)(scale), np.int32(is_log), np.int32(vec_ok))
+        _launch_split("softmax_bwd", y, dn, False, plan, n_rows, ptrs, tail)
+        return
     args = (
         np.uint64(dr.ptr),
         np.uint64(yr.ptr),
@@ -783,6 +987,8 @@ def _ce_plan(fn, logits, target, grad, soft, with_grad, softcap):
         soft=soft,
         with_grad=with_grad,
         softcap=softcap is not None,
+        n_rows=int(logits.shape[0]),
+        sm_count=_sm_count(logits),
     )
     flags = tflags | (CE_VEC if vec_ok else 0) | (CE_SOFTCAP if softcap is not None else 0)
     return dn, xr, tr, plan, flags
@@ -820,7 +1026,8 @@ def _ce_fwd_launch(
     reducing = stats is None and reduction != "none"
     ws = _workspace(logits) if reducing else 0
     wptr = _ptr(weight) if weight is not None else 0
-    if flags & CE_DENOM_WS:
+    split = plan.strategy == SPLIT
+    if flags & CE_DENOM_WS and not split:  # (the split's phase 0 sums the denominator itself)
         dplan = LaunchPlan(ONLINE, 1, 1, BLOCK_THREADS, 0, 4 * BLOCK_THREADS)
         dargs = (
             np.uint64(tr.ptr),
@@ -860,6 +1067,15 @@ def _ce_fwd_launch(
         acc(1.0 / softcap if softcap is not None else 0.0),
         acc(gs),
     )
+    if split:  # phase 0 (statistics, the denominator), phase 1 (merge, outputs, reduction)
+        items = n_rows * plan.segments
+        wsp = _split_workspace(logits, items * SPLIT_WS_PER_SEG["cross_entropy_fwd"])
+        args += (np.uint64(wsp), np.int64(plan.segments), np.int64(plan.seg_packs))
+        cap = WS_PARTIALS if reducing else None
+        for phase in (0, 1):
+            name = split_kernel_name("cross_entropy_fwd", dn, soft, phase, plan.fast)
+            _launch(name, logits, plan, items, args, cap)
+        return
     name = kernel_name("cross_entropy_fwd", dn, soft, plan)
     _launch(name, logits, plan, n_rows, args, WS_PARTIALS if reducing else None)
 
@@ -1043,7 +1259,8 @@ def static_model(
     forward n, CE forward + gradient 2n elements; + n for soft targets), blocks per SM (from
     the plan and, where `make kernels-check` has written its report, the kernel's registers and
     static shared memory), SMs used, registers, spills and hot-loop instructions per element
-    (check.py's figure; cross-entropy with a gradient: its "with gradient" figure).
+    (check.py's figure; cross-entropy with a gradient: its "with gradient" figure; the split
+    strategy: its two kernels' figures summed, "segments" and "seg_elems" per row).
     Contiguous rows (x's row stride n_cols) are assumed."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r} (one of {', '.join(OPS)})")
@@ -1056,38 +1273,59 @@ def static_model(
     grad = with_grad if op == "cross_entropy_fwd" else True
     plan = plan_launch(
         op, dtype_name, n_cols, vec_ok=True, shifted=shifted, smem_limit=smem_limit, soft=soft,
-        with_grad=grad,
+        with_grad=grad, n_rows=n_rows, sm_count=sm_count,
     )  # fmt: skip
-    name = kernel_name(op, dtype_name, soft if ce else False, plan)
+    split = plan.strategy == SPLIT
+    # split: two kernels, phase 0 (partials), phase 1 (merge, normalise); the report's figures
+    names = plan_kernel_names(op, dtype_name, soft if ce else False, plan)
+    name = names[-1]
     n = n_rows * n_cols * itemsize
+    twice = plan.strategy in (ONLINE, SPLIT)  # the row read twice
     # bytes: the minimum (the benchmark's definition) and what the plan moves
     if op == "softmax_fwd":
-        minimum, moved = 2 * n, (3 if plan.strategy == ONLINE else 2) * n
-    elif op == "softmax_bwd":  # (c) reads dy and y twice (log_softmax: dy once more only)
-        minimum, moved = 3 * n, (5 if plan.strategy == ONLINE else 3) * n
+        minimum, moved = 2 * n, (3 if twice else 2) * n
+    elif op == "softmax_bwd":  # (c)/(d) read dy and y twice (log_softmax: dy once more only)
+        minimum, moved = 3 * n, (5 if twice else 3) * n
     elif op == "cross_entropy_grad":
         minimum = moved = (3 if soft else 2) * n
     else:
         streams_in = 2 if soft else 1
         minimum = streams_in * n + (n if grad else 0)
-        reread = grad and plan.strategy == ONLINE
+        reread = grad and twice
         moved = streams_in * n * (2 if reread else 1) + (n if grad else 0)
         per_row = (0 if soft else 8) + (4 if reduction == "none" else 0)
         moved += n_rows * per_row
-    launches = 1
-    if op == "cross_entropy_fwd" and reduction == "mean" and grad and not soft:
+    launches = 2 if split else 1
+    items = n_rows * max(1, plan.segments)
+    if split:  # the partials: written once, read from memory once (the row's other blocks: L2)
+        moved += 2 * items * SPLIT_WS_PER_SEG[op] * 8
+        if ce and not soft:  # every block reads its row's target, in both phases
+            moved += 16 * items - 8 * n_rows
+    elif op == "cross_entropy_fwd" and reduction == "mean" and grad and not soft:
         launches = 2
         moved += 8 * n_rows  # the denominator kernel reads the targets first
     rep = kernels_report()
-    entry = None
+    entries = []
     if rep is not None:
-        archs = rep.get("kernels", {}).get(name, {})
-        entry = archs.get("sm_90") or next(iter(archs.values()), None)
+        for nm in names:
+            archs = rep.get("kernels", {}).get(nm, {})
+            e = archs.get("sm_90") or next(iter(archs.values()), None)
+            if e:
+                entries.append(e)
+    entry = None
+    if len(entries) == len(names):  # (split: both phases; registers the larger, ipe summed)
+        entry = dict(entries[-1])
+        entry["registers"] = max(e.get("registers") or 0 for e in entries) or None
+        entry["smem"] = max(e.get("smem", 0) for e in entries)
+        entry["spills"] = sum(e.get("spills") or 0 for e in entries)
+        for key in ("ipe", "ipe_grad"):
+            vals = [e.get(key) for e in entries]
+            entry[key] = round(sum(vals), 2) if all(v is not None for v in vals) else None
     registers = entry.get("registers") if entry else None
     static_smem = entry.get("smem", 0) if entry else 0
     smem = plan.smem + static_smem
     per_sm, limit = _blocks_per_sm(plan.threads, smem, registers)
-    blocks = -(-n_rows // plan.rows_per_block)
+    blocks = items if split else -(-n_rows // plan.rows_per_block)
     grid = min(blocks, per_sm * sm_count) if per_sm else blocks
     if op == "cross_entropy_fwd" and reduction != "none":
         grid = min(grid, WS_PARTIALS)
@@ -1119,4 +1357,7 @@ def static_model(
         out["fill"] = round(n_cols / (plan.lanes * plan.packs * vec), 3)
     if plan.strategy == BLOCK_SMEM:
         out["row_threads"] = plan.row_threads
+    if split:
+        out["segments"] = plan.segments
+        out["seg_elems"] = plan.seg_packs * vec
     return out
