@@ -1151,6 +1151,10 @@ def test_launch_config_strategy_per_length():
         if op.startswith("cross_entropy"):  # without a gradient: online (n already)
             cfg = tb._launch_config(10**5, limit + 1, dtype, op, 132, merge_wait=False)
             assert cfg.strategy == "online", (dtype, op)
+    # the mean denominator kernel: blocks of 4096 targets, 8 warps, one block per SM at most
+    # (its block constant was once shadowed by a denominator code, giving blocks of 4)
+    dcfg = tb._launch_config(32768, 1, "int64", "cross_entropy_denom", n_sm=132)
+    assert (dcfg.block_n, dcfg.num_warps, dcfg.num_programs) == (4096, 8, 8), dcfg
     # few rows: tiles shrink until every SM has one
     assert tb._launch_config(64, 2048, "float32", "softmax_fwd", n_sm=132).rows == 1
     assert tb._launch_config(1000, 1000, "float32", "softmax_fwd", n_sm=132).rows == 4
@@ -1795,6 +1799,29 @@ def test_bitwise_deterministic(device, rng):
     la, ga = sk.cross_entropy_with_grad(x, t, backend="triton")
     lb, gb = sk.cross_entropy_with_grad(x, t, backend="triton")
     assert torch.equal(la, lb) and torch.equal(ga, gb)
+
+
+@pytest.mark.parametrize("device", GPU_ONLY)
+def test_fused_splits_on_two_streams(device, rng):
+    # Fused splits (programs waiting for each other) launched at once on two streams, each grid
+    # as large as the GPU holds: cooperative grids are made co-resident as a whole (or refused,
+    # and then run as two kernels), so neither call waits on programs the other one keeps from
+    # running. A hang here is the deadlock _launch_config's docstring rules out.
+    x = _t(rng.standard_normal((8, 262144)), "float32", device)
+    assert tb._launch_config(8, 262144, "float32", "softmax_fwd", tb._n_sm(x)).strategy == "split"
+    ref = ref_softmax(to_numpy64(x))
+    streams = [torch.cuda.Stream() for _ in range(2)]
+    torch.cuda.synchronize()
+    outs = []
+    for _ in range(4):
+        for s in streams:
+            with torch.cuda.stream(s):
+                outs.append(sk.softmax(x, backend="triton"))
+    torch.cuda.synchronize()
+    for out in outs:
+        assert_close(out, ref, "float32", "fused split on two streams")
+        assert torch.equal(out, outs[0])
+    assert _tickets_all_zero()
 
 
 @pytest.mark.slow
