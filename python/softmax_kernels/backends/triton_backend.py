@@ -457,11 +457,12 @@ def _launch_config(
       compiled kernel's registers and shared memory (``usage``; 1 per SM when unknown, which
       any kernel that launches at all fits), and a row's segments must fit it (else groups 0:
       no fused plan). The launch then makes it a guarantee rather than an estimate: the fused
-      kernels go out as cooperative grids (_fused_launch), which the driver either makes
-      co-resident as a whole, also next to other streams' kernels, or refuses before anything
-      runs (the call then takes the two-kernel form). Under the interpreter, which runs
-      programs one after another, the fused form is never launched (the tests run it with
-      every program in a thread of its own).
+      kernels go out as cooperative grids (_fused_launch), which CUDA guarantees co-resident
+      as a whole (the guarantee grid-wide synchronisation rests on) or refuses before anything
+      runs (the call then takes the two-kernel form); that this holds next to other streams'
+      kernels too is what test_fused_splits_on_two_streams checks on a GPU. Under the
+      interpreter, which runs programs one after another, the fused form is never launched
+      (the tests run it with every program in a thread of its own).
     - "split2": the same segments where the fused form cannot be made safe: under the
       interpreter (it runs programs one after another: a wait would never end) and when a row
       has more segments than the GPU holds programs (about 2M bf16 elements): a statistics
@@ -889,11 +890,12 @@ def _fused_launch(kernel, cfg: LaunchConfig, args: tuple, consts: dict) -> None:
     """Launch a PHASE 0 (fused) split kernel as a cooperative grid
     (CU_LAUNCH_ATTRIBUTE_COOPERATIVE): the driver either makes every program of the grid
     resident at once, or refuses the launch ("too many blocks in cooperative launch") without
-    running anything. That is the guarantee the programs' waits on each other rest on, also
-    when kernels of other streams hold part of the GPU (they can then only delay the launch).
-    A refusal is remembered and raised as _FusedRefused; the caller repeats the call with the
-    two-kernel form, which nothing about the refused launch has changed (the counters are
-    untouched)."""
+    running anything (CUDA's guarantee for cooperative grids, which grid-wide
+    synchronisation rests on). That is what the programs' waits on each other need; kernels
+    of other streams holding part of the GPU should then only delay the launch (checked on a
+    GPU by test_fused_splits_on_two_streams; not run yet). A refusal is remembered and
+    raised as _FusedRefused; the caller repeats the call with the two-kernel form, which
+    nothing about the refused launch has changed (the counters are untouched)."""
     try:
         kernel[(cfg.num_programs,)](*args, **consts)
     except RuntimeError as e:
