@@ -299,7 +299,10 @@ class _Pool:
         # The weakref callback: may run in any thread, at any point (a GC in the middle of
         # take()), so it only moves the block to the deque (atomic) and tidies up when the
         # lock is free.
-        self.returned.append(self.live.pop(id(ref))[1])
+        item = self.live.pop(id(ref), None)
+        if item is None:  # (interpreter shutdown: the pool is being torn down)
+            return
+        self.returned.append(item[1])
         if self.lock.acquire(blocking=False):
             try:
                 self._drain()
