@@ -323,7 +323,14 @@ def cross_entropy_fwd(
     w_total = _scalar(w.sum(dtype=cdt), cdt) if w is not None else float(n)
     count = None
     if reduction == "mean":
-        if denom is None:
+        if denom is None and not soft and w is None:
+            # the count of rows not ignored, NaN when a target is out of range: 5 NumPy calls
+            # on the targets where _denominator's weighted sum takes ~15 (~15 us at 1024 rows)
+            valid = tg != _int64(ignore_index)
+            count = int(np.count_nonzero(valid))
+            bad = np.count_nonzero(valid & ((tg < 0) | (tg >= n)))
+            d = cdt.type(np.nan) if bad else cdt.type(count)
+        elif denom is None:
             from .numpy_backend import _denominator
 
             d, count = _denominator(tg if not soft else q, w, soft=soft,
