@@ -93,11 +93,12 @@ __device__ __forceinline__ RowTarget row_target(const CeParams<T>& P, idx_t row)
     return rt;
 }
 
-// Whether the row's logits are read at all: always for soft targets and when the lse is
-// wanted; else (forward) only an owned target, or (statistics) any counted one.
+// Whether the row's logits are read at all: always for soft targets, when the lse is wanted and
+// for the statistics (every row: the vocabulary-parallel merge returns every row's lse, ignored
+// rows' too); else (forward) only an owned target.
 template <bool SOFT, typename T>
 __device__ __forceinline__ bool row_read(const CeParams<T>& P, const RowTarget& rt) {
-    return SOFT || P.lse != nullptr || (P.stats_mode ? rt.counted : rt.owned);
+    return SOFT || P.lse != nullptr || P.stats_mode || rt.owned;
 }
 
 template <typename A>
@@ -228,8 +229,9 @@ __device__ __forceinline__ RowOut<acc_t<T>> row_epilogue(const CeParams<T>& P, i
     return o;
 }
 
-// A class row that is not read (ignored, or a bad target, and no lse wanted): loss 0 / NaN
-// (statistics: a neutral row [0, 1, 0, ...], never used), its gradient row 0 / NaN.
+// A class row that is not read (ignored, or a bad target, and no lse wanted): loss 0 / NaN, its
+// gradient row 0 / NaN. (Statistics read every row; the neutral row [0, 1, 0, ...] is kept for
+// rows past the end of a group.)
 template <int VEC, typename T, typename PK>
 __device__ __forceinline__ void skipped_row(const CeParams<T>& P, idx_t row, const RowTarget& rt,
                                             const PK& pk, Walker w, bool leader,

@@ -1120,8 +1120,8 @@ def cross_entropy_stats(
     softcap,
 ) -> None:
     # Per row: class [m, s, z_t - m, (w_t), (sum w (z - m))], soft [m, s, sum w q,
-    # sum w q (z - m), (sum w (z - m))] (dispatch.py). Reads the logits (and soft targets) once;
-    # ignored rows are not read (their row is [0, 1, 0, ...], never used).
+    # sum w q (z - m), (sum w (z - m))] (dispatch.py). Reads the logits (and soft targets) of
+    # every row once, ignored rows too (the merge gives every row's lse).
     if int(logits.shape[0]) == 0:
         return
     _ce_fwd_launch(
