@@ -59,7 +59,7 @@ format: $(ENV_DEP)
 	$(PY) -m ruff check --fix .
 
 # The main job: benchmarks every available backend against its peers (GPU), or the NumPy
-# backend against SciPy and torch CPU (no GPU; about 2 minutes); results and plots land in
+# backend against SciPy and torch CPU (no GPU; about 9 minutes); results and plots land in
 # bench/results/.
 bench: $(ENV_DEP)
 	$(PY) -m bench

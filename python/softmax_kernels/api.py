@@ -20,6 +20,7 @@ __all__ = [
     "cross_entropy_with_grad",
     "linear_cross_entropy",
     "linear_cross_entropy_with_grad",
+    "release_cpu_buffers",
 ]
 
 
@@ -468,3 +469,19 @@ def linear_cross_entropy_with_grad(
         vocab_start=vocab_start,
         backend=backend,
     )
+
+
+def release_cpu_buffers() -> None:
+    """Hand the free blocks of the CPU output pool back to the operating system.
+
+    CPU outputs of 256 KiB and more are taken from a pool of reused blocks (no page faults per
+    call); a block returns to the pool when every view of the result is gone, and up to
+    ``SOFTMAX_KERNELS_CPU_POOL_MB`` (default 1024, at most a quarter of the memory) of free blocks
+    are kept. Blocks still in use are not affected.
+
+    >>> import numpy as np
+    >>> y = softmax(np.zeros((512, 512)))
+    >>> del y
+    >>> release_cpu_buffers()
+    """
+    _arrays.release_cpu_buffers()
