@@ -336,7 +336,9 @@ def _layout_cases(backend, api_ops, extra, dtype, r, n, covers) -> list[Case]:
     out = [Case(backend, aop, dtype, r, n, lay, extra, covers, 1)
            for lay in ("offset", "offset-out", "rowpad")]  # fmt: skip
     if dtype == "float32":
-        out.append(Case(backend, aop, dtype, max(r, 67), n, "cupy-array", extra, covers, 1))
+        # more rows (67) where the element budget allows: a CuPy array of several row blocks
+        rows = max(r, min(67, MAX_ELEMS // n))
+        out.append(Case(backend, aop, dtype, rows, n, "cupy-array", extra, covers, 1))
     return out
 
 

@@ -430,7 +430,16 @@ def test_driver_covers_every_plan_from_the_planners(plan, planners):
                         and c.layout == "contig" and c.op == api_ops[0]
                         and dict(c.options).get("soft", False) == soft]  # fmt: skip
                 got = {c.covers[len(op) + 1 :] for c in mine}
-                assert fines <= got, (be, op, variant, dtype, fines - got)
+                # A plan the driver leaves out must be one it cannot realise within its element
+                # budget (a sanitizer pass must fit its step), and the summary says so: e.g.
+                # Triton's online loop, which the planner now takes only for hundreds of rows of
+                # ~1M columns (fewer rows split instead).
+                for fine in fines - got:
+                    why = f"{be} {op} {dtype} {fine}: every realisation exceeds"
+                    assert any(n.startswith(why) for n in notes), (be, op, variant, dtype, fine)
+                    reals = [r * c for r in pl.rows for c in range(1, D.MAX_COLS + 1, 4099)
+                             if pl.key(op, variant, dtype, r, c)[1] == fine]  # fmt: skip
+                    assert not reals or min(reals) > D.MAX_ELEMS, (be, op, dtype, fine, reals)
                 # each case really lands on the plan it claims
                 for c in mine:
                     assert (
@@ -440,8 +449,14 @@ def test_driver_covers_every_plan_from_the_planners(plan, planners):
     for st in ("warp_rows", "block_smem", "online"):
         assert any(c.backend == "cupy" and c.covers.endswith(st) and c.layout == "offset-out"
                    for c in cases), st  # fmt: skip
-    for st in ("rows", "row", "online"):
+    for st in ("rows", "row"):
         assert any(c.backend == "triton" and c.covers.endswith(" " + st) for c in cases), st
+    # Triton's online loop: since rows are split (issue 12) the planner takes it only from ~133
+    # rows of 512K-1M columns, beyond the driver's budget: named as not driven (above) until the
+    # driver runs a part with SOFTMAX_KERNELS_TRITON_FUSED_SPLIT=0 (online from 133 x 16K)
+    assert any(c.backend == "triton" and " online" in c.covers for c in cases) or any(
+        n.startswith("triton ") and " online" in n and "not driven" in n for n in notes
+    )
     # both sides of the float32 forward's (a)/(b) threshold
     wmax = cb.warp_max_cols(4)
     sm32 = {c.n_cols for c in cases if c.backend == "cupy" and c.op == "softmax"
