@@ -318,6 +318,21 @@ class Session:
         self.write_summary()
 
     def run(self) -> int:
+        # The steps are stopped by SIGINT first; a child inherits an *ignored* SIGINT (a shell
+        # starts background jobs with SIGINT ignored, and so would a CI runner), which would
+        # turn every SIGINT into a kill without partial output. A handled SIGINT is reset to
+        # the default in the children, so the session handles it while it runs.
+        main = threading.current_thread() is threading.main_thread()
+        ignored = main and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        if ignored:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            return self._run()
+        finally:
+            if ignored:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def _run(self) -> int:
         stop_pack = threading.Event()
 
         def repacker():
