@@ -212,6 +212,14 @@ def run(rank, world, port, result_dir, backend, counts, device="cpu"):
     except Exception:
         failures.append(traceback.format_exc())
     finally:
+        # every rank past its last collective before any tears down (rank 0 holds the store)
+        dist.barrier()
         dist.destroy_process_group()
     with open(os.path.join(result_dir, f"rank{rank}.txt"), "w") as f:
         f.write("\n".join(failures))
+    # Leave without the interpreter's finalisation: gloo's C++ worker threads can still hold
+    # objects whose destruction at that point aborts the process ("terminate called without an
+    # active exception", pytorch#179291), after every result above was written.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
