@@ -36,7 +36,7 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/python -c "import site; open(site.getsitepackages()[0] + '/softmax_kernels_clone.pth', 'w').write('$(CURDIR)\n')"
 	touch $@
 
-# CPU test run (about 6-9 minutes on 2 cores): the NumPy backend, the Triton backend through its
+# CPU test run (about 8 minutes on 2 cores): the NumPy backend, the Triton backend through its
 # interpreter on torch CPU tensors, the CUDA sources through their CPU emulation, the doctests
 # of the package. GPU tests (marker `gpu`) skip with their reason. pytest's exit code 5 (no test
 # collected) is reported as the failure it is.
