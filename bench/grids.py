@@ -242,8 +242,10 @@ def estimate_seconds(points: list[Point], providers: dict[str, list[str]], devic
             total += 0.002 + 3 * p.elements * 8 / 1e9  # data + float64 reference
         for name in providers.get(p.op, []):
             # GPU: the peers slower than ours; CPU: SciPy slower than ours and torch
-            k = (slow if not name.startswith("ours") else fast) if gpu else (
-                slow if name == "scipy" else fast)  # fmt: skip
+            if gpu:
+                k = fast if name.startswith("ours") else slow
+            else:
+                k = slow if name == "scipy" else fast
             total += _timing_seconds(k, gpu=gpu, quick=quick)
             total += (2 * p.elements * ITEMSIZE[p.dtype] / (4e11 if gpu else 1e9)) + 0.002
             if name == "torch.compile":

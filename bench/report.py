@@ -426,8 +426,7 @@ _KERNEL_PAIRS = (("as called", "ours-numpy", ("torch",)),
 def as_called_vs_kernel(rows) -> list[dict[str, Any]] | None:
     """Per op and dtype, the speed-up over torch (torch time / our time, geometric mean over
     the shapes both ran) as called and kernel only, and per dtype over all ops and shapes."""
-    ok = {(r["provider"], r["op"], r["dtype"], r["n_rows"], r["n_cols"]): r["ms"]
-          for r in rows if r["status"] == "ok"}  # fmt: skip
+    ok = _ok_ms(rows)
     if not any(k[0] == "ours-numpy-out" for k in ok):
         return None
     out = []
