@@ -8,7 +8,11 @@ op, dtype and variant the driver scans row lengths 1 .. 2**20 (every length up t
 around each power of two, bisecting to the exact length where the plan changes) and a few row
 counts, and keeps, per distinct plan, its shortest odd row and its longest row (the lengths on
 both sides of every threshold). A strategy added tomorrow is a new plan and gets its cases
-without a change here; an op the driver cannot map to the API is listed as not driven.
+without a change here; an op the driver cannot map to the API is listed as not driven. A
+strategy the planner takes only past the element budget (Triton's "online" for the softmax ops
+and cross-entropy with a gradient: ~10**8 elements) is forced at a small size instead, its
+planner's limits lowered for those calls (forced_plan, FORCED_LIMITS), and each such case checks
+that the plan it really got is that strategy.
 
 Cases, most valuable first (``priority``): 0 every plan (kernel instance) contiguous; 1 per
 coarse strategy the misaligned layouts (x one element off a 16-byte boundary with a fresh
@@ -26,6 +30,7 @@ array is its own cudaMalloc and memcheck sees it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import inspect
 import json
@@ -67,12 +72,16 @@ class Case:
     options: tuple = ()  # sorted (name, value) pairs, see _api_call
     covers: str = ""  # the plan (or strategy) this case is for
     priority: int = 0
+    # a strategy the planner takes only past the element budget, reached here at a small size by
+    # lowering the planner's thresholds for the call (forced_plan); "": the planner's own plan
+    forced: str = ""
 
     @property
     def name(self) -> str:
         opts = ",".join(f"{k}={v}" for k, v in self.options)
         return (f"{self.backend}:{self.op}:{self.dtype}:{self.n_rows}x{self.n_cols}:{self.layout}"
-                + (f":{opts}" if opts else ""))  # fmt: skip
+                + (f":{opts}" if opts else "")
+                + (f":forced-{self.forced}" if self.forced else ""))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,6 +117,10 @@ class Planner:
     rows: tuple[int, ...]
     dtypes: tuple[str, ...]
     notes: list[str] = field(default_factory=list)
+    # strategies that force() can reach at a small size, and force(strategy, op, variant,
+    # dtype) -> (n_rows, n_cols, fine key) under forced_plan, or None
+    forcible: tuple[str, ...] = ()
+    force: Callable | None = None
     _memo: dict = field(default_factory=dict, repr=False)
 
     def plan_key(self, op: str, variant: dict, dtype: str, n_rows: int, n_cols: int):
@@ -121,6 +134,8 @@ class Planner:
 
 def _api_ops(op: str, variant: dict) -> tuple[tuple[str, ...], tuple] | None:
     """The API calls that run an internal op (None: not driven)."""
+    if op == "softmax_fwd_mask":  # (a mask with a fully masked row: see Runner.run)
+        return ("softmax", "log_softmax"), (("mask", "full"),)
     if op.startswith("softmax_fwd") or op == "softmax":
         return ("softmax", "log_softmax"), ()
     if op.startswith("softmax_bwd") or op == "softmax_backward":
@@ -139,7 +154,7 @@ def _api_ops(op: str, variant: dict) -> tuple[tuple[str, ...], tuple] | None:
     return None
 
 
-def cupy_planner(smem_limit: int = H200_SMEM_OPTIN) -> Planner | None:
+def cupy_planner(smem_limit: int = H200_SMEM_OPTIN, n_sm: int = H200_SM) -> Planner | None:
     try:
         from softmax_kernels.backends import cupy_backend as cb
     except Exception as e:  # noqa: BLE001
@@ -164,8 +179,9 @@ def cupy_planner(smem_limit: int = H200_SMEM_OPTIN) -> Planner | None:
     kname = getattr(cb, "kernel_name", None)
 
     def key(op, variant, dtype, n_rows, n_cols):
+        # (n_rows, sm_count: the few-rows split, which the backend plans with the call's rows)
         p = _call(plan, op, dtype, n_cols, vec_ok=True, shifted=False, smem_limit=smem_limit,
-                  **variant)  # fmt: skip
+                  n_rows=n_rows, sm_count=n_sm, **variant)  # fmt: skip
         coarse = str(getattr(p, "strategy_name", None) or getattr(p, "strategy", p))
         fine = None
         if kname is not None:
@@ -194,23 +210,92 @@ def triton_planner(n_sm: int = H200_SM) -> Planner | None:
                  ("softmax_fwd", "softmax_bwd", "cross_entropy", "cross_entropy_soft"))  # fmt: skip
     notes, ops = [], []
     for op in names:
-        m = _api_ops(op, {})
-        if m is None:
-            notes.append(f"triton op {op} is not driven (no API mapping)")
-            continue
-        ops.append((op, {}, *m))
+        # cross-entropy with and without the gradient plans apart (merge_wait: the loss alone
+        # ends with the row's merge, so it takes "online" for rows of 8193-32767 elements)
+        variants = (
+            [{"with_grad": g} for g in (True, False)] if op.startswith("cross_entropy") else [{}]
+        )
+        for v in variants:
+            m = _api_ops(op, v)
+            if m is None:
+                notes.append(f"triton op {op} is not driven (no API mapping)")
+                break
+            ops.append((op, v, *m))
 
-    def key(op, variant, dtype, n_rows, n_cols):
-        c = _call(cfg_fn, n_rows, n_cols, dtype, op, n_sm)
+    def key(op, variant, dtype, n_rows, n_cols, usage=None):
+        c = _call(cfg_fn, n_rows, n_cols, dtype, op, n_sm, usage,
+                  merge_wait=variant.get("with_grad", True))  # fmt: skip
         strategy = str(getattr(c, "strategy", c))
         stages = int(getattr(c, "num_stages", 1) or 1)
         fine = strategy + (f"+{stages}stages" if stages > 1 else "")
         return strategy, fine
 
+    def force(strategy, op, variant, dtype):
+        """(3, n_cols, fine) of the shortest odd row of at least 2 chunks + 1 element (so the
+        chunk loops loop, the last chunk partial) that the planner gives ``strategy`` under
+        forced_plan, whatever the compiled kernel's programs per SM (planned with the most,
+        _MAX_PROGRAMS_PER_SM: the fused split's widest grid); None: none up to MAX_COLS."""
+        if strategy not in FORCED_LIMITS or not hasattr(tb, "_ITEMSIZE"):
+            return None
+        itemsize = tb._ITEMSIZE[dtype]
+        n_cols = 2 * (8192 // itemsize) + 1
+        with forced_plan(strategy, record=False):
+            while n_cols <= MAX_COLS:
+                if key(op, variant, dtype, 3, n_cols, _most_programs)[0] == strategy:
+                    fine = key(op, variant, dtype, 3, n_cols)
+                    return (3, n_cols, fine[1]) if fine[0] == strategy else None
+                n_cols += 2
+        return None
+
     # one row; a few (a program per row); enough for several rows per program; enough for a
     # persistent program to have a next tile (software pipelining)
     rows = (1, 3, 2 * n_sm + 1, 64 * n_sm + 1)
-    return Planner("triton", ops, key, rows, DTYPES, notes)
+    return Planner("triton", ops, key, rows, DTYPES, notes, tuple(FORCED_LIMITS), force)
+
+
+def _most_programs(cfg) -> dict:
+    """A usage() for _launch_config: a kernel so small that an SM holds the most programs."""
+    return {"regs": 32, "shared": 0, "spill_bytes": 0}
+
+
+# Triton's "online" plan: since rows are split (issue 12) the planner takes it for the softmax
+# ops and cross-entropy with a gradient only where the fused split cannot be co-resident, from
+# ~133 rows of 512K-1M columns (~10**8 elements: far past MAX_ELEMS, minutes under racecheck).
+# Its kernel instance (chunk, warps, chunks in flight: _ONLINE_PLAN) does not depend on the row
+# length, so the driver reaches it at 3 rows of ~8K columns by lowering the limits that keep a
+# row in one pass or one split (as tests/test_triton_backend.py does): a split of 16-word
+# segments then needs more programs than the GPU holds, so the planner falls back to online.
+FORCED_LIMITS = {"online": {"_SINGLE_PASS_WORDS": 16, "_SPLIT_WORDS": 16}}
+
+
+@contextlib.contextmanager
+def forced_plan(strategy: str, n_sm: int | None = None, record: bool = True):
+    """Within: triton_backend's planner with FORCED_LIMITS[strategy]; yields the list of
+    (op, strategy) of every _launch_config call made inside (record), so that a case can check
+    that it really ran ``strategy``. n_sm: the SM count to plan for where the backend has none
+    (the interpreter, which never takes online: it has no GPU to fill). Restored on exit."""
+    from softmax_kernels.backends import triton_backend as tb
+
+    limits = FORCED_LIMITS[strategy]
+    saved = {k: getattr(tb, k) for k in limits}
+    orig = tb._launch_config
+    seen: list[tuple[str, str]] = []
+
+    def spy(n_rows, n_cols, dtype, op, sm=None, *args, **kw):
+        cfg = orig(n_rows, n_cols, dtype, op, sm if sm is not None else n_sm, *args, **kw)
+        seen.append((op, cfg.strategy))
+        return cfg
+
+    try:
+        for k, v in limits.items():
+            setattr(tb, k, v)
+        if record:
+            tb._launch_config = spy
+        yield seen
+    finally:
+        tb._launch_config = orig
+        for k, v in saved.items():
+            setattr(tb, k, v)
 
 
 def _samples(max_cols: int) -> list[int]:
@@ -289,12 +374,25 @@ def plan_cases(planners: list[Planner], max_cols: int = MAX_COLS,
                     for (coarse, fine), lo, hi in segs:
                         fine_real.setdefault(fine, []).append((r, lo, hi, coarse))
                 coarse_first: dict[str, tuple[int, int]] = {}
+                realised = {c for reals in fine_real.values() for r, lo, hi, c in reals
+                            if r * _odd_in(lo, hi) <= max_elems}  # fmt: skip
+                forced = {}
+                for st in pl.forcible:
+                    got = pl.force(st, op, variant, dtype) if st not in realised else None
+                    if got is not None and got[0] * got[1] <= max_elems:
+                        forced[st] = got
+                        cases += _forced_cases(pl.backend, op, api_ops, extra, dtype, st, *got)
                 for fine, reals in sorted(fine_real.items()):
                     small = [(r * _odd_in(lo, hi), r, _odd_in(lo, hi), c) for r, lo, hi, c in reals]
                     small = [s for s in small if s[0] <= max_elems]
                     if not small:
-                        notes.append(f"{pl.backend} {op} {dtype} {fine}: every realisation "
-                                     f"exceeds {max_elems} elements, not driven")  # fmt: skip
+                        st = reals[0][3]
+                        how = (f"driven at {forced[st][0]}x{forced[st][1]} with the planner's "
+                               f"limits lowered (forced_plan)" if st in forced
+                               else "not driven")  # fmt: skip
+                        what = f"{pl.backend} {op} {_vname(variant)}{dtype} {fine}"
+                        notes.append(f"{what}: every realisation exceeds {max_elems} elements, "
+                                     f"{how}")  # fmt: skip
                         continue
                     _, r_a, n_a, coarse = min(small)
                     picks = [(r_a, n_a)]
@@ -329,20 +427,36 @@ def plan_cases(planners: list[Planner], max_cols: int = MAX_COLS,
     return uniq, notes
 
 
-def _layout_cases(backend, api_ops, extra, dtype, r, n, covers) -> list[Case]:
+def _vname(variant: dict) -> str:
+    return "".join(f"{k}={v} " for k, v in sorted(variant.items()))
+
+
+def _forced_cases(backend, op, api_ops, extra, dtype, strategy, r, n, fine) -> list[Case]:
+    """A forced strategy's cases: every API op contiguous (the first at priority 0), then, as
+    for the planner's own strategies, the misaligned / strided layouts and the options (masks,
+    weights, ...), all run under forced_plan(strategy)."""
+    covers = f"{op} {fine}"
+    out = [Case(backend, aop, dtype, r, n, "contig", extra, covers, 0 if j == 0 else 1, strategy)
+           for j, aop in enumerate(api_ops)]  # fmt: skip
+    out += _layout_cases(backend, api_ops, extra, dtype, r, n, covers, strategy)
+    out += _option_cases(backend, api_ops, extra, dtype, r, n, covers, strategy)
+    return out
+
+
+def _layout_cases(backend, api_ops, extra, dtype, r, n, covers, forced="") -> list[Case]:
     if dtype not in LAYOUT_DTYPES:
         return []
     aop = api_ops[0]
-    out = [Case(backend, aop, dtype, r, n, lay, extra, covers, 1)
+    out = [Case(backend, aop, dtype, r, n, lay, extra, covers, 1, forced)
            for lay in ("offset", "offset-out", "rowpad")]  # fmt: skip
     if dtype == "float32":
         # more rows (67) where the element budget allows: a CuPy array of several row blocks
         rows = max(r, min(67, MAX_ELEMS // n))
-        out.append(Case(backend, aop, dtype, rows, n, "cupy-array", extra, covers, 1))
+        out.append(Case(backend, aop, dtype, rows, n, "cupy-array", extra, covers, 1, forced))
     return out
 
 
-def _option_cases(backend, api_ops, extra, dtype, r, n, covers) -> list[Case]:
+def _option_cases(backend, api_ops, extra, dtype, r, n, covers, forced="") -> list[Case]:
     if dtype not in OPTION_DTYPES:
         return []
     out = []
@@ -364,7 +478,7 @@ def _option_cases(backend, api_ops, extra, dtype, r, n, covers) -> list[Case]:
             sets.append((("return_lse", True), ("softcap", 30.0)))
         for s in sets:
             opts = tuple(sorted(dict(extra + s).items()))
-            out.append(Case(backend, aop, dtype, max(r, 5), n, "contig", opts, covers, 2))
+            out.append(Case(backend, aop, dtype, max(r, 5), n, "contig", opts, covers, 2, forced))
     return out
 
 
@@ -381,6 +495,7 @@ class Runner:
         import softmax_kernels as sk
 
         self.np, self.torch, self.sk, self.device = np, torch, sk, device
+        self.n_sm = _device_limits()[0]  # what forced cases are planned for (forced_plan)
         self.cupy = None
         try:
             import cupy
@@ -442,6 +557,18 @@ class Runner:
 
     # -- one case ------------------------------------------------------------------------------
     def run(self, case: Case) -> dict:
+        if not case.forced:
+            return self._run(case)
+        # the planner's limits lowered for this call only; the plan it really took is checked,
+        # so that a change of the planner cannot turn the case into one of another strategy
+        with forced_plan(case.forced, n_sm=self.n_sm) as seen:
+            res = self._run(case)
+        main = [st for op, st in seen if op != "cross_entropy_denom"]
+        if not main or any(st != case.forced for st in main):
+            raise AssertionError(f"forced {case.forced}: the planner gave {seen}")
+        return res
+
+    def _run(self, case: Case) -> dict:
         np, sk, torch = self.np, self.sk, self.torch
         rng = np.random.default_rng(zlib.crc32(case.name.encode()))
         r, c = case.n_rows, case.n_cols
@@ -680,7 +807,7 @@ def planners_for(n_sm: int | None = None, smem: int | None = None) -> list[Plann
     if n_sm is None or smem is None:
         d_sm, d_smem = _device_limits()
         n_sm, smem = n_sm or d_sm, smem or d_smem
-    return [p for p in (triton_planner(n_sm), cupy_planner(smem)) if p is not None]
+    return [p for p in (triton_planner(n_sm), cupy_planner(smem, n_sm)) if p is not None]
 
 
 def build_plan(n_sm: int | None = None, smem: int | None = None,

@@ -7,6 +7,7 @@ wrong result."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -431,33 +432,42 @@ def test_driver_covers_every_plan_from_the_planners(plan, planners):
                         and dict(c.options).get("soft", False) == soft]  # fmt: skip
                 got = {c.covers[len(op) + 1 :] for c in mine}
                 # A plan the driver leaves out must be one it cannot realise within its element
-                # budget (a sanitizer pass must fit its step), and the summary says so: e.g.
-                # Triton's online loop, which the planner now takes only for hundreds of rows of
-                # ~1M columns (fewer rows split instead).
+                # budget (a sanitizer pass must fit its step), and the summary says so.
                 for fine in fines - got:
-                    why = f"{be} {op} {dtype} {fine}: every realisation exceeds"
+                    why = f"{be} {op} {D._vname(variant)}{dtype} {fine}: every realisation exceeds"
                     assert any(n.startswith(why) for n in notes), (be, op, variant, dtype, fine)
                     reals = [r * c for r in pl.rows for c in range(1, D.MAX_COLS + 1, 4099)
                              if pl.key(op, variant, dtype, r, c)[1] == fine]  # fmt: skip
                     assert not reals or min(reals) > D.MAX_ELEMS, (be, op, dtype, fine, reals)
-                # each case really lands on the plan it claims
+                # each case really lands on the plan it claims (a forced one under forced_plan)
                 for c in mine:
-                    assert (
-                        pl.key(op, variant, dtype, c.n_rows, c.n_cols)[1] == c.covers[len(op) + 1 :]
-                    )
-    # the CuPy strategies and their thresholds come from plan_launch
-    for st in ("warp_rows", "block_smem", "online"):
-        assert any(c.backend == "cupy" and c.covers.endswith(st) and c.layout == "offset-out"
-                   for c in cases), st  # fmt: skip
-    for st in ("rows", "row"):
-        assert any(c.backend == "triton" and c.covers.endswith(" " + st) for c in cases), st
-    # Triton's online loop: since rows are split (issue 12) the planner takes it only from ~133
-    # rows of 512K-1M columns, beyond the driver's budget: named as not driven (above) until the
-    # driver forces that plan at a small size (as the interpreter tests do, lowering the
-    # planner's constants)
-    assert any(c.backend == "triton" and " online" in c.covers for c in cases) or any(
-        n.startswith("triton ") and " online" in n and "not driven" in n for n in notes
-    )
+                    with D.forced_plan(c.forced, record=False) if c.forced else _nothing():
+                        fine = pl.key(op, variant, dtype, c.n_rows, c.n_cols)[1]
+                    assert fine == c.covers[len(op) + 1 :], c
+    # every strategy either planner can return (derived from the planners, not listed here)
+    # has contiguous cases and misaligned-output cases; Triton's online loop, which the planner
+    # takes for the softmax ops and cross-entropy with a gradient only from ~133 rows of
+    # 512K-1M columns, is forced at a small size (forced_plan), for every op, a half type and
+    # float32, with a mask and a strided row
+    for be, strategies in _planner_strategies().items():
+        for st in strategies:
+            for lay in ("contig", "offset-out"):
+                assert any(c.backend == be and c.covers.split(" ")[-1].split("+")[0] == st
+                           and c.layout == lay for c in cases), (be, st, lay)  # fmt: skip
+    forced = [c for c in cases if c.forced]
+    assert {c.forced for c in forced} == {"online"}
+    assert {c.op for c in forced} == {"softmax", "log_softmax", "softmax_backward",
+                                      "log_softmax_backward", "ce_grad"}  # fmt: skip
+    # (the loss alone takes online by itself: rows of 8193-32767 elements, checked below)
+    for dt in ("bfloat16", "float32"):
+        mine = {
+            (c.op, c.layout, k) for c in forced if c.dtype == dt for k in ("", *dict(c.options))
+        }
+        for op in ("softmax", "softmax_backward", "ce_grad"):
+            assert (op, "rowpad", "") in mine, (dt, op)
+        assert ("softmax", "contig", "mask") in mine, dt
+        assert any(c.op == "ce" and c.dtype == dt and " online" in c.covers for c in cases), dt
+    assert not any("online" in n and "not driven" in n for n in notes), notes
     # both sides of the float32 forward's (a)/(b) threshold
     wmax = cb.warp_max_cols(4)
     sm32 = {c.n_cols for c in cases if c.backend == "cupy" and c.op == "softmax"
@@ -471,6 +481,30 @@ def test_driver_covers_every_plan_from_the_planners(plan, planners):
             "inplace", "softcap", "return_lse"} <= opts  # fmt: skip
     assert all(c.n_rows * c.n_cols <= D.MAX_ELEMS for c in cases)
     assert [c.priority for c in cases] == sorted(c.priority for c in cases)
+
+
+@contextlib.contextmanager
+def _nothing():
+    yield
+
+
+def _planner_strategies() -> dict[str, set[str]]:
+    """The strategies each backend's planner can return: CuPy's from its STRATEGY_NAMES; Triton's
+    from _launch_config over every op it plans, dtype, with and without a merge wait, the
+    interpreter and an H200, rows from 1 to 10**5 and 1 to 2**22 columns."""
+    cb = pytest.importorskip("softmax_kernels.backends.cupy_backend")
+    tb = pytest.importorskip("softmax_kernels.backends.triton_backend")
+    triton = set()
+    for op in tb._SINGLE_PASS_VALUES:
+        for dtype in D.DTYPES:
+            for n_rows in (1, 3, 133, 10**5):
+                for n_cols in (1, 7, 1000, 4097, 8193, 16385, 70001, 2**19 + 1, 2**20, 2**22):
+                    for n_sm in (None, 132):
+                        for wait in (True, False):
+                            triton.add(tb._launch_config(n_rows, n_cols, dtype, op, n_sm,
+                                                         merge_wait=wait).strategy)  # fmt: skip
+    assert {"rows", "row", "online", "split"} <= triton, triton
+    return {"cupy": set(cb.STRATEGY_NAMES.values()), "triton": triton}
 
 
 def test_driver_follows_a_new_strategy_and_old_signatures():
@@ -530,3 +564,26 @@ def test_driver_plan_command_runs_without_a_gpu():
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
     assert got["cases"] and all(c["backend"] in ("triton", "cupy") for c in got["cases"])
+
+
+def test_driver_forced_online_cases_run_under_the_interpreter(plan, monkeypatch):
+    """The forced online cases on the CPU (the Triton interpreter, torch CPU tensors, the SM
+    count of an H200 given to the planner): each op, float32 and bfloat16, contiguous, a strided
+    row and a mask, checked against the NumPy backend and for the plan it really took; a case
+    whose plan drifts to another strategy is an error, not a pass."""
+    pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cases, _ = plan
+    pick = [c for c in cases if c.forced and c.dtype in ("float32", "bfloat16")
+            and (c.layout in ("contig", "rowpad") and c.priority <= 1
+                 or dict(c.options).get("mask") == "row")]  # fmt: skip
+    assert {c.op for c in pick} >= {"softmax", "softmax_backward", "ce_grad"}
+    rep = D.run_cases(pick, 120, device="cpu", log=lambda m: None)
+    if rep["unavailable"]:
+        pytest.skip("the Triton backend is not available on this machine")
+    assert rep["ran"] == len(pick) and rep["mismatch"] == rep["error"] == 0, rep
+    # the limits not lowered: the planner keeps its own plan, and the driver says so
+    monkeypatch.setitem(D.FORCED_LIMITS, "online", {})
+    rep = D.run_cases(pick[:1], 60, device="cpu", log=lambda m: None)
+    assert rep["error"] == 1 and "forced online: the planner gave" in rep["errors"][0], rep
