@@ -21,6 +21,7 @@ references (tests/reference.py) within the contract's tolerances.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import subprocess
@@ -927,7 +928,7 @@ struct SkBlock {
         bufs.resize(n / 32);
     }
 };
-inline SkBlock* sk_block = nullptr;
+inline thread_local SkBlock* sk_block = nullptr;
 inline void __syncthreads() { sk_block->bar.arrive_and_wait(); }
 inline int __syncthreads_or(int p) {
     sk_block->bar.arrive_and_wait();
@@ -1005,20 +1006,61 @@ inline unsigned atomicAdd(unsigned* p, unsigned v) {
 }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline void sk_st128(void* p, uint4 u) { std::memcpy(p, &u, 16); }
-alignas(16) inline unsigned char sk_dyn_smem[256 * 1024];
-inline void sk_emu_launch(int grid, int block, const std::function<void()>& body) {
+// Thread-block clusters: the C blocks of a cluster run at once (their threads all started
+// together), each with its own dynamic shared memory (sk_dyn_smem points at its block's buffer,
+// filled with 0xff bytes so that a read before a write shows as NaN); the cluster barrier is one
+// std::barrier over all their threads, and map_shared_rank maps an address in this block's
+// buffer to the same offset in block r's. (The cluster kernels keep every shared object in the
+// dynamic buffer; the `static` stand-ins of __shared__ variables would be shared by blocks
+// running at once.) Clusters run one after another, in reverse order; size 1 is a plain launch.
+constexpr std::size_t SK_SMEM_BYTES = 256 * 1024;
+struct SkCluster {
+    std::barrier<> bar;
+    std::vector<unsigned char*> smem;
+    explicit SkCluster(int threads) : bar(threads) {}
+};
+inline thread_local SkCluster* sk_cluster = nullptr;
+inline thread_local unsigned sk_rank = 0;
+inline thread_local unsigned char* sk_dyn_smem = nullptr;
+#define SK_CLUSTER_DIMS(C)
+inline unsigned sk_cluster_rank() { return sk_rank; }
+inline void sk_cluster_sync() { sk_cluster->bar.arrive_and_wait(); }
+template <class V>
+inline const V* sk_map_rank(const V* p, unsigned r) {
+    const unsigned char* b = reinterpret_cast<const unsigned char*>(p);
+    const unsigned char* own = sk_cluster->smem[sk_rank];
+    if (b < own || b >= own + SK_SMEM_BYTES || r >= sk_cluster->smem.size()) std::abort();
+    return reinterpret_cast<const V*>(sk_cluster->smem[r] + (b - own));
+}
+inline void sk_emu_launch(int grid, int block, int cluster, const std::function<void()>& body) {
     gridDim = {unsigned(grid), 1, 1};
     blockDim = {unsigned(block), 1, 1};
-    for (int b = grid - 1; b >= 0; --b) {  // reverse order: block 0 finishes last
-        SkBlock blk(block);
-        sk_block = &blk;
+    if (cluster < 1 || grid % cluster != 0) std::abort();
+    std::vector<std::unique_ptr<unsigned char[]>> bufs;
+    for (int r = 0; r < cluster; ++r) bufs.emplace_back(new unsigned char[SK_SMEM_BYTES + 16]);
+    for (int c = grid / cluster - 1; c >= 0; --c) {  // reverse order: block 0 finishes last
+        SkCluster cl(cluster * block);
+        std::vector<std::unique_ptr<SkBlock>> blks;
+        for (int r = 0; r < cluster; ++r) {
+            blks.emplace_back(new SkBlock(block));
+            unsigned char* base = bufs[r].get();
+            base += (16 - reinterpret_cast<std::uintptr_t>(base) % 16) % 16;
+            std::memset(base, 0xff, SK_SMEM_BYTES);
+            cl.smem.push_back(base);
+        }
         std::vector<std::thread> ts;
-        for (int t = 0; t < block; ++t) {
-            ts.emplace_back([&, t, b] {
-                threadIdx = {unsigned(t), 1, 1};
-                blockIdx = {unsigned(b), 1, 1};
-                body();
-            });
+        for (int r = 0; r < cluster; ++r) {
+            for (int t = 0; t < block; ++t) {
+                ts.emplace_back([&, t, r] {
+                    threadIdx = {unsigned(t), 1, 1};
+                    blockIdx = {unsigned(c * cluster + r), 1, 1};
+                    sk_block = blks[r].get();
+                    sk_cluster = &cl;
+                    sk_rank = unsigned(r);
+                    sk_dyn_smem = cl.smem[r];
+                    body();
+                });
+            }
         }
         for (auto& th : ts) th.join();
     }
@@ -1041,6 +1083,9 @@ EMU_SIGS = {
     "cross_entropy_grad": ["const T*", "const void*", "T*"] + ["const A*"] * 4 + _LL * 7
     + ["int"] + ["A"] * 5,
     "cross_entropy_denom": ["const void*", "const A*", "double*"] + _LL * 3 + ["int"],
+    "softmax_fwd_cluster": ["const T*", "T*", "const unsigned char*"] + _LL * 6
+    + ["A", "int", "int"],
+    "softmax_bwd_cluster": ["const T*", "const T*", "T*"] + _LL * 6 + ["A", "int", "int"],
 }  # fmt: skip
 
 
@@ -1051,7 +1096,7 @@ def _emu_cpp() -> str:
     out, table, seen = ["#define SK_HOST_EMULATION 1", '#include "emu.h"', src], [], set()
     for dt, (ct, _) in cb.CTYPES.items():
         acc = "double" if dt == "float64" else "float"
-        for name in cb.all_kernel_names(dt):
+        for name in cb.all_kernel_names(dt, clusters=True):
             if name in seen:  # (the denominator kernel serves several dtypes)
                 continue
             seen.add(name)
@@ -1063,13 +1108,15 @@ def _emu_cpp() -> str:
             args = ", ".join(f"*({p}*)a[{k}]" for k, p in enumerate(params))
             out.append(f"static void w{len(table)}(void** a) {{ {name}({args}); }}")
             table.append(f'{{"{name}", &w{len(table)}}}')
-    out.append('extern "C" int sk_emu_call(const char* name, int grid, int block, void** a) {')
+    out.append(
+        'extern "C" int sk_emu_call(const char* name, int grid, int block, int cluster, void** a) {'
+    )
     out.append(
         "  static const std::map<std::string, void (*)(void**)> t = {" + ",".join(table) + "};"
     )
     out.append("  auto it = t.find(name);")
     out.append("  if (it == t.end()) return 1;")
-    out.append("  sk_emu_launch(grid, block, [&] { it->second(a); });")
+    out.append("  sk_emu_launch(grid, block, cluster, [&] { it->second(a); });")
     out.append("  return 0;")
     out.append("}")
     return "\n".join(out)
@@ -1123,7 +1170,7 @@ def emu_lib(tmp_path_factory):
         except OSError:
             so = str(tmp_so)
     lib = ctypes.CDLL(so)
-    lib.sk_emu_call.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_int,
+    lib.sk_emu_call.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                 ctypes.POINTER(ctypes.c_void_p)]  # fmt: skip
     return lib
 
@@ -1146,6 +1193,7 @@ class Emu:
         self.launched: list[tuple[str, cb.LaunchPlan]] = []
         self.ws = np.zeros(cb.WS_DOUBLES, np.float64)  # the (device, stream) workspace
         self.split_ws: list[np.ndarray] = []  # split workspaces handed out (kept alive)
+        self.clusters = False  # the emulated device runs thread-block clusters (sm_90)
 
     def split_workspace(self, x, n_doubles):
         # NaN-filled: a slot phase 1 read without phase 0 writing it would show
@@ -1164,10 +1212,15 @@ class Emu:
         grid = max(1, min(self.MAX_GRID, -(-n_rows // plan.rows_per_block)))
         if max_grid is not None:
             grid = min(grid, max_grid)
+        cluster = 1
+        if plan.strategy == cb.CLUSTER:  # whole clusters, at most MAX_GRID of them (rows loop)
+            cluster = plan.segments
+            assert n_rows % cluster == 0, (name, n_rows)
+            grid = cluster * max(1, min(self.MAX_GRID, n_rows // cluster))
         keep = [np.array(a) for a in args]
         ptrs = (ctypes.c_void_p * len(keep))(*[k.ctypes.data for k in keep])
         threads = min(plan.threads, self.MAX_THREADS)
-        assert self.lib.sk_emu_call(name.encode(), grid, threads, ptrs) == 0, name
+        assert self.lib.sk_emu_call(name.encode(), grid, threads, cluster, ptrs) == 0, name
         self.launched.append((name, plan))
 
     def counter(self) -> int:
@@ -1227,6 +1280,7 @@ def emu(emu_lib, monkeypatch):
     monkeypatch.setattr(cb, "_workspace", lambda x: e.ws.ctypes.data)
     monkeypatch.setattr(cb, "_split_workspace", e.split_workspace)
     monkeypatch.setattr(cb, "_sm_count", lambda x: Emu.SMS)
+    monkeypatch.setattr(cb, "_clusters", lambda x: e.clusters)
     return e
 
 
@@ -2027,3 +2081,292 @@ def test_gpu_cross_entropy_reductions_and_launches(gpu_dev, rng):
 def test_gpu_vocab_parallel_modes(gpu_dev, dtype, soft, rng):
     _vocab_parallel_modes(gpu_dev, dtype, soft, rng,
                           _lengths(dtype, "cross_entropy_fwd", soft)[::3])  # fmt: skip
+
+
+# -- the cluster strategy (e) in the emulation (issue 12 step 2) --------------------------------
+# The emulated device runs clusters (Emu.clusters): a cluster's blocks run at once, each with its
+# own shared memory, the cluster barrier and map_shared_rank emulated (EMU_H). The lengths
+# (_cluster_lengths) reach both sizes, at two blocks per SM and at one.
+
+
+def _cluster_lengths(dtype, op="softmax_fwd"):
+    """(n, blocks per cluster): just past (b) (4 blocks at two per SM), past 4 blocks at two
+    per SM (8), past 8 at two per SM (4 blocks at one per SM)."""
+    vec, it = _vec(dtype), cb.CTYPES[dtype][1]
+    nb = cb.split_capacity_packs(op, it, Emu.SMEM) * vec
+    two = cb.cluster_capacity_packs(op, it, Emu.SMEM // 2 - cb.STATIC_SMEM_RESERVE) * vec
+    return ((nb + 17, 4), (5 * two + 3, 8), (9 * two + 3, 4))
+
+
+def _last_cluster(emu, size=None):
+    name, plan = emu.launched[-1]
+    assert plan.strategy == cb.CLUSTER and "_cluster_kernel<" in name, name
+    assert name.endswith(f", {plan.segments}>") and plan.segments in cb.CLUSTER_SIZES
+    assert size is None or plan.segments == size, (name, size)
+    assert plan.segments * plan.seg_packs * _vec_of(name) >= 1
+    return plan
+
+
+def _vec_of(name):
+    ct = name.split("<")[1].split(",")[0]
+    return {c: 16 // s for c, s in cb.CTYPES.values()}[ct]
+
+
+def test_plan_cluster_where_it_fits():
+    """The forward's rows beyond (b) take a cluster on sm_90 (clusters=True) up to 8 blocks'
+    shared memory, the split beyond it, for few rows, and with clusters off; bytes 2n."""
+    sm90 = 232448
+    for dt in ("bfloat16", "float32"):
+        for n in (65536, 131072, 262144):
+            p = cb.plan_launch("softmax_fwd", dt, n, smem_limit=sm90, n_rows=4096,
+                               clusters=True)  # fmt: skip
+            assert p.strategy == cb.CLUSTER and p.segments in cb.CLUSTER_SIZES
+            vec = cb.vec_width(cb.CTYPES[dt][1])
+            assert p.segments * p.seg_packs * vec >= n and p.smem <= sm90
+            # two blocks per SM where 8 blocks at that size hold the row (256K bf16: one)
+            assert p.smem <= sm90 // 2 - cb.STATIC_SMEM_RESERVE or n == 262144
+            m = cb.static_model("softmax_fwd", dt, 4096, n)
+            assert m["strategy"] == "cluster" and m["launches"] == 1 and m["bytes_ratio"] == 1.0
+        off = cb.plan_launch("softmax_fwd", dt, 131072, smem_limit=sm90, n_rows=4096)
+        assert off.strategy == cb.SPLIT  # clusters=False: sm_80, or a failed cluster launch
+    # beyond 8 blocks' capacity: the split
+    big = cb.plan_launch("softmax_fwd", "float32", 2**20, smem_limit=sm90, n_rows=4096,
+                         clusters=True)  # fmt: skip
+    assert big.strategy == cb.SPLIT
+    # few rows: clusters grow to 8 blocks; 1 row of 256K (8 SMs) goes to the split (132 SMs)
+    p = cb.plan_launch("softmax_fwd", "bfloat16", 65536, smem_limit=sm90, n_rows=16,
+                       clusters=True)  # fmt: skip
+    assert p.strategy == cb.CLUSTER and p.segments == 8
+    one = cb.plan_launch("softmax_fwd", "bfloat16", 262144, smem_limit=sm90, n_rows=1,
+                         clusters=True)  # fmt: skip
+    assert one.strategy == cb.SPLIT
+    # the backward: clusters up to 8 x 226 KB of dy and y (float32 262144 does not fit: split)
+    q = cb.plan_launch("softmax_bwd", "bfloat16", 262144, smem_limit=sm90, n_rows=4096,
+                       clusters=True)  # fmt: skip
+    assert q.strategy == cb.CLUSTER and q.segments == 8
+    m = cb.static_model("softmax_bwd", "bfloat16", 4096, 131072)
+    assert m["strategy"] == "cluster" and m["launches"] == 1 and m["bytes_ratio"] == 1.0
+    q = cb.plan_launch("softmax_bwd", "float32", 262144, smem_limit=sm90, n_rows=4096,
+                       clusters=True)  # fmt: skip
+    assert q.strategy == cb.SPLIT
+    # cross-entropy keeps the split (no cluster kernels for it yet)
+    q = cb.plan_launch("cross_entropy_fwd", "bfloat16", 131072, smem_limit=sm90, n_rows=4096,
+                       clusters=True)  # fmt: skip
+    assert q.strategy == cb.SPLIT
+
+
+def test_plan_cluster_switch(monkeypatch):
+    monkeypatch.setattr(cb, "USE_CLUSTERS", False)
+    p = cb.plan_launch("softmax_fwd", "bfloat16", 131072, smem_limit=232448, n_rows=4096,
+                       clusters=True)  # fmt: skip
+    assert p.strategy == cb.SPLIT
+    assert cb.cluster_kernel_name("softmax_fwd", "bfloat16", True, 8) == (
+        "softmax_fwd_cluster_kernel<__nv_bfloat16, true, 8>"
+    )
+    assert not any("_cluster_" in k for k in cb.all_kernel_names("float32"))
+    assert sum("_cluster_" in k for k in cb.all_kernel_names("float32", clusters=True)) == 6
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emulated_cluster_forward(emu, dtype, rng):
+    """softmax / log_softmax on clusters of 4 and 8 blocks: odd lengths (segment boundaries
+    inside a 16-byte pack of a shifted row), 3 rows over 2 clusters (the grid-stride loop and
+    the exchange slots' alternation), masks (per row, row stride 0, odd), misaligned views
+    (scalar path), in place with a shift (vector path)."""
+    emu.clusters = True
+    for n, size in _cluster_lengths(dtype):
+        x = emu.make(rng.standard_normal((3, n)) * 3, dtype)
+        _emu_fwd(emu, dtype, x)
+        _last_cluster(emu, size)
+        rows = rng.random((3, n)) < 0.7
+        _emu_fwd(emu, dtype, x, 1.25, rows)
+        _emu_fwd(emu, dtype, x, -0.5, np.broadcast_to(rows[0], (3, n)))  # row stride 0
+        odd = np.concatenate([np.zeros((3, 1), bool), rows], axis=1)[:, 1:]
+        _emu_fwd(emu, dtype, x, 1.0, odd)
+        _last_cluster(emu, size)
+        big = emu.make(rng.standard_normal((3, n + 3)) * 3, dtype)
+        _emu_fwd(emu, dtype, big[:, 1 : n + 1])  # x misaligned, out not: scalar path
+        _emu_fwd(emu, dtype, big.copy()[:, 1 : n + 1], inplace=True)  # same shift: vectors
+        _last_cluster(emu, size)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emulated_cluster_special_values(emu, dtype, rng, monkeypatch):
+    """A NaN in one block's segment only makes its row NaN; -inf everywhere but one element
+    (in the last segment) gives a one-hot row; a row of -inf gives NaN; a fully masked
+    segment (its NaN takes no part) and a fully masked row; masked entries 0 / -inf in a NaN
+    row. Segments cut so that the last block holds one pack, and so that blocks hold nothing
+    (segments past the row's end: maximum -inf, sum 0)."""
+    emu.clusters = True
+    (n, _), _, _ = _cluster_lengths(dtype)
+    vec = _vec(dtype)
+    orig = cb._cluster_plan
+    n_packs = -(-(n + vec - 1) // vec)  # (shifted rows: odd n over 5 rows)
+    for size, seg in ((8, -(-(n_packs - 1) // 7)), (8, -(-n_packs // 3))):
+
+        def fixed(*a, size=size, seg=seg):
+            p = orig(*a)
+            smem = cb.cluster_smem_bytes("softmax_fwd", cb.CTYPES[dtype][1], seg)
+            return dataclasses.replace(p, segments=size, seg_packs=seg, smem=smem)
+
+        monkeypatch.setattr(cb, "_cluster_plan", fixed)
+        x64 = rng.standard_normal((5, n))
+        x64[0, n // 2] = np.nan
+        x64[1] = -np.inf
+        x64[1, n - 2] = 0.5
+        x64[2] = -np.inf
+        x = emu.make(x64, dtype)
+        xr = emu.f64(x, dtype)
+        for is_log in (False, True):
+            out = np.empty(x.shape, x.dtype)
+            cb.softmax_fwd(x, out, scale=1.0, mask=None, is_log=is_log)
+            assert _last_cluster(emu, size).seg_packs == seg
+            ref = ref_softmax(xr, -1, is_log=is_log)
+            assert np.isnan(ref[0]).all() and np.isnan(ref[2]).all()
+            assert_close(emu.f64(out, dtype), ref, dtype, f"{dtype} cluster special {is_log}")
+        keep = np.ones((5, n), bool)
+        keep[3, : n // 2] = False  # whole segments masked
+        x64[3, 5] = np.nan  # masked: no part
+        keep[0, :7] = False  # row 0 keeps its NaN: NaN row, masked entries still 0 / -inf
+        keep[4] = False  # nothing kept: all 0 / -inf
+        x = emu.make(x64, dtype)
+        xr = emu.f64(x, dtype)
+        for is_log in (False, True):
+            out = np.empty(x.shape, x.dtype)
+            cb.softmax_fwd(x, out, scale=1.0, mask=keep, is_log=is_log)
+            _last_cluster(emu, size)
+            fill = -np.inf if is_log else 0.0
+            ref = np.where(keep, ref_softmax(np.where(keep, xr, 0.0), -1, where=keep,
+                                             is_log=is_log), fill)  # fmt: skip
+            ref[0] = np.where(keep[0], np.nan, fill)
+            ref[4] = fill
+            assert_close(emu.f64(out, dtype), ref, dtype, f"{dtype} cluster masked {is_log}")
+
+
+def test_emulated_cluster_deterministic_and_same_as_split(emu, rng):
+    """Two runs are bitwise equal; the cluster's results agree with the split's (d) within the
+    dtype's tolerance (the same maths, merged in another order)."""
+    emu.clusters = True
+    for dtype in ("float32", "bfloat16"):
+        (_, _), (n, size), _ = _cluster_lengths(dtype)
+        x = emu.make(rng.standard_normal((3, n)) * 4, dtype)
+        outs = []
+        for _ in range(2):
+            out = np.empty(x.shape, x.dtype)
+            cb.softmax_fwd(x, out, scale=1.0, mask=None, is_log=False)
+            _last_cluster(emu, size)
+            outs.append(out)
+        assert outs[0].tobytes() == outs[1].tobytes()
+        emu.clusters = False
+        ref = np.empty(x.shape, x.dtype)
+        cb.softmax_fwd(x, ref, scale=1.0, mask=None, is_log=False)
+        assert emu.launched[-1][1].strategy == SPLIT
+        emu.clusters = True
+        assert_close(emu.f64(outs[0], dtype), emu.f64(ref, dtype), dtype, f"{dtype} vs split")
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_gpu_cluster_forward(dtype, rng):
+    """The cluster strategy on an sm_90 GPU: rows for clusters of 4 and 8 blocks at this
+    device's shared memory, odd lengths, a mask, bitwise reruns (skipped below sm_90)."""
+    import cupy
+
+    if not cb._device_info(0).clusters:
+        pytest.skip("thread-block clusters need compute capability 9.0")
+    smem, it = _smem_limit(), cb.CTYPES[dtype][1]
+    vec = cb.vec_width(it)
+    cc = cb.cluster_capacity_packs("softmax_fwd", it, smem) * vec
+    nb = cb.split_capacity_packs("softmax_fwd", it, smem) * vec
+    for n in (nb + 17, 2 * cc + 5, 5 * cc + 3, 8 * cc - vec):
+        rows = 300
+        sms = cb._device_info(0).sm_count
+        p = cb.plan_launch("softmax_fwd", dtype, n, smem_limit=smem, shifted=n % vec != 0,
+                           n_rows=rows, sm_count=sms, clusters=True)  # fmt: skip
+        assert p.strategy == cb.CLUSTER, (n, p)
+        x = cupy.asarray((rng.standard_normal((rows, n)) * 3).astype(dtype))
+        keep = rng.random((rows, n)) < 0.8
+        xr = to_numpy64(x)
+        for is_log, fn in ((False, sk.softmax), (True, sk.log_softmax)):
+            y = fn(x, backend="cupy")
+            assert_close(y, ref_softmax(xr, -1, is_log=is_log), dtype, f"cluster n={n}")
+            again = fn(x, backend="cupy")
+            assert cupy.asnumpy(again).tobytes() == cupy.asnumpy(y).tobytes()
+            ym = fn(x, where=cupy.asarray(keep), backend="cupy")
+            fill = -np.inf if is_log else 0.0
+            refm = np.where(keep, ref_softmax(np.where(keep, xr, 0.0), -1, where=keep,
+                                              is_log=is_log), fill)  # fmt: skip
+            assert_close(ym, refm, dtype, f"cluster masked n={n}")
+    assert not cb._clusters_broken
+
+
+def _cluster_bwd_lengths(dtype):
+    return _cluster_lengths(dtype, "softmax_bwd")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emulated_cluster_backward(emu, dtype, rng):
+    """softmax and log_softmax backward on clusters of 4 and 8 blocks: odd lengths, sums
+    that nearly cancel (a zero-mean dy, one dominant class), misaligned operands (scalar path),
+    the output over dy, bitwise reruns."""
+    emu.clusters = True
+    for n, size in _cluster_bwd_lengths(dtype):
+        x64 = rng.standard_normal((3, n)) * 3
+        x64[:, 0] = 12.0
+        dy64 = rng.standard_normal((3, n))
+        dy64 -= dy64.mean(axis=1, keepdims=True)
+        dy = emu.make(dy64, dtype)
+        for is_log in (False, True):
+            y = emu.make(ref_softmax(x64, -1, is_log=is_log), dtype)
+            ref = ref_softmax_backward(emu.f64(dy, dtype), emu.f64(y, dtype), -1, 1.5, is_log)
+            outs = []
+            for _ in range(2):
+                out = np.empty_like(y)
+                cb.softmax_bwd(dy, y, out, scale=1.5, is_log=is_log)
+                _last_cluster(emu, size)
+                outs.append(out)
+            assert outs[0].tobytes() == outs[1].tobytes()
+            what = f"{dtype} cluster bwd n={n} log={is_log}"
+            assert_close(emu.f64(outs[0], dtype), ref, dtype, what)
+            over = dy.copy()  # dx over dy
+            cb.softmax_bwd(over, y, over, scale=1.5, is_log=is_log)
+            _last_cluster(emu, size)
+            assert_close(emu.f64(over, dtype), ref, dtype, what + " in place")
+            big = emu.make(np.pad(emu.f64(dy, dtype), ((0, 0), (1, 2))), dtype)
+            out = np.empty_like(y)
+            cb.softmax_bwd(big[:, 1 : n + 1], y, out, scale=1.5, is_log=is_log)  # scalar path
+            _last_cluster(emu, size)
+            assert_close(emu.f64(out, dtype), ref, dtype, what + " misaligned")
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_gpu_cluster_backward(dtype, rng):
+    """softmax / log_softmax backward on clusters at this device's shared memory: odd lengths,
+    bitwise reruns (skipped below sm_90)."""
+    import cupy
+
+    if not cb._device_info(0).clusters:
+        pytest.skip("thread-block clusters need compute capability 9.0")
+    smem, it = _smem_limit(), cb.CTYPES[dtype][1]
+    vec, sms = cb.vec_width(it), cb._device_info(0).sm_count
+    cc = cb.cluster_capacity_packs("softmax_bwd", it, smem) * vec
+    nb = cb.split_capacity_packs("softmax_bwd", it, smem) * vec
+    rows = 300
+    for n in (nb + 17, 3 * cc + 5, 8 * cc - vec):
+        p = cb.plan_launch("softmax_bwd", dtype, n, smem_limit=smem, shifted=n % vec != 0,
+                           n_rows=rows, sm_count=sms, clusters=True)  # fmt: skip
+        assert p.strategy == cb.CLUSTER, (n, p)
+        x64 = rng.standard_normal((rows, n)) * 3
+        dy64 = rng.standard_normal((rows, n))
+        for is_log in (False, True):
+            y = cupy.asarray(ref_softmax(x64, -1, is_log=is_log).astype(dtype))
+            dy = cupy.asarray(dy64.astype(dtype))
+            out = cupy.empty_like(y)
+            cb.softmax_bwd(dy, y, out, scale=1.5, is_log=is_log)
+            again = cupy.empty_like(y)
+            cb.softmax_bwd(dy, y, again, scale=1.5, is_log=is_log)
+            assert cupy.asnumpy(out).tobytes() == cupy.asnumpy(again).tobytes()
+            ref = ref_softmax_backward(to_numpy64(dy), to_numpy64(y), -1, 1.5, is_log)
+            assert_close(out, ref, dtype, f"cluster bwd n={n} log={is_log}")
+    assert not cb._clusters_broken

@@ -45,8 +45,10 @@ def test_kernels_compile_without_spills_within_the_bound(tmp_path):
     assert rep["bound"] == 20.0 and set(rep["archs"]) == {"sm_80", "sm_90"}
     from softmax_kernels.backends import cupy_backend as cb
 
-    names = {n for d in cb.CTYPES for n in cb.all_kernel_names(d)}
+    names = {n for d in cb.CTYPES for n in cb.all_kernel_names(d, clusters=True)}
     assert names == set(rep["kernels"])
+    for name, archs in rep["kernels"].items():  # the cluster (e) kernels: sm_90 only
+        assert set(archs) == ({"sm_90"} if "_cluster_kernel<" in name else {"sm_80", "sm_90"})
     bounded = 0
     for name, archs in rep["kernels"].items():
         for arch, e in archs.items():
@@ -59,7 +61,8 @@ def test_kernels_compile_without_spills_within_the_bound(tmp_path):
                 bounded += 1
                 assert max(e["ipe"], e["ipe_grad"]) <= e["bound"], (name, arch)
     check = _check()
-    want = sum(check.bound_for(n) is not None for n in names) * 2  # sm_80 and sm_90
+    # sm_80 and sm_90 (the cluster kernels: sm_90 only)
+    want = sum((1 if "_cluster_kernel<" in n else 2) for n in names if check.bound_for(n))
     assert bounded == want > 200  # every FAST instance of the 2- and 4-byte types
 
 
@@ -190,5 +193,9 @@ def test_bounds_per_kernel():
     assert check.bound_for("cross_entropy_split_kernel<float, false, 1, false>") is None
     assert check.bound_for("softmax_fwd_split_kernel<double, false, 0>") is None
     assert check.batch_packs("softmax_bwd_split_kernel<__nv_bfloat16, 0>", 32) == 2
+    # the cluster kernels (strategy (e)): bounded like the others, one operand
+    assert check.bound_for("softmax_fwd_cluster_kernel<__nv_bfloat16, true, 8>") == 20.0
+    assert check.bound_for("softmax_fwd_cluster_kernel<double, false, 2>") is None
+    assert check.batch_packs("softmax_fwd_cluster_kernel<__nv_bfloat16, false, 4>", 32) == 4
     assert check.batch_packs("softmax_fwd_split_kernel<__nv_bfloat16, true, 1>", 32) == 4
     assert check.batch_packs("cross_entropy_split_kernel<float, true, 1, true>", 32) == 4

@@ -40,7 +40,9 @@ the "options" figure ``sk:opt`` too. A kernel's figure is the sum over its hot l
 costs in issue slots, every pass included, an upper bound for rows that fill the loop's packs.
 The split strategy's two kernels (``*_split_kernel<..., 0...>`` the segments' statistics,
 ``<..., 1...>`` the merge and the normalising pass) are counted and bounded each on its own;
-``cupy_backend.static_model`` adds their figures for a split call.
+``cupy_backend.static_model`` adds their figures for a split call. The cluster strategy's
+kernels (``softmax_fwd_cluster_kernel<T, IS_LOG, C>``, ``softmax_bwd_cluster_kernel<T, C>``,
+sm_90 only) are one kernel each.
 
 It prints a table (kernel, arch, registers, shared memory, stack frame, spills, local memory,
 instructions per element: loss-only / with gradient for cross-entropy) and exits non-zero when
@@ -389,7 +391,7 @@ def batch_packs(kernel: str, batch_elems: int) -> int:
     args = _template_args(kernel)
     size = {"float": 4, "double": 8, "__half": 2, "__nv_bfloat16": 2}[args[0]]
     nb = min(batch_elems // _vec(args[0]), 32 // size)
-    two = op in ("softmax_bwd", "softmax_bwd_split") or (
+    two = op in ("softmax_bwd", "softmax_bwd_split", "softmax_bwd_cluster") or (
         op.startswith("cross_entropy") and args[1] == "true"
     )
     return nb // 2 if two else nb
@@ -497,9 +499,11 @@ def demangle(names: list[str]) -> dict[str, str]:
     return result
 
 
-def translation_unit(dtype: str) -> tuple[str, list[str]]:
+def translation_unit(dtype: str, arch: str = "sm_90") -> tuple[str, list[str]]:
     cb = _backend()
-    names = cb.all_kernel_names(dtype)
+    # the cluster (e) kernels need sm_90 (__cluster_dims__, the cluster PTX): the backend
+    # compiles them for devices of compute capability >= 9.0 only, and so does this check
+    names = cb.all_kernel_names(dtype, clusters=int(arch.split("_")[1][:2]) >= 90)
     table = ",\n".join(f"    (void*)&{n}" for n in names)
     src = cb.kernel_source(HERE)
     src += "\n\n// kernels/cuda/check.py: instantiate every kernel the backend launches\n"
@@ -546,7 +550,7 @@ def compile_report(nvcc: str, nvcc_version: str, dtype: str, arch: str, use_cach
     """(ptxas report text, analysis {mangled: [ipe, ipe_grad, loops]} or None, instance names,
     seconds, cached?) for one dtype and arch."""
     cb = _backend()
-    src, names = translation_unit(dtype)
+    src, names = translation_unit(dtype, arch)
     cmd_opts = [*NVCC_OPTIONS, f"-arch={arch}", "-cubin", "-lineinfo", "-Xptxas", "-v"]
     key = hashlib.sha256(
         # (this script's own text too: a change of the analysis invalidates the cache)
@@ -606,6 +610,8 @@ def bound_for(kernel: str) -> float | None:
             "softmax_bwd": args[-1] if len(args) > 4 else "true",
             # the split kernels (strategy (d)) have no GENERAL instance
             "softmax_fwd_split": "true", "softmax_bwd_split": "true",
+            # (nor the cluster kernels, strategy (e))
+            "softmax_fwd_cluster": "true", "softmax_bwd_cluster": "true",
             "cross_entropy_split": args[-1]}[op]  # fmt: skip
     if fast != "true" or args[0] == "double":
         return None

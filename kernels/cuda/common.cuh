@@ -120,6 +120,41 @@ __device__ __forceinline__ void sk_st128(void* p, uint4 u) {
 }
 #endif
 
+// Thread-block clusters (sm_90; strategy (e), the *_cluster_kernel kernels only, which the host
+// compiles and launches on devices of compute capability 9.0 and above). The kernels declare
+// their cluster shape at compile time (__cluster_dims__: CuPy has no run-time cluster launch,
+// cupy/cupy#8780), so an ordinary launch of a grid that is a multiple of C runs as clusters of
+// C consecutive blocks. The CPU emulation supplies these with its own cluster of threads.
+#ifndef SK_HOST_EMULATION
+// (the attribute is an error below sm_90 even on a template never instantiated there: the
+// sm_80 module has no cluster kernel, so it gets none)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define SK_CLUSTER_DIMS(C)
+#else
+#define SK_CLUSTER_DIMS(C) __cluster_dims__(C, 1, 1)
+#endif
+// This block's rank in its cluster (0 .. C - 1).
+__device__ __forceinline__ unsigned sk_cluster_rank() {
+    unsigned r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+// Every thread of every block of the cluster: shared-memory writes before it (release) are
+// visible to the cluster's reads after it (acquire); __syncthreads' block barrier included.
+__device__ __forceinline__ void sk_cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;"
+                 ::: "memory");
+}
+// The address of the same shared-memory object in block `rank` of the cluster (distributed
+// shared memory), as a generic pointer: ordinary loads through it read the partner's copy.
+template <typename V>
+__device__ __forceinline__ const V* sk_map_rank(const V* p, unsigned rank) {
+    unsigned long long r;
+    asm volatile("mapa.u64 %0, %1, %2;" : "=l"(r) : "l"(p), "r"(rank));
+    return reinterpret_cast<const V*>(r);
+}
+#endif
+
 // ---------------------------------------------------------------------------------------------
 // Compute type: half types are computed in float32, float64 in float64.
 
@@ -614,9 +649,10 @@ struct Bool {
 // f(k, full) for every pack of this thread, one at a time (passes over shared memory: no
 // latency to hide, so no batching): the full packs in the hot loop (full = Bool<true>: no
 // bounds checks), then the partial ones (Bool<false>). Thread t owns packs k = t (mod nt).
-template <int VEC, typename I, typename F>
-__device__ __forceinline__ void for_smem_packs(const Packs<VEC, I>& p, bool vec_ok, Walker w,
-                                               F&& f) {
+// (PK: Packs, or SegPacks for a cluster block's segment.)
+template <typename PK, typename F>
+__device__ __forceinline__ void for_smem_packs(const PK& p, bool vec_ok, Walker w, F&& f) {
+    typedef decltype(p.hi) I;
     const I first = I(w.t) < p.lo ? I(w.t) + I(w.nt) : I(w.t);
 #pragma unroll 1
     for (I k = first; k < p.hi; k += w.nt) f(k, Bool<true>());  // sk:hot packs=1

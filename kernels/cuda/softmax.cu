@@ -881,6 +881,260 @@ __device__ __forceinline__ void softmax_bwd_split(const BwdParams<T>& P, double*
     }
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// (e) CLUSTER (sm_90): a row too long for one block's shared memory, but not for a thread-block
+// cluster's, goes to a cluster of C blocks (C = 4 or 8, portable sizes: the planner's
+// CLUSTER_SIZES), block `rank` of the cluster holding the row's packs [rank * seg_packs,
+// (rank + 1) * seg_packs) (SegPacks, as the split (d) cuts them) in its own shared memory from
+// the one read of x to the one write of y. One launch; clusters walk rows grid-stride (cluster
+// c takes rows c, c + clusters, ...). Per row:
+//   pass 1: global -> shared, v = scale * x (masked -inf), the segment maximum M_j (reads n / C);
+//   pass 2: s_j = sum(exp(v - row_ref(M_j))) over shared memory; softmax keeps e = exp(v - ref_j);
+//   exchange: thread 0 puts (M_j, s_j, mask bits seen) in its block's exchange slots, the
+//     cluster barrier, then every thread of every block reads the C blocks' slots through
+//     distributed shared memory in rank order and merges them as (d)'s phase 1 does:
+//     M = max M_j, mr = row_ref(M), s = sum_j s_j exp(M_j - mr) (s_j * 0 for M_j = -inf: 0, or
+//     NaN when a NaN sits in segment j): the same bits in every block, and run to run;
+//   pass 3: shared -> global: softmax y = e * (exp(ref_j - mr) / s), log_softmax
+//     y = v - (mr + log s) (writes n / C).
+// The exchange slots alternate between two pairs by row, so a block may write the next row's
+// slots while a slower partner still reads this row's (that partner reads them before its next
+// cluster barrier, which this block's next write follows); a last cluster barrier keeps every
+// block's shared memory alive until its partners have read it.
+// Traffic: reads n (+ n mask bytes) and writes n, the minimum 2n; the exchange is C x 3 doubles
+// per block and row through DSMEM. Dynamic shared memory: CLUSTER_HEADER bytes (exchange slots,
+// reduction scratch) then seg_packs packs of the compute type (cupy_backend.cluster_smem_bytes).
+constexpr int CLUSTER_HEADER = 256;
+
+template <typename T, bool IS_LOG, int C>
+__device__ __forceinline__ void softmax_fwd_cluster(const FwdParams<T>& P, int seg_packs) {
+    typedef acc_t<T> A;
+    constexpr int VEC = Vec<T>::value;
+    constexpr int NB = batch_packs<T>(false);
+    // the header: 2 x 4 exchange doubles, reduction scratch (MAX_WARPS values, MAX_WARPS bits)
+    double* xch = reinterpret_cast<double*>(sk_dyn_smem);
+    A* red = reinterpret_cast<A*>(sk_dyn_smem + 64);
+    unsigned* redu = reinterpret_cast<unsigned*>(sk_dyn_smem + 64 + MAX_WARPS * 8);
+    A* buf = reinterpret_cast<A*>(sk_dyn_smem + CLUSTER_HEADER);
+    const Group gr = whole_block();
+    const Walker w = gr.walker();
+    const int n = P.n_cols;
+    const bool has_mask = P.mask != nullptr;
+    const unsigned rank = sk_cluster_rank();
+    const idx_t n_clusters = idx_t(gridDim.x) / C;
+    int par = 0;
+    for (idx_t row = idx_t(blockIdx.x) / C; row < P.n_rows; row += n_clusters, par ^= 1) {
+        const T* x = P.x + row * P.row_stride;
+        const unsigned char* mk = P.mask + (has_mask ? row * P.mask_row_stride : 0);
+        const Packs<VEC, int> pk(n, row_shift(x, P.vec_ok), P.vec_ok);
+        const int k0 = int(rank) * seg_packs;
+        const SegPacks<VEC, int> sp(pk, k0, k0 + seg_packs, P.vec_ok);
+        A m = neg_inf<A>();
+        unsigned any = 0;
+        // pass 1: global -> shared (segment pack k in slot k * VEC, owned by thread k mod nt)
+        auto park = [&](int k, const Pack<T, VEC>& r, bool full) {
+            const int c0 = sp.c0(k);
+            A v[VEC];
+            raw_to_acc<VEC>(r, v);
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) v[i] *= P.scale;
+            if (has_mask) {  // sk:opt {
+                const unsigned keep = load_keep<VEC, false>(mk, c0, n, P.mask_vec);
+                any |= keep;
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) {
+                    if (!((keep >> i) & 1u)) v[i] = neg_inf<A>();
+                }
+            }  // sk:opt }
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) {
+                if (full || in_row(c0 + i, n)) m = sk_max(m, v[i]);
+            }
+            smem_store<VEC>(buf + k * VEC, v);
+        };
+        Pack<T, VEC> raw[NB];
+        for_full_packs<NB>(
+            sp, w, [&](int b, int k) { raw[b] = load_pack<VEC>(x + sp.c0(k)); },
+            [&](int b, int k) { park(k, raw[b], true); });
+        for_partial_packs(sp, P.vec_ok, w, [&](int k) {
+            Pack<T, VEC> r;
+            load_raw<VEC>(x, sp.c0(k), n, false, r);
+            park(k, r, false);
+        });
+        m = group_max_all(gr, m, red);
+        if (has_mask) any = group_or_all(gr, any, redu);  // sk:opt
+        const A ref = row_ref(m);
+        // pass 2: the segment's sum relative to its own maximum
+        A s[1] = {A(0)};
+        for_smem_packs(sp, P.vec_ok, w, [&](int k, auto full) {
+            const int c0 = sp.c0(k);
+            A v[VEC];
+            smem_load<VEC>(buf + k * VEC, v);
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) {
+                const A e = exp_shifted(v[i] - ref);
+                if (decltype(full)::value || in_row(c0 + i, n)) s[0] += e;
+                if (!IS_LOG) v[i] = e;
+            }
+            if (!IS_LOG) smem_store<VEC>(buf + k * VEC, v);
+        });
+        group_sum_n<1>(gr, s, red);
+        // exchange through distributed shared memory, merged in rank order
+        double* slot = xch + par * 4;
+        if (threadIdx.x == 0) {
+            slot[0] = double(m);
+            slot[1] = double(s[0]);
+            slot[2] = any != 0 ? 1.0 : 0.0;
+        }
+        sk_cluster_sync();
+        A M = neg_inf<A>();
+#pragma unroll
+        for (int j = 0; j < C; ++j) M = sk_max(M, A(sk_map_rank(slot, unsigned(j))[0]));
+        const A mr = row_ref(M);
+        A st = A(0);
+        bool seen = false;
+#pragma unroll
+        for (int j = 0; j < C; ++j) {
+            const double* q = sk_map_rank(slot, unsigned(j));
+            const A Mj = A(q[0]), sj = A(q[1]);
+            st += Mj == neg_inf<A>() ? sj * A(0) : sj * exp_shifted(Mj - mr);
+            seen = seen || q[2] != 0.0;
+        }
+        const bool empty = has_mask && !seen;
+        const A lse = IS_LOG ? sk_log(st) : A(0);
+        const A r = IS_LOG ? A(0) : sk_rcp(st) * exp_shifted(ref - mr);  // e_j -> y
+        T* y = P.y + row * P.y_row_stride;
+        if (has_mask && !(st == st)) {  // sk:cold { a NaN row: the masked entries still 0 / -inf
+            const A rn = sk_rcp(st);
+            for (int k = w.t; k < sp.np; k += w.nt) {
+                A v[VEC];
+                smem_load<VEC>(buf + k * VEC, v);
+                const unsigned keep = load_keep<VEC, false>(mk, sp.c0(k), n, P.mask_vec);
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) {
+                    v[i] = !((keep >> i) & 1u) ? empty_fill<A>(IS_LOG)
+                           : IS_LOG            ? (v[i] - mr) - lse
+                                               : v[i] * rn;
+                }
+                store_acc<VEC>(y, sp.c0(k), n, P.vec_ok, v);
+            }
+            continue;
+        }  // sk:cold }
+        // pass 3: shared -> global (writes the segment once)
+        const A off = mr + lse;
+        for_smem_packs(sp, P.vec_ok, w, [&](int k, auto full) {
+            const int c0 = sp.c0(k);
+            A v[VEC];
+            smem_load<VEC>(buf + k * VEC, v);
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) v[i] = IS_LOG ? v[i] - off : v[i] * r;
+            if (empty) {  // sk:opt {
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) v[i] = empty_fill<A>(IS_LOG);
+            }  // sk:opt }
+            if constexpr (decltype(full)::value) {
+                store_full<VEC>(y + c0, v);
+            } else {
+                store_acc<VEC>(y, c0, n, false, v);
+            }
+        });
+    }
+    sk_cluster_sync();  // partners may still read this block's exchange slots
+}
+
+
+// The backward on a cluster (e): block `rank` parks its segment of dy and y (raw, as (b)) in
+// shared memory while summing its part of dot(dy, y) (log_softmax: sum(dy)) in sum_t; the C
+// partials are exchanged through distributed shared memory and summed in rank order by every
+// thread of every block (the same bits everywhere, run to run); then dx is written from shared
+// memory. Traffic: reads 2n, writes n, the minimum 3n; one double per block and row exchanged.
+template <typename T, int C>
+__device__ __forceinline__ void softmax_bwd_cluster(const BwdParams<T>& P, int seg_packs) {
+    typedef acc_t<T> A;
+    typedef sum_t<T> S;
+    constexpr int VEC = Vec<T>::value;
+    constexpr int NB = batch_packs<T>(true);  // two operands, the same bytes in flight
+    double* xch = reinterpret_cast<double*>(sk_dyn_smem);
+    S* red = reinterpret_cast<S*>(sk_dyn_smem + 64);
+    T* dyb = reinterpret_cast<T*>(sk_dyn_smem + CLUSTER_HEADER);
+    T* yb = dyb + idx_t(seg_packs) * VEC;
+    const Group gr = whole_block();
+    const Walker w = gr.walker();
+    const int n = P.n_cols;
+    const unsigned rank = sk_cluster_rank();
+    const idx_t n_clusters = idx_t(gridDim.x) / C;
+    int par = 0;
+    for (idx_t row = idx_t(blockIdx.x) / C; row < P.n_rows; row += n_clusters, par ^= 1) {
+        const T* dyr = P.dy + row * P.dy_row_stride;
+        const T* yr = P.y + row * P.y_row_stride;
+        const Packs<VEC, int> pk(n, row_shift(dyr, P.vec_ok), P.vec_ok);
+        const int k0 = int(rank) * seg_packs;
+        const SegPacks<VEC, int> sp(pk, k0, k0 + seg_packs, P.vec_ok);
+        S dot[1] = {S(0)};
+        // pass 1: global -> shared, the segment's dot(dy, y) or sum(dy) (elements outside the
+        // row load as 0 and add nothing)
+        auto park = [&](int k, const Pack<T, VEC>& d_raw, const Pack<T, VEC>& y_raw) {
+            store_pack<VEC>(dyb + k * VEC, d_raw);
+            store_pack<VEC>(yb + k * VEC, y_raw);
+            A d[VEC], yv[VEC];
+            raw_to_acc<VEC>(d_raw, d);
+            raw_to_acc<VEC>(y_raw, yv);
+            if (P.is_log) {  // sk:log {
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) dot[0] += S(d[i]);
+            } else {  // sk:log } sk:prob {
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) dot[0] += S(d[i] * yv[i]);
+            }  // sk:prob }
+        };
+        Pack<T, VEC> rd[NB], ry[NB];
+        for_full_packs<NB>(
+            sp, w,
+            [&](int b, int k) {
+                rd[b] = load_pack<VEC>(dyr + sp.c0(k));
+                ry[b] = load_pack<VEC>(yr + sp.c0(k));
+            },
+            [&](int b, int k) { park(k, rd[b], ry[b]); });
+        for_partial_packs(sp, P.vec_ok, w, [&](int k) {
+            Pack<T, VEC> d_raw, y_raw;
+            load_raw<VEC>(dyr, sp.c0(k), n, false, d_raw);
+            load_raw<VEC>(yr, sp.c0(k), n, false, y_raw);
+            park(k, d_raw, y_raw);
+        });
+        group_sum_n<1>(gr, dot, red);
+        double* slot = xch + par * 4;
+        if (threadIdx.x == 0) slot[0] = double(dot[0]);
+        sk_cluster_sync();
+        S tot = S(0);
+#pragma unroll
+        for (int j = 0; j < C; ++j) tot += S(sk_map_rank(slot, unsigned(j))[0]);
+        const A dsum = A(tot);
+        const A ds = dsum * P.scale;
+        // pass 2: shared -> global (writes the segment once)
+        T* dx = P.dx + row * P.dx_row_stride;
+        for_smem_packs(sp, P.vec_ok, w, [&](int k, auto full) {
+            const int c0 = sp.c0(k);
+            A d[VEC], yv[VEC];
+            raw_to_acc<VEC>(load_pack<VEC>(dyb + k * VEC), d);
+            raw_to_acc<VEC>(load_pack<VEC>(yb + k * VEC), yv);
+            if (P.is_log) {  // sk:log {
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) d[i] = d[i] * P.scale - exp_shifted(yv[i]) * ds;
+            } else {  // sk:log } sk:prob {
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) d[i] = (d[i] - dsum) * yv[i] * P.scale;
+            }  // sk:prob }
+            if constexpr (decltype(full)::value) {
+                store_full<VEC>(dx + c0, d);
+            } else {
+                store_acc<VEC>(dx, c0, n, false, d);
+            }
+        });
+    }
+    sk_cluster_sync();  // partners may still read this block's exchange slots
+}
+
 }  // namespace sk
 
 // ---------------------------------------------------------------------------------------------
@@ -996,4 +1250,50 @@ __global__ void SK_LAUNCH_BOUNDS(SK_ONLINE)
     P.is_log = is_log != 0;
     P.vec_ok = vec_ok != 0;
     sk::softmax_bwd_split<T, PHASE>(P, ws, n_segs, int(seg_packs));
+}
+
+// (e) CLUSTER, one launch (see softmax_fwd_cluster): a grid of clusters x C blocks, the cluster
+// shape fixed at compile time; seg_packs packs per block, C x seg_packs covering the row.
+template <typename T, bool IS_LOG, int C>
+__global__ void SK_CLUSTER_DIMS(C) SK_LAUNCH_BOUNDS(SK_BLOCK_SMEM)
+    softmax_fwd_cluster_kernel(const T* x_ptr, T* y_ptr, const unsigned char* mask_ptr,
+                               long long n_rows, long long n_cols, long long row_stride,
+                               long long y_row_stride, long long mask_row_stride,
+                               long long seg_packs, sk::acc_t<T> scale, int vec_ok, int mask_vec) {
+    sk::FwdParams<T> P;
+    P.x = x_ptr;
+    P.y = y_ptr;
+    P.mask = mask_ptr;
+    P.n_rows = n_rows;
+    P.n_cols = int(n_cols);
+    P.row_stride = row_stride;
+    P.y_row_stride = y_row_stride;
+    P.mask_row_stride = mask_row_stride;
+    P.row_threads = int(blockDim.x);
+    P.scale = scale;
+    P.vec_ok = vec_ok != 0;
+    P.mask_vec = mask_vec != 0;
+    sk::softmax_fwd_cluster<T, IS_LOG, C>(P, int(seg_packs));
+}
+
+template <typename T, int C>
+__global__ void SK_CLUSTER_DIMS(C) SK_LAUNCH_BOUNDS(SK_BLOCK_SMEM)
+    softmax_bwd_cluster_kernel(const T* dy_ptr, const T* y_ptr, T* dx_ptr, long long n_rows,
+                               long long n_cols, long long dy_row_stride, long long y_row_stride,
+                               long long dx_row_stride, long long seg_packs, sk::acc_t<T> scale,
+                               int is_log, int vec_ok) {
+    sk::BwdParams<T> P;
+    P.dy = dy_ptr;
+    P.y = y_ptr;
+    P.dx = dx_ptr;
+    P.n_rows = n_rows;
+    P.n_cols = int(n_cols);
+    P.dy_row_stride = dy_row_stride;
+    P.y_row_stride = y_row_stride;
+    P.dx_row_stride = dx_row_stride;
+    P.row_threads = int(blockDim.x);
+    P.scale = scale;
+    P.is_log = is_log != 0;
+    P.vec_ok = vec_ok != 0;
+    sk::softmax_bwd_cluster<T, C>(P, int(seg_packs));
 }

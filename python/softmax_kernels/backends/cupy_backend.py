@@ -25,6 +25,7 @@ CuPy is imported on first use only: importing softmax_kernels never imports it.
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import warnings
@@ -44,11 +45,16 @@ NAME = "cupy"
 WARP_ROWS, BLOCK_SMEM, ONLINE = 0, 1, 2  # SK_WARP_ROWS, SK_BLOCK_SMEM, SK_ONLINE in common.cuh
 # (d) a row cut into segments handled by different blocks (softmax_*_split_kernel, two launches)
 SPLIT = 3
+# (e) a row cut into segments over the blocks of one sm_90 thread-block cluster, each segment on
+# chip from its read to its write, partials exchanged through distributed shared memory
+# (softmax_fwd_cluster_kernel, softmax_bwd_cluster_kernel: one launch)
+CLUSTER = 4
 STRATEGY_NAMES = {
     WARP_ROWS: "warp_rows",
     BLOCK_SMEM: "block_smem",
     ONLINE: "online",
     SPLIT: "split",
+    CLUSTER: "cluster",
 }
 
 # Ops the planner knows. cross_entropy_fwd also serves cross_entropy_stats (the same kernel in
@@ -109,6 +115,29 @@ SPLIT_LONG_ROWS = True
 # Cross-entropy: [max, the 5 row sums, the target logit, 0].
 SPLIT_WS_PER_SEG = {"softmax_fwd": 3, "softmax_bwd": 1, "cross_entropy_fwd": 8}
 DEFAULT_SM_COUNT = 132  # H100 / H200 SXM: the planner's default without a device
+# The cluster strategy (e), issue 12 step 2: the softmax forward's and backward's rows beyond
+# (b) and within CLUSTER_SIZES[-1] blocks' shared memory on devices of compute capability 9.0
+# and above (8 x 226 KB on sm_90: the forward keeps compute-type values, 462K columns of a 2- or
+# 4-byte type, 231K of float64; the backward dy and y raw, 462K of a half type, 231K float32,
+# 115K float64). The sizes are the portable ones (a cluster of up to 8 blocks is schedulable on
+# every sm_90 part; 16 needs the non-portable opt-in and a GPC with 16 free SMs). The smallest size
+# whose segments fit two blocks per SM is used (one 256-thread block keeps 16 KB of loads in
+# flight, below the ~25 KB an H100 needs, and its barriers and writes leave the SM idle unless a
+# second block overlaps them; fewer partners per row make the exchange cheaper and the cluster
+# easier to place), else the smallest that fits at all (one block per SM: 256K bf16 rows, the
+# GPU run should time it); doubled while the row count leaves SMs idle. A cluster of 2 never
+# wins: at two blocks per SM it holds what one (b) block holds, so the sizes are 4 and 8.
+# Clusters never wait on each other (a cluster's C blocks are co-scheduled by the hardware, and
+# a cluster only waits on its own blocks), so any grid is safe: no residency of the whole grid is
+# needed, only that one cluster can be placed at all -- C blocks of <= 227 KB of shared memory on
+# C SMs of one GPC (H100/H200 GPCs have 16-18 SMs). Where a launch still fails (a partitioned
+# GPU), the backend falls back to the split (d) for that device and remembers it
+# (_clusters_broken). USE_CLUSTERS = False (or SK_CUDA_CLUSTERS=0 in the environment) turns the
+# strategy off: rows beyond (b) then take the split, as before.
+CLUSTER_SIZES = (4, 8)
+CLUSTER_HEADER = 256  # CLUSTER_HEADER in softmax.cu: exchange slots and reduction scratch
+CLUSTER_OPS = ("softmax_fwd", "softmax_bwd")
+USE_CLUSTERS = os.environ.get("SK_CUDA_CLUSTERS", "1") != "0"
 
 
 def vec_width(itemsize: int) -> int:
@@ -181,8 +210,8 @@ class LaunchPlan:
     rows_per_block: int  # rows one block handles at a time
     fast: bool = False  # the FAST instance (see kernel_name)
     row_threads: int = 0  # (b): threads per row (a group of the block); 0 otherwise
-    segments: int = 0  # (d): segments per row; 0 otherwise
-    seg_packs: int = 0  # (d): 16-byte packs per segment (the last ones may be short or empty)
+    segments: int = 0  # (d): segments per row, (e): blocks per cluster; 0 otherwise
+    seg_packs: int = 0  # (d), (e): 16-byte packs per segment (the last may be short or empty)
 
     @property
     def strategy_name(self) -> str:
@@ -226,6 +255,7 @@ def plan_launch(
     softcap: bool = False,
     n_rows: int | None = None,
     sm_count: int = DEFAULT_SM_COUNT,
+    clusters: bool = False,
 ) -> LaunchPlan:
     """Choose the strategy and block shape for rows of n_cols elements; the one place where the
     launch thresholds live.
@@ -238,6 +268,8 @@ def plan_launch(
     on H100/H200, 163 KiB on A100). soft / with_grad / softcap: cross-entropy's target kind,
     whether the gradient is written, whether a softcap applies. n_rows / sm_count: the call's
     rows and the device's SMs, for the softmax ops' few-rows split (None: no such split).
+    clusters: the device runs thread-block clusters (compute capability >= 9.0) and the cluster
+    strategy is on (USE_CLUSTERS, and no failed cluster launch on this device).
 
     The softmax ops split a row over several blocks (strategy (d), SPLIT: two launches, a
     statistics kernel writing each segment's partials to a small workspace, then a kernel that
@@ -249,11 +281,23 @@ def plan_launch(
     already; the split's phase 1 reads only the partials); its split stays within 2 launches for
     every option: phase 0 also sums the "mean" denominator that the denominator kernel sums
     otherwise, and phase 1 ends with the grid reduction. cross_entropy_grad (the
-    vocabulary-parallel gradient, elementwise given the statistics) keeps a block per row."""
+    vocabulary-parallel gradient, elementwise given the statistics) keeps a block per row.
+
+    With clusters, the softmax ops' rows beyond (b) that fit a cluster's shared memory go to the
+    cluster strategy (e) instead (one launch, 2n / 3n bytes: see CLUSTER_SIZES), unless the rows
+    are too few for it to use the SMs (few_rows: fewer than sm_count / 1.5 blocks, where the
+    split's 3n on every SM is predicted faster)."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}")
     plan = _plan_row(op, dtype_name, n_cols, vec_ok, shifted, smem_limit, soft, with_grad,
                      whole_packs, softcap, n_rows, sm_count)  # fmt: skip
+    if clusters and USE_CLUSTERS and plan.strategy in (SPLIT, ONLINE) and op in CLUSTER_OPS:
+        itemsize = CTYPES[dtype_name][1]
+        n_packs = -(-(n_cols + (vec_width(itemsize) - 1 if vec_ok and shifted else 0))
+                    // vec_width(itemsize))  # fmt: skip
+        cplan = _cluster_plan(op, itemsize, n_packs, smem_limit, n_rows, sm_count)
+        if cplan is not None:
+            plan = cplan
     if n_rows is not None and few_rows(op, plan, n_rows, n_cols, sm_count, with_grad):
         itemsize = CTYPES[dtype_name][1]
         vec = vec_width(itemsize)
@@ -317,6 +361,38 @@ def _plan_row(op, dtype_name, n_cols, vec_ok, shifted, smem_limit, soft, with_gr
     return LaunchPlan(ONLINE, 1, 1, BLOCK_THREADS, 0, 1, fast)
 
 
+def cluster_capacity_packs(op: str, itemsize: int, smem_limit: int) -> int:
+    """Packs of a row one block of a cluster (e) holds in its shared memory (the header aside):
+    the forward keeps scale * x in the compute type, the backward dy and y raw, as (b) does."""
+    return max(0, (smem_limit - CLUSTER_HEADER) // (smem_bytes_per_col(op, itemsize)
+                                                     * vec_width(itemsize)))  # fmt: skip
+
+
+def cluster_smem_bytes(op: str, itemsize: int, seg_packs: int) -> int:
+    """Dynamic shared memory of a cluster block: the header, then seg_packs packs."""
+    return CLUSTER_HEADER + seg_packs * vec_width(itemsize) * smem_bytes_per_col(op, itemsize)
+
+
+def _cluster_plan(op, itemsize, n_packs, smem_limit, n_rows, sm_count) -> LaunchPlan | None:
+    """Strategy (e) for a row of n_packs packs, or None where it does not fit CLUSTER_SIZES[-1]
+    blocks, or the rows are too few (the split then spreads them over every SM)."""
+    two = cluster_capacity_packs(op, itemsize, smem_limit // 2 - STATIC_SMEM_RESERVE)
+    cap = cluster_capacity_packs(op, itemsize, smem_limit)
+    fits = [c for c in CLUSTER_SIZES if c * two >= n_packs]
+    fits = fits or [c for c in CLUSTER_SIZES if c * cap >= n_packs]
+    if not fits:
+        return None
+    c = fits[0]
+    rows = n_rows if n_rows is not None and n_rows > 0 else None
+    while rows is not None and rows * c < sm_count and c < CLUSTER_SIZES[-1]:
+        c *= 2  # few rows: more blocks per row, up to the largest size
+    if rows is not None and rows * c < sm_count / SPLIT_BYTES_FACTOR[op]:
+        return None  # (the split on every SM: 1.5x the bytes, over more than 1.5x the SMs)
+    seg_packs = -(-n_packs // c)
+    smem = cluster_smem_bytes(op, itemsize, seg_packs)
+    return LaunchPlan(CLUSTER, 1, 1, BLOCK_THREADS, smem, 1, True, 0, c, seg_packs)
+
+
 def split_capacity_packs(op: str, itemsize: int, smem_limit: int, soft: bool = False) -> int:
     """Packs of a row one block holds on chip (strategy (b)'s shared memory for this op, less the
     reduction scratch): the longest segment of the split."""
@@ -350,7 +426,7 @@ def few_rows(op: str, plan: LaunchPlan, n_rows: int, n_cols: int, sm_count: int,
     sm_count / SPLIT_BYTES_FACTOR when the plan reads each row once and the split twice (the
     model: a call with few blocks is bound by its busy SMs, time ~ bytes / SMs used; e.g. 128
     rows of 65536 with a gradient stay in (b) at 1.0x on 128 SMs rather than 1.5x on 132)."""
-    if op not in SPLIT_WS_PER_SEG or plan.strategy == SPLIT:
+    if op not in SPLIT_WS_PER_SEG or plan.strategy in (SPLIT, CLUSTER):
         return False
     blocks = -(-n_rows // max(1, plan.rows_per_block))
     once = plan.strategy in (WARP_ROWS, BLOCK_SMEM) and (op != "cross_entropy_fwd" or with_grad)
@@ -400,9 +476,22 @@ def split_kernel_name(op: str, dtype_name: str, flag: bool, phase: int, fast: bo
     return f"{op}_split_kernel<{', '.join(args)}>"
 
 
+def cluster_kernel_name(op: str, dtype_name: str, flag: bool, size: int) -> str:
+    """The name expression of a cluster (e) kernel, e.g.
+    ``softmax_fwd_cluster_kernel<float, true, 8>``, ``softmax_bwd_cluster_kernel<__half, 4>``.
+    flag: IS_LOG (forward only); size: blocks per cluster."""
+    if op not in CLUSTER_OPS:
+        raise ValueError(f"no cluster kernels for {op!r}")
+    if op == "softmax_bwd":  # (is_log a run-time argument, as for the other backward kernels)
+        return f"{op}_cluster_kernel<{CTYPES[dtype_name][0]}, {size}>"
+    return f"{op}_cluster_kernel<{CTYPES[dtype_name][0]}, {'true' if flag else 'false'}, {size}>"
+
+
 def plan_kernel_names(op: str, dtype_name: str, flag: bool, plan: LaunchPlan) -> list[str]:
     """The kernels one call of this plan launches, in order (the "mean" denominator kernel of
     the unsplit cross-entropy aside)."""
+    if plan.strategy == CLUSTER:
+        return [cluster_kernel_name(op, dtype_name, flag, plan.segments)]
     if plan.strategy == SPLIT:
         return [split_kernel_name(op, dtype_name, flag, ph, plan.fast) for ph in (0, 1)]
     return [kernel_name(op, dtype_name, flag, plan)]
@@ -412,9 +501,11 @@ def denom_kernel_name(dtype_name: str) -> str:
     return f"cross_entropy_denom_kernel<{'double' if dtype_name == 'float64' else 'float'}>"
 
 
-def all_kernel_names(dtype_name: str) -> list[str]:
+def all_kernel_names(dtype_name: str, clusters: bool = False) -> list[str]:
     """Every kernel instance plan_launch can pick for this dtype (the module's name
-    expressions, and what kernels/cuda/check.py instantiates)."""
+    expressions, and what kernels/cuda/check.py instantiates). clusters: with the cluster (e)
+    kernels (compiled for compute capability >= 9.0 only: __cluster_dims__ and the cluster PTX
+    need sm_90)."""
     itemsize = CTYPES[dtype_name][1]
     names = []
     for op in OPS:
@@ -442,6 +533,11 @@ def all_kernel_names(dtype_name: str) -> list[str]:
             names += [split_kernel_name("cross_entropy_fwd", dtype_name, soft, ph, fast)
                       for ph in (0, 1)]  # fmt: skip
     names.append(denom_kernel_name(dtype_name))
+    if clusters:
+        for op in CLUSTER_OPS:
+            flags = (False, True) if op in FLAG_OPS else (False,)
+            names += [cluster_kernel_name(op, dtype_name, flag, c)
+                      for flag in flags for c in CLUSTER_SIZES]  # fmt: skip
     return names
 
 
@@ -619,6 +715,7 @@ class _Device:
         self.smem_optin = int(attrs.get("MaxSharedMemoryPerBlockOptin", DEFAULT_SMEM_LIMIT))
         self.smem_per_sm = int(attrs.get("MaxSharedMemoryPerMultiprocessor", self.smem_optin))
         self.threads_per_sm = int(attrs.get("MaxThreadsPerMultiProcessor", 2048))
+        self.clusters = int(attrs.get("ComputeCapabilityMajor", 0)) >= 9
 
 
 class _Module:
@@ -631,7 +728,7 @@ class _Module:
         self.raw = cupy.RawModule(
             code=kernel_source(),
             options=NVRTC_OPTIONS,
-            name_expressions=all_kernel_names(dtype_name),
+            name_expressions=all_kernel_names(dtype_name, clusters=self.device.clusters),
         )
         self.kernels: dict[str, Any] = {}
         self.max_blocks: dict[tuple[str, int, int], int] = {}
@@ -640,7 +737,7 @@ class _Module:
         k = self.kernels.get(name)
         if k is None:
             k = self.raw.get_function(name)
-            if plan.strategy == BLOCK_SMEM:
+            if plan.strategy in (BLOCK_SMEM, CLUSTER):
                 # opt in to the device's per-block limit (above the default 48 KiB)
                 k.max_dynamic_shared_size_bytes = self.device.smem_optin - k.shared_size_bytes
             self.kernels[name] = k
@@ -669,6 +766,8 @@ class _Module:
                     )
                 per_sm = max(1, per_sm)
             cap = self.device.sm_count * per_sm
+            if plan.strategy == CLUSTER:  # whole clusters (any count is safe: see CLUSTER_SIZES)
+                cap = max(1, cap // plan.segments) * plan.segments
             self.max_blocks[key] = cap
         return max(1, min(cap, -(-n_rows // plan.rows_per_block)))
 
@@ -725,6 +824,17 @@ def _device_info(dev: int) -> _Device:
 def _smem_limit(x) -> int:
     """The opt-in shared memory per block of x's device."""
     return _device_info(_device_of(x)).smem_optin
+
+
+# Devices on which a cluster launch failed (e.g. a partitioned GPU that cannot place a cluster):
+# the planner gives them the split (d) from then on.
+_clusters_broken: set[int] = set()
+
+
+def _clusters(x) -> bool:
+    """Whether x's device takes the cluster strategy (e)."""
+    dev = _device_of(x)
+    return USE_CLUSTERS and dev not in _clusters_broken and _device_info(dev).clusters
 
 
 def _sm_count(x) -> int:
@@ -844,6 +954,23 @@ def _launch_split(op: str, x, dn: str, flag: bool, plan: LaunchPlan, n_rows: int
         _launch(split_kernel_name(op, dn, flag, phase), x, plan, items, args)
 
 
+def _launch_cluster(op: str, x, dn: str, flag: bool, plan: LaunchPlan, n_rows: int,
+                    args: tuple) -> bool:  # fmt: skip
+    """The one launch of a cluster plan: n_rows clusters' worth of blocks at most (clusters walk
+    rows grid-stride). False when the launch failed (the device is then marked for the split)."""
+    try:
+        _launch(cluster_kernel_name(op, dn, flag, plan.segments), x, plan,
+                n_rows * plan.segments, args)  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - CuPy's driver errors; anything else re-raised below
+        if "CUDA" not in type(exc).__name__ and "cuda" not in str(exc).lower():
+            raise
+        _clusters_broken.add(_device_of(x))
+        msg = f"a thread-block cluster launch failed ({exc}); this device uses the split now"
+        warnings.warn(f"softmax-kernels: {msg}", RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
 def _acc(dtype_name: str):
     return np.float64 if dtype_name == "float64" else np.float32
 
@@ -875,8 +1002,20 @@ def softmax_fwd(x, out, *, scale: float, mask, is_log: bool) -> None:
     whole = vec_ok and not shifted and n_cols % vec == 0 and (mr is None or mask_vec)
     plan = plan_launch(
         "softmax_fwd", dn, n_cols, vec_ok=vec_ok, shifted=shifted, smem_limit=_smem_limit(x),
-        whole_packs=whole, n_rows=n_rows, sm_count=_sm_count(x),
+        whole_packs=whole, n_rows=n_rows, sm_count=_sm_count(x), clusters=_clusters(x),
     )  # fmt: skip
+    if plan.strategy == CLUSTER:
+        args = (np.uint64(xr.ptr), np.uint64(yr.ptr), np.uint64(mr.ptr if mr is not None else 0),
+                np.int64(n_rows), np.int64(n_cols), np.int64(xr.row_stride),
+                np.int64(yr.row_stride), np.int64(mr.row_stride if mr is not None else 0),
+                np.int64(plan.seg_packs), _acc(dn)(scale), np.int32(vec_ok),
+                np.int32(mask_vec))  # fmt: skip
+        if _launch_cluster("softmax_fwd", x, dn, is_log, plan, n_rows, args):
+            return
+        plan = plan_launch(
+            "softmax_fwd", dn, n_cols, vec_ok=vec_ok, shifted=shifted,
+            smem_limit=_smem_limit(x), whole_packs=whole, n_rows=n_rows, sm_count=_sm_count(x),
+        )  # fmt: skip
     if plan.strategy == SPLIT:
         mptr, mstride = (mr.ptr, mr.row_stride) if mr is not None else (0, 0)
         ptrs = (np.uint64(xr.ptr), np.uint64(yr.ptr), np.uint64(mptr), np.int64(n_rows),
@@ -915,8 +1054,19 @@ def softmax_bwd(dy, y, out, *, scale: float, is_log: bool) -> None:
     vec_ok, shifted, _ = vector_flags([dr, yr, orr])
     plan = plan_launch(
         "softmax_bwd", dn, n_cols, vec_ok=vec_ok, shifted=shifted, smem_limit=_smem_limit(y),
-        n_rows=n_rows, sm_count=_sm_count(y),
+        n_rows=n_rows, sm_count=_sm_count(y), clusters=_clusters(y),
     )  # fmt: skip
+    if plan.strategy == CLUSTER:
+        args = (np.uint64(dr.ptr), np.uint64(yr.ptr), np.uint64(orr.ptr), np.int64(n_rows),
+                np.int64(n_cols), np.int64(dr.row_stride), np.int64(yr.row_stride),
+                np.int64(orr.row_stride), np.int64(plan.seg_packs), _acc(dn)(scale),
+                np.int32(is_log), np.int32(vec_ok))  # fmt: skip
+        if _launch_cluster("softmax_bwd", y, dn, False, plan, n_rows, args):
+            return
+        plan = plan_launch(
+            "softmax_bwd", dn, n_cols, vec_ok=vec_ok, shifted=shifted,
+            smem_limit=_smem_limit(y), n_rows=n_rows, sm_count=_sm_count(y),
+        )  # fmt: skip
     if plan.strategy == SPLIT:
         ptrs = (np.uint64(dr.ptr), np.uint64(yr.ptr), np.uint64(orr.ptr), np.int64(n_rows),
                 np.int64(n_cols), np.int64(dr.row_stride), np.int64(yr.row_stride),
@@ -1253,6 +1403,7 @@ def static_model(
     soft: bool = False,
     with_grad: bool = True,
     reduction: str = "mean",
+    clusters: bool = True,
 ) -> dict[str, Any]:
     """What one call would do on an sm_90 GPU, without one: the strategy plan_launch picks, the
     launches per call, the bytes moved over the op's minimum (forward 2n, backward 3n, CE
@@ -1260,8 +1411,9 @@ def static_model(
     the plan and, where `make kernels-check` has written its report, the kernel's registers and
     static shared memory), SMs used, registers, spills and hot-loop instructions per element
     (check.py's figure; cross-entropy with a gradient: its "with gradient" figure; the split
-    strategy: its two kernels' figures summed, "segments" and "seg_elems" per row).
-    Contiguous rows (x's row stride n_cols) are assumed."""
+    strategy: its two kernels' figures summed, "segments" and "seg_elems" per row; the cluster
+    strategy: "segments" = blocks per cluster). clusters: the device runs thread-block clusters
+    (sm_90: True). Contiguous rows (x's row stride n_cols) are assumed."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r} (one of {', '.join(OPS)})")
     if reduction not in REDUCTIONS:
@@ -1273,7 +1425,7 @@ def static_model(
     grad = with_grad if op == "cross_entropy_fwd" else True
     plan = plan_launch(
         op, dtype_name, n_cols, vec_ok=True, shifted=shifted, smem_limit=smem_limit, soft=soft,
-        with_grad=grad, n_rows=n_rows, sm_count=sm_count,
+        with_grad=grad, n_rows=n_rows, sm_count=sm_count, clusters=clusters,
     )  # fmt: skip
     split = plan.strategy == SPLIT
     # split: two kernels, phase 0 (partials), phase 1 (merge, normalise); the report's figures
@@ -1297,7 +1449,9 @@ def static_model(
         moved += n_rows * per_row
     launches = 2 if split else 1
     items = n_rows * max(1, plan.segments)
-    if split:  # the partials: written once, read from memory once (the row's other blocks: L2)
+    if plan.strategy == CLUSTER:  # the exchange goes through DSMEM, not memory: nothing added
+        pass
+    elif split:  # the partials: written once, read from memory once (the row's other blocks: L2)
         moved += 2 * items * SPLIT_WS_PER_SEG[op] * 8
         if ce and not soft:  # every block reads its row's target, in both phases
             moved += 16 * items - 8 * n_rows
@@ -1325,7 +1479,7 @@ def static_model(
     static_smem = entry.get("smem", 0) if entry else 0
     smem = plan.smem + static_smem
     per_sm, limit = _blocks_per_sm(plan.threads, smem, registers)
-    blocks = items if split else -(-n_rows // plan.rows_per_block)
+    blocks = items if plan.strategy in (SPLIT, CLUSTER) else -(-n_rows // plan.rows_per_block)
     grid = min(blocks, per_sm * sm_count) if per_sm else blocks
     if op == "cross_entropy_fwd" and reduction != "none":
         grid = min(grid, WS_PARTIALS)
@@ -1357,7 +1511,7 @@ def static_model(
         out["fill"] = round(n_cols / (plan.lanes * plan.packs * vec), 3)
     if plan.strategy == BLOCK_SMEM:
         out["row_threads"] = plan.row_threads
-    if split:
+    if split or plan.strategy == CLUSTER:
         out["segments"] = plan.segments
         out["seg_elems"] = plan.seg_packs * vec
     return out
