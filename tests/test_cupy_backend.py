@@ -391,7 +391,7 @@ def test_nvrtc_compiles_every_instance(dtype):
         pytest.skip(reason)
     from cupy.cuda import compiler
 
-    names = cb.all_kernel_names(dtype)
+    names = cb.all_kernel_names(dtype, clusters=True)  # (the sm_90 module: cluster kernels too)
     prog = compiler._NVRTCProgram(
         cb.kernel_source(), "softmax_kernels.cu", (), (), name_expressions=names, method="cubin"
     )
