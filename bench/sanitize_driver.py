@@ -176,12 +176,16 @@ def cupy_planner(smem_limit: int = H200_SMEM_OPTIN, n_sm: int = H200_SM) -> Plan
                 notes.append(f"cupy op {op} is not driven (no API mapping)")
                 continue
             ops.append((op, v, *m))
-    kname = getattr(cb, "kernel_name", None)
+    # the kernels a call of the plan launches (split: both phases; cluster: the instance of its
+    # cluster size), else the one kernel of a per-row plan
+    names = getattr(cb, "plan_kernel_names", None)
+    one = getattr(cb, "kernel_name", None)
+    kname = (lambda *a: " + ".join(names(*a))) if names is not None else one
 
     def key(op, variant, dtype, n_rows, n_cols):
         # (n_rows, sm_count: the few-rows split, which the backend plans with the call's rows)
         p = _call(plan, op, dtype, n_cols, vec_ok=True, shifted=False, smem_limit=smem_limit,
-                  n_rows=n_rows, sm_count=n_sm, **variant)  # fmt: skip
+                  n_rows=n_rows, sm_count=n_sm, clusters=True, **variant)  # fmt: skip
         coarse = str(getattr(p, "strategy_name", None) or getattr(p, "strategy", p))
         fine = None
         if kname is not None:
@@ -194,7 +198,17 @@ def cupy_planner(smem_limit: int = H200_SMEM_OPTIN, n_sm: int = H200_SM) -> Plan
         return coarse, fine
 
     dtypes = tuple(d for d in getattr(cb, "CTYPES", dict.fromkeys(DTYPES)) if d in TOL)
-    return Planner("cupy", ops, key, (3,), dtypes, notes)
+    # 3 rows: every per-row strategy and the few-rows split. The cluster strategy (e) (sm_90,
+    # as the H200; clusters=True above) needs enough rows x blocks to use the SMs, so two more
+    # row counts: the fewest rows that take the largest clusters, and the fewest that fill the
+    # SMs with the smallest (a longer row then grows its cluster); both well within MAX_ELEMS
+    # just past strategy (b)'s shared memory (e.g. 33 x ~57K float32).
+    rows = [3]
+    sizes = getattr(cb, "CLUSTER_SIZES", ())
+    if sizes:
+        factor = max(getattr(cb, "SPLIT_BYTES_FACTOR", {"": 1.5}).values())
+        rows += [-(-int(n_sm / factor) // sizes[-1]) + 1, -(-n_sm // sizes[0])]
+    return Planner("cupy", ops, key, tuple(sorted(set(rows))), dtypes, notes)
 
 
 def triton_planner(n_sm: int = H200_SM) -> Planner | None:

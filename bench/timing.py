@@ -8,14 +8,20 @@ is hidden unless it is longer than that (for eager use it is part of the cost, a
 
 CPU: time.perf_counter around every call, one warm-up call, median of the repeats; the
 providers of one point are timed in interleaved rounds (``CpuTimer.many``), each round a burst of
-BURST calls per provider of which only the last BURST - 1 are timed. Why bursts: after a
-parallel region, torch's OpenMP workers (libgomp, GOMP_SPINCOUNT) keep spinning on the other cores
-for a few milliseconds, while softmax_kernels' and NumPy's workers block at once. With one call
-per provider per round, every call that follows a torch call shares a core with those spinners
-(measured on 2 cores, 8 x 1048576 float16 softmax: 2.2 ms 10 ms after a torch call, 3.0-3.8 ms
-right after it), and torch, whose own calls follow each other, never pays that for anyone.
-Timing the calls after the first of a burst measures each library called repeatedly, as timeit
+BURST calls per provider (calls under BURST_MAX_S) of which only the last is timed. Why bursts:
+after a parallel region, torch's OpenMP workers (libgomp, GOMP_SPINCOUNT) keep spinning on the
+other cores for a few milliseconds, while softmax_kernels' and NumPy's workers block at once.
+With one call per provider per round, every call that follows a torch call shares a core with
+those spinners (measured on 2 cores, 8 x 1048576 float16 softmax: 2.2 ms 10 ms after a torch
+call, 3.0-3.8 ms right after it), and torch, whose own calls follow each other, never pays that
+for anyone. Timing the last call of a burst measures each library called repeatedly, as timeit
 and torch.utils.benchmark do; the rounds still spread bursts of other work over every provider.
+A burst does not remove all of it: the spin can outlast a 2 ms call (measured: the second call
+after torch's 2.9 ms, the third 2.2, the fourth 2.0, against 1.6 after our own; a 10 ms pause
+removes it, but pauses made every call here slower, ~1.7-2.6 ms, the idle vCPUs waking up), so
+the calls that follow a torch provider still pay some of it (see bench/NOTES.md entry 10). With
+OMP_WAIT_POLICY=PASSIVE set before torch is imported, torch's workers do not spin and its own
+times at these shapes stayed within 3% (README, "CPU threads").
 Inputs are not flushed from cache; every CPU grid point but the smallest is larger than the L2
 cache. The cost of mixing the two in one program is in the README ("CPU threads").
 """
@@ -39,6 +45,7 @@ FLUSH_BYTES = 256 << 20
 # CpuTimer.many (the first untimed: see the module docstring).
 CPU_SETTINGS = {False: (0.25, 5, 50), True: (0.05, 3, 20)}
 BURST = 2
+BURST_MAX_S = 0.05
 
 
 def _clamp(v: float, lo: int, hi: int) -> int:
@@ -74,15 +81,14 @@ class CpuTimer:
     def many(self, fns: dict[str, Callable[[], Any]], burst: int = BURST) -> dict[str, Any]:
         """Time several callables in interleaved rounds, so that a burst of other work on the
         machine hits them alike. Each round calls each callable `burst` times in a row and times
-        the calls after the first (the first pays for whatever the previous callable left
-        running: see the module docstring). Returns, per name, (median ms, timed calls, seconds
-        spent) or the exception a call raised."""
-        skip = max(0, burst - 1)
-        per_round = max(1, burst - skip)
+        the last (the first pays for whatever the previous callable left running: see the
+        module docstring). Returns, per name, (median ms, timed calls, seconds spent) or the
+        exception a call raised."""
         out: dict[str, Any] = {}
         reps: dict[str, int] = {}
         times: dict[str, list[float]] = {}
         spent: dict[str, float] = {}
+        calls: dict[str, int] = {}
         for name, fn in fns.items():
             try:
                 t0 = time.perf_counter()
@@ -91,9 +97,13 @@ class CpuTimer:
             except Exception as e:  # noqa: BLE001 - reported for this callable only
                 out[name] = e
                 continue
-            # rounds: the time budget covers every call of a burst, timed or not
-            n = self.target_s / max(first * burst, 1e-9)
-            reps[name] = _clamp(n, -(-self.min_reps // per_round), self.max_reps)
+            # a call longer than BURST_MAX_S is timed without a burst (what the previous callable
+            # left running, ~1-3 ms of a core, is then a small part of it, and the slowest peer,
+            # SciPy in float16 at ~2.5 s a call, would double the run); the time budget covers
+            # every call of a burst, timed or not
+            calls[name] = burst if first < BURST_MAX_S else 1
+            n = self.target_s / max(first * calls[name], 1e-9)
+            reps[name] = _clamp(n, self.min_reps, self.max_reps)
             times[name] = []
             spent[name] = first
         for k in range(max(reps.values(), default=0)):
@@ -101,12 +111,12 @@ class CpuTimer:
                 if name in out or k >= reps[name]:
                     continue
                 try:
-                    for b in range(burst):
+                    for b in range(calls[name]):
                         t0 = time.perf_counter()
                         fns[name]()
                         dt = time.perf_counter() - t0
                         spent[name] += dt
-                        if b >= skip:
+                        if b == calls[name] - 1:  # the last call of the burst
                             times[name].append(dt)
                 except Exception as e:  # noqa: BLE001
                     out[name] = e

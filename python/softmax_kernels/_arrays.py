@@ -318,14 +318,16 @@ class _Pool:
             self.free_bytes -= self.free.pop(0).nbytes  # the oldest freed goes back to the OS
 
     def take(self, nbytes: int):
-        """A free block of nbytes to 1.25 x nbytes + 64 KiB (the smallest such), or None."""
+        """A free block of nbytes to 1.25 x nbytes + 64 KiB (the smallest such; of equal ones
+        the last returned, whose lines may still be in cache: with the oldest, two callers'
+        blocks of one size took turns and every output started cold), or None."""
         hi = nbytes + (nbytes >> 2) + (1 << 16)
         with self.lock:
             if self.returned:
                 self._drain()
             best, size = -1, hi + 1
             for i, b in enumerate(self.free):
-                if nbytes <= b.nbytes < size:
+                if nbytes <= b.nbytes <= size:
                     best, size = i, b.nbytes
             if best < 0:
                 return None
