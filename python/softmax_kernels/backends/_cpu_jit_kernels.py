@@ -885,33 +885,62 @@ def softmax_bwd_kernel(xt, ct, at, dy, drs, y, yrs, o, ors, scale, is_log, n, r0
         db = r * drs
         yb = r * yrs
         ob = r * ors
+        # four accumulators, four vectors per step: short rows (256 elements: 4 steps) spend
+        # less on the loop and keep more loads in flight (measured 32768 x 256 float16, two
+        # threads: 1.48 -> 1.09 ms against two accumulators). Element j still goes to one fixed
+        # lane of one fixed accumulator: vector 4k + i of the 4-vector steps to a_i, the full
+        # vectors after them to a0, a last partial one to a1.
         a0 = acc(at, zero)
         a1 = acc(at, zero)
+        a2 = acc(at, zero)
+        a3 = acc(at, zero)
         j = 0
-        while j + 2 * W <= n:
+        while j + 4 * W <= n:
             d0 = acc(at, vld(xt, dy, db + j))
             d1 = acc(at, vld(xt, dy, db + j + W))
+            d2 = acc(at, vld(xt, dy, db + j + 2 * W))
+            d3 = acc(at, vld(xt, dy, db + j + 3 * W))
             if is_log:
                 a0 = vadd(a0, d0)
                 a1 = vadd(a1, d1)
+                a2 = vadd(a2, d2)
+                a3 = vadd(a3, d3)
             else:
                 a0 = vfma(d0, acc(at, vld(xt, y, yb + j)), a0)
                 a1 = vfma(d1, acc(at, vld(xt, y, yb + j + W)), a1)
-            j += 2 * W
-        if j < nf:
+                a2 = vfma(d2, acc(at, vld(xt, y, yb + j + 2 * W)), a2)
+                a3 = vfma(d3, acc(at, vld(xt, y, yb + j + 3 * W)), a3)
+            j += 4 * W
+        while j < nf:
             d0 = acc(at, vld(xt, dy, db + j))
             if is_log:
                 a0 = vadd(a0, d0)
             else:
                 a0 = vfma(d0, acc(at, vld(xt, y, yb + j)), a0)
+            j += W
         if rem:
             d1 = acc(at, vld_part(xt, dy, db + nf, rem, 0.0))
             if is_log:
                 a1 = vadd(a1, d1)
             else:
                 a1 = vfma(d1, acc(at, vld_part(xt, y, yb + nf, rem, 0.0)), a1)
-        sv = splat(ct, hsum(vadd(a0, a1)))
-        for j in range(0, nf, W):
+        sv = splat(ct, hsum(vadd(vadd(a0, a1), vadd(a2, a3))))
+        j = 0
+        while j + 2 * W <= nf:
+            d = vld(xt, dy, db + j)
+            yy = vld(xt, y, yb + j)
+            d1 = vld(xt, dy, db + j + W)
+            y1 = vld(xt, y, yb + j + W)
+            if is_log:
+                g = vsub(d, vmul(_exp_of_logp(ct, yy, ec), sv))
+                g1 = vsub(d1, vmul(_exp_of_logp(ct, y1, ec), sv))
+            else:
+                g = vmul(vsub(d, sv), yy)
+                g1 = vmul(vsub(d1, sv), y1)
+            vst(xt, o, ob + j, vmul(g, sc))
+            vst(xt, o, ob + j + W, vmul(g1, sc))
+            j += 2 * W
+        if j < nf:
             d = vld(xt, dy, db + j)
             yy = vld(xt, y, yb + j)
             if is_log:
