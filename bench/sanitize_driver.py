@@ -206,8 +206,9 @@ def cupy_planner(smem_limit: int = H200_SMEM_OPTIN, n_sm: int = H200_SM) -> Plan
     rows = [3]
     sizes = getattr(cb, "CLUSTER_SIZES", ())
     if sizes:
-        factor = max(getattr(cb, "SPLIT_BYTES_FACTOR", {"": 1.5}).values())
-        rows += [-(-int(n_sm / factor) // sizes[-1]) + 1, -(-n_sm // sizes[0])]
+        # the planner keeps a cluster plan from rows x size >= n_sm / SPLIT_BYTES_FACTOR[op]
+        least = min(getattr(cb, "SPLIT_BYTES_FACTOR", {"": 1.5}).values())
+        rows += [math.ceil(n_sm / (least * sizes[-1])), -(-n_sm // sizes[0])]
     return Planner("cupy", ops, key, tuple(sorted(set(rows))), dtypes, notes)
 
 

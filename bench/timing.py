@@ -42,7 +42,7 @@ GPU_MAX_REPS = 200
 FLUSH_BYTES = 256 << 20
 
 # CPU: (seconds to spend, min repeats, max repeats) per timing; calls per provider per round of
-# CpuTimer.many (the first untimed: see the module docstring).
+# CpuTimer.many, the last of them timed (see the module docstring), for calls under BURST_MAX_S.
 CPU_SETTINGS = {False: (0.25, 5, 50), True: (0.05, 3, 20)}
 BURST = 2
 BURST_MAX_S = 0.05
